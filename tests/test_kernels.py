@@ -5,6 +5,11 @@ tiny but deliberately odd (d = 37, m = 300, B = 45: nothing a power of two or a 
 With a GPU the same tests run the compiled kernels, and the bfloat16 and memory tests run too.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -328,3 +333,57 @@ def test_encoder_forward_never_allocates_the_dense_preactivation():
     kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < n_seeds * n_rows * m * 4 // 4
+
+
+def compile_kernels_for_hopper() -> None:
+    """Compile every kernel, with its launcher's tile sizes, to sm_90 machine code (Triton ships ptxas,
+    so no GPU is needed). The interpreter never lowers a kernel, so this is what catches code that
+    interprets but does not compile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import decoder_norm, sparse_decoder, topk_encoder
+
+    block_b, block_m, block_d = topk_encoder._candidate_tiles(32)
+    gather_tiles = dict(BLOCK_B=sparse_decoder.GATHER_BLOCK_B, BLOCK_D=sparse_decoder.GATHER_BLOCK_D)
+    sizes = dict(n_rows="i32", d="i32")
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32")):
+        f = f"*{dtype}"
+        specs = [
+            (topk_encoder._topk_candidates_kernel,
+             dict(x_ptr=f, w_enc_ptr=f, b_enc_ptr=f, b_dec_ptr=f, candidates_ptr="*i64", **sizes, m="i32",
+                  latents_per_split="i32", n_splits="i32", x_seed_stride="i32"),
+             dict(BLOCK_B=block_b, BLOCK_M=block_m, BLOCK_D=block_d, K_PAD=32, DOT_PRECISION=precision)),
+            (topk_encoder._topk_merge_kernel,
+             dict(candidates_ptr="*i64", values_ptr=f, indices_ptr="*i64", n_rows="i32", k="i32", n_splits="i32"),
+             dict(BLOCK_B=32, K_PAD=32)),
+            (sparse_decoder._segment_sum_kernel,
+             dict(rows_ptr=f, coef_ptr=f, entry_order_ptr="*i64", sorted_latents_ptr="*i64", segment_start_ptr="*i64",
+                  out_ptr=f, coef_sum_ptr="*fp32", n_rows="i32", k="i32", d="i32", m="i32",
+                  out_stride_seed="i32", out_stride_latent="i32", out_stride_dim="i32"),
+             dict(BLOCK_L=sparse_decoder.BLOCK_LATENTS, BLOCK_E=sparse_decoder.BLOCK_ENTRIES, BLOCK_D=64,
+                  STORE_COEF_SUM=True, DOT_PRECISION=precision)),
+            (sparse_decoder._sparse_decode_kernel,
+             dict(values_ptr=f, indices_ptr="*i64", w_dec_ptr=f, b_dec_ptr=f, out_ptr=f, n_rows="i32", k="i32", d="i32", m="i32"),
+             gather_tiles),
+            (sparse_decoder._gathered_dot_kernel,
+             dict(grad_out_ptr=f, indices_ptr="*i64", w_dec_ptr=f, grad_values_ptr=f, n_rows="i32", k="i32", d="i32", m="i32"),
+             gather_tiles),
+            (decoder_norm._remove_parallel_grad_kernel, dict(w_ptr=f, grad_ptr=f, **sizes), dict(BLOCK_R=4, BLOCK_D=1024)),
+            (decoder_norm._normalize_rows_kernel, dict(w_ptr=f, **sizes), dict(BLOCK_R=4, BLOCK_D=1024)),
+        ]
+        for kernel, signature, constexprs in specs:
+            signature = {**signature, **{name: "constexpr" for name in constexprs}}
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper():
+    # a fresh process: this one imported the kernels under the interpreter, which cannot lower them
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    script = "import sys; sys.path.insert(0, 'tests'); import test_kernels; test_kernels.compile_kernels_for_hopper()"
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
