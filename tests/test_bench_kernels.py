@@ -152,6 +152,16 @@ def report():
     print("\n" + table + f"\n(written to {out})")
 
 
+def rates(amount: float, fused: dict, torch_: dict, per_unit: float, unit: str) -> str:
+    """'kernels / torch' rates of `amount` per second, in units of per_unit (1e12 FLOP -> TFLOP/s)."""
+    return f"{amount / fused['ms'] * 1e3 / per_unit:.1f} / {amount / torch_['ms'] * 1e3 / per_unit:.1f} {unit}"
+
+
+def each_shape_and_dtype(test):
+    by_shape = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-S{s[1]}")
+    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(by_shape(test))
+
+
 def compare_row(what: str, label: str, fused: dict, torch_: dict, throughput: str = "", note: str = "") -> list[str]:
     return [what, label, timing(fused), timing(torch_), f"{torch_['ms'] / fused['ms']:.2f}x", throughput,
             f"{mib(fused['peak'])} / {mib(torch_['peak'])}", note]
@@ -159,40 +169,34 @@ def compare_row(what: str, label: str, fused: dict, torch_: dict, throughput: st
 
 # ---- benchmarks ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-S{s[1]}")
+@each_shape_and_dtype
 def test_bench_encoder_forward(report, shape, dtype):
     _, n_seeds, n_rows, d, m, k = shape
     p = {name: t.detach() for name, t in make_sae(n_seeds, d, m, dtype).items()}
-    x = make_x(n_rows, d, dtype)
-    args = (x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+    args = (make_x(n_rows, d, dtype), p["W_enc"], p["b_enc"], p["b_dec"], k)
     fused, torch_ = measure(lambda: kernels.topk_encode(*args)), measure(lambda: torch_encode(*args))
-    flops = 2 * n_seeds * n_rows * d * m
-    throughput = f"{flops / fused['ms'] / 1e9:.1f} / {flops / torch_['ms'] / 1e9:.1f} TFLOP/s"
+    throughput = rates(2 * n_seeds * n_rows * d * m, fused, torch_, 1e12, "TFLOP/s")
     report.append(compare_row("encoder forward", shape_label(shape, dtype), fused, torch_, throughput))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-S{s[1]}")
+@each_shape_and_dtype
 def test_bench_decoder_forward(report, shape, dtype):
     _, n_seeds, n_rows, d, m, k = shape
     p = {name: t.detach() for name, t in make_sae(n_seeds, d, m, dtype).items()}
     values, indices = kernels.topk_encode(make_x(n_rows, d, dtype), p["W_enc"], p["b_enc"], p["b_dec"], k)
     args = (values, indices, p["W_dec"], p["b_dec"])
     fused, torch_ = measure(lambda: kernels.sparse_decode(*args)), measure(lambda: torch_decode(*args))
-    gathered = n_seeds * n_rows * k * d * p["W_dec"].element_size()
-    throughput = f"{gathered / fused['ms'] / 1e6:.0f} / {gathered / torch_['ms'] / 1e6:.0f} GB/s gathered"
+    gathered_bytes = n_seeds * n_rows * k * d * p["W_dec"].element_size()
+    throughput = rates(gathered_bytes, fused, torch_, 1e9, "GB/s of gathered rows")
     report.append(compare_row("decoder forward", shape_label(shape, dtype), fused, torch_, throughput))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-S{s[1]}")
+@each_shape_and_dtype
 def test_bench_decoder_normalisation(report, shape, dtype):
     _, n_seeds, _, d, m, _ = shape
     W_dec = make_sae(n_seeds, d, m, dtype)["W_dec"].detach()
     grad = torch.randn_like(W_dec)
-    copy = measure(lambda: W_dec.clone())
-    copy_gbs = 2 * W_dec.nbytes / copy["ms"] / 1e6
+    copy_gbs = 2 * W_dec.nbytes / measure(lambda: W_dec.clone())["ms"] / 1e6
     label = shape_label(shape, dtype)
     # the projection reads W and G and writes G; the renormalisation reads and writes W
     for what, bytes_moved, fused_fn, torch_fn in [
@@ -202,13 +206,11 @@ def test_bench_decoder_normalisation(report, shape, dtype):
          lambda: kernels.normalize_rows_(W_dec), lambda: torch_normalize_rows_(W_dec)),
     ]:
         fused, torch_ = measure(fused_fn), measure(torch_fn)
-        fused_gbs, torch_gbs = bytes_moved / fused["ms"] / 1e6, bytes_moved / torch_["ms"] / 1e6
-        note = f"kernel at {100 * fused_gbs / copy_gbs:.0f}% of clone bandwidth ({copy_gbs:.0f} GB/s)"
-        report.append(compare_row(what, label, fused, torch_, f"{fused_gbs:.0f} / {torch_gbs:.0f} GB/s", note))
+        note = f"kernel at {100 * bytes_moved / fused['ms'] / 1e6 / copy_gbs:.0f}% of clone bandwidth ({copy_gbs:.0f} GB/s)"
+        report.append(compare_row(what, label, fused, torch_, rates(bytes_moved, fused, torch_, 1e9, "GB/s"), note))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-S{s[1]}")
+@each_shape_and_dtype
 def test_bench_training_step(report, shape, dtype):
     _, n_seeds, n_rows, d, m, k = shape
     x = make_x(n_rows, d, dtype)
