@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_decoder import check_float_operands, check_shape
+from .sparse_decoder import check_float_operands, check_int32_offsets, check_shape
 
 # Same guard as torch.nn.functional.normalize: a zero row stays zero instead of becoming NaN.
 EPS: tl.constexpr = tl.constexpr(1e-12)
@@ -70,6 +70,7 @@ def _row_launch(op: str, **tensors: torch.Tensor) -> tuple[tuple[int], dict]:
     n_seeds, m, d = W_dec.shape
     if d > MAX_D:
         raise ValueError(f"{op}: rows wider than {MAX_D} are not supported, got d = {d}")
+    check_int32_offsets(op, W_dec=W_dec.numel())
     block_d = triton.next_power_of_2(d)
     block_r = max(1, ELEMENTS_PER_PROGRAM // block_d)
     n_rows = n_seeds * m

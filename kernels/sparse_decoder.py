@@ -57,6 +57,13 @@ def check_indices(op: str, indices: torch.Tensor, expected: tuple[int, ...], dev
         raise ValueError(f"{op}: indices is on {indices.device} but the weights are on {device}")
 
 
+def check_int32_offsets(op: str, **numels: int) -> None:
+    """The kernels compute offsets in int32: raise ValueError for any operand of 2**31 or more elements."""
+    for name, numel in numels.items():
+        if numel >= 2**31:
+            raise ValueError(f"{op}: {name} would have {numel} elements; the kernels need fewer than 2**31")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision that honours torch's float32 matmul setting (TF32 only where torch allows it)."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -242,6 +249,7 @@ def _check_decode_operands(values: torch.Tensor, indices: torch.Tensor, W_dec: t
         raise ValueError(f"{op}: values must be [S={n_seeds}, B, k], got shape {list(values.shape)}")
     check_indices(op, indices, tuple(values.shape), W_dec.device)
     check_shape(op, "b_dec", b_dec, (n_seeds, d))
+    check_int32_offsets(op, W_dec=W_dec.numel(), values=values.numel(), x_hat=values.shape[0] * values.shape[1] * d)
 
 
 def sparse_decode_forward(

@@ -32,6 +32,7 @@ import triton.language as tl
 from .sparse_decoder import (
     block_size,
     check_float_operands,
+    check_int32_offsets,
     check_shape,
     dot_precision,
     route_by_latent,
@@ -39,7 +40,7 @@ from .sparse_decoder import (
 )
 
 MAX_K = 256
-# Below the key of every non-NaN float; marks empty top-k slots and masked-out tile entries.
+# Below every packed key; marks empty top-k slots and masked-out tile entries.
 LOWEST_KEY: tl.constexpr = tl.constexpr(-(2**63))
 # Aim for about this many programs in the candidate kernel (a few per SM on an H200's 132 SMs) ...
 TARGET_PROGRAMS = 512
@@ -188,8 +189,10 @@ def _check_encode_operands(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Te
     check_shape(op, "b_dec", b_dec, (n_seeds, d))
     if not 1 <= k <= min(m, MAX_K):
         raise ValueError(f"{op}: k must satisfy 1 <= k <= min(m, {MAX_K}) = {min(m, MAX_K)}, got {k}")
-    if max(x.numel(), W_enc.numel()) >= 2**31:
-        raise ValueError(f"{op}: tensors of 2**31 or more elements are not supported (32-bit offsets)")
+    n_rows = x.shape[-2]
+    # the backward's x - b_dec is [S, B, d] even when x is shared
+    check_int32_offsets(op, W_enc=W_enc.numel(), centred_x=n_seeds * n_rows * d,
+                        candidates=n_seeds * n_rows * triton.next_power_of_2(k))
 
 
 def _candidate_tiles(k_pad: int) -> tuple[int, int, int]:

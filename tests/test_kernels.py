@@ -263,6 +263,7 @@ def bad_input_cases() -> list:
         ("float16 weights", lambda: topk_encode_forward(x.half(), W_enc.half(), b_enc.half(), b_dec.half(), 2), "dtype"),
         ("k = 0", lambda: topk_encode_forward(x, W_enc, b_enc, b_dec, 0), "k must satisfy"),
         ("k > m", lambda: topk_encode_forward(x, W_enc, b_enc, b_dec, 33), "k must satisfy"),
+        ("2**31 rows x d", lambda: topk_encode_forward(x[:1].expand(2**28, 8), W_enc, b_enc, b_dec, 2), "fewer than 2"),
         ("k > MAX_K", lambda: topk_encode_forward(x, torch.ones(1, 8, 2 * MAX_K, **f32), torch.ones(1, 2 * MAX_K, **f32), b_dec, MAX_K + 1), "k must satisfy"),
         ("indices int32", lambda: sparse_decode_forward(values, indices.int(), W_dec, b_dec), "int64"),
         ("indices shape", lambda: sparse_decode_forward(values, indices[:, :3], W_dec, b_dec), "indices must have shape"),
