@@ -65,7 +65,8 @@ def check_int32_offsets(op: str, **numels: int) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision that honours torch's float32 matmul setting (TF32 only where torch allows it)."""
+    """tl.dot input precision for float32 operands, following torch's float32 matmul setting (TF32 only
+    where torch would use it); bfloat16 operands ignore it."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"
