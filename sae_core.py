@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -217,3 +219,341 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     residual = (x - x_hat).double().pow(2).sum(dim=(-2, -1))
     variance = (x - x.mean(dim=-2, keepdim=True)).double().pow(2).sum(dim=(-2, -1))
     return (residual / variance).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 3: sparse autoencoders
+#
+# Notation (sae.md): x [d] an activation, m latents. Pre-activation z = (x - b_dec) W_enc + b_enc,
+# latents f = sigma(z), reconstruction x_hat = f W_dec + b_dec; W_enc [d, m], W_dec [m, d].
+# Training keeps S seeds as one ensemble: every parameter has a leading seed dimension (W_enc [S, d, m]),
+# each seed draws its initialisation from its own generator and has its own loss, and Adam is
+# elementwise, so a seed trains identically alone or among others.
+
+import kernels  # noqa: E402  (after Part 1 so the kernels package can be imported without the SAE code)
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+SAE_FORMAT, SAE_VERSION = "husai.sae", 1
+SNAPSHOT_FORMAT = "husai.sae_snapshots"
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "topk"
+    d_in: int = 128
+    width: int = 512
+    k: int = 32                   # topk: latents kept per input; batchtopk: kept per input on average
+    l1: float = 5.0               # relu: coefficient of sum_i f_i ||W_dec[i]|| (after activation normalisation)
+    l1_warmup_steps: int = 500    # relu: the L1 coefficient ramps up linearly from 0 over these steps
+    l0: float = 0.05              # jumprelu: coefficient of the L0 norm (the number of active latents)
+    threshold_init: float = 0.5   # jumprelu: initial per-latent threshold (normalised units)
+    bandwidth: float = 0.1        # jumprelu: width of the rectangle kernel of the straight-through estimator
+    threshold_momentum: float = 0.99  # batchtopk: running average of the smallest kept activation
+    auxk: bool = True             # topk, batchtopk: AuxK loss that revives dead latents (Gao et al.)
+    auxk_coeff: float = 1 / 32
+    k_aux: int = 64               # AuxK: dead latents used to reconstruct the residual
+    dead_window: int = 50_000     # a latent that has not fired on this many training inputs is dead
+    unit_norm_decoder: bool = True  # project W_dec's gradient tangent to unit rows, renormalise after steps
+    tied_init: bool = True        # initialise W_enc as W_dec^T
+    b_dec_init: str = "median"    # median (geometric, Weiszfeld), mean, or zero
+    normalize: bool = True        # train on x * c with E||c x|| = sqrt(d); c is folded back into saved weights
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise HusaiError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        if self.width < 1:
+            raise HusaiError(f"width {self.width}: must be at least 1")
+        if self.arch in ("topk", "batchtopk") and not 1 <= self.k <= self.width:
+            raise HusaiError(f"k {self.k}: must lie between 1 and the width ({self.width})")
+        if self.b_dec_init not in ("median", "mean", "zero"):
+            raise HusaiError(f"b_dec init {self.b_dec_init!r}: valid are median, mean, zero")
+
+    @property
+    def sparsity_name(self) -> str:
+        """The sparsity part of an output folder name: k32, l1_5, l0_0.05."""
+        return {"relu": f"l1_{self.l1:g}", "jumprelu": f"l0_{self.l0:g}"}.get(self.arch, f"k{self.k}")
+
+
+def width_scaled_lr(width: int) -> float:
+    """The TopK anchors' default: 2e-4 * (m / 2^14)^-0.5 (Gao et al. 2024)."""
+    return 2e-4 * (width / 2**14) ** -0.5
+
+
+def pre_activation(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """z = (x - b_dec) W_enc + b_enc. x [B, d] or [S, B, d]; W_enc [S, d, m] -> z [S, B, m]."""
+    return (x - b_dec[:, None]) @ W_enc + b_enc[:, None]
+
+
+def relu_latents(z: torch.Tensor) -> torch.Tensor:
+    """ReLU SAE: f = ReLU(z)."""
+    return torch.relu(z)
+
+
+def topk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK (Gao et al. 2024): keep the k largest entries of each row of z, then ReLU them (so fewer
+    than k may be non-zero), zero elsewhere."""
+    values, indices = z.topk(k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, indices, torch.relu(values))
+
+
+def batchtopk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK (Bussmann et al. 2024): keep the B*k largest entries of each seed's whole batch
+    z [S, B, m], then ReLU; the number kept per row varies, the average is k."""
+    flat = z.flatten(1)
+    values, indices = flat.topk(k * z.shape[1], dim=-1)
+    return torch.zeros_like(flat).scatter(-1, indices, torch.relu(values)).view_as(z)
+
+
+def threshold_latents(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU at inference (and BatchTopK at inference, with one global threshold): f = z * H(z - theta)."""
+    return z * (z > threshold)
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = z * H(z - theta) with the straight-through estimator of Rajamanoharan et al. 2024:
+    df/dz = H(z - theta); df/dtheta = -(theta / eps) K((z - theta) / eps), K the rectangle kernel.
+    z [S, B, m], theta [S, 1, m]."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        grad_theta = -(theta / ctx.eps) * rectangle((z - theta) / ctx.eps) * grad
+        return grad * (z > theta), grad_theta.sum(dim=1, keepdim=True), None
+
+
+class Step(torch.autograd.Function):
+    """H(z - theta), whose gradient would be zero almost everywhere: the STE gives theta the
+    pseudo-derivative -(1 / eps) K((z - theta) / eps), and z none. This is what lets an L0 penalty train."""
+
+    @staticmethod
+    def forward(ctx, z, theta, eps):
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, theta = ctx.saved_tensors
+        grad_theta = -(1 / ctx.eps) * rectangle((z - theta) / ctx.eps) * grad
+        return None, grad_theta.sum(dim=1, keepdim=True), None
+
+
+def geometric_median(x: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to the rows of x."""
+    median = x.mean(dim=0)
+    for _ in range(iterations):
+        weights = 1 / (x - median).norm(dim=1).clamp_min(1e-8)
+        median = (weights[:, None] * x).sum(dim=0) / weights.sum()
+    return median
+
+
+class SAEEnsemble(torch.nn.Module):
+    """S sparse autoencoders of one configuration, one per seed, trained as one batched model."""
+
+    def __init__(self, cfg: SAEConfig, seeds: list[int]):
+        super().__init__()
+        self.cfg, self.seeds = cfg, list(seeds)
+        W_dec, W_enc = [], []
+        for seed in self.seeds:
+            generator = torch.Generator().manual_seed(seed)
+            rows = torch.randn(cfg.width, cfg.d_in, generator=generator)
+            rows = rows / rows.norm(dim=1, keepdim=True)
+            W_dec.append(rows)
+            W_enc.append(rows.T.clone() if cfg.tied_init else
+                         torch.randn(cfg.d_in, cfg.width, generator=generator) / cfg.d_in**0.5)
+        S = len(self.seeds)
+        self.W_enc = torch.nn.Parameter(torch.stack(W_enc))
+        self.W_dec = torch.nn.Parameter(torch.stack(W_dec))
+        self.b_enc = torch.nn.Parameter(torch.zeros(S, cfg.width))
+        self.b_dec = torch.nn.Parameter(torch.zeros(S, cfg.d_in))
+        if cfg.arch == "jumprelu":
+            self.log_threshold = torch.nn.Parameter(torch.full((S, cfg.width), math.log(cfg.threshold_init)))
+        # batchtopk: the global inference threshold, a running average (NaN until the first step)
+        self.register_buffer("batch_threshold", torch.full((S,), float("nan")))
+        # inputs are multiplied by input_scale before encoding (activation normalisation)
+        self.register_buffer("input_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def init_from_data(self, acts: torch.Tensor) -> None:
+        """Activation normalisation (E||c x|| = sqrt(d)) and b_dec from a sample of the data."""
+        if self.cfg.normalize:
+            self.input_scale.fill_(self.cfg.d_in**0.5 / acts.norm(dim=1).mean())
+        sample = acts[:4096] * self.input_scale
+        centre = {"median": geometric_median, "mean": lambda s: s.mean(dim=0),
+                  "zero": lambda s: torch.zeros(s.shape[1], device=s.device)}[self.cfg.b_dec_init](sample)
+        self.b_dec.copy_(centre.expand_as(self.b_dec))
+
+    def forward(self, x: torch.Tensor, use_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Training forward on a batch x [B, d] or [S, B, d] (raw units). Returns the normalised
+        input, the reconstruction x_hat [S, B, d], and what the losses need (latents or their indices)."""
+        cfg = self.cfg
+        x = x * self.input_scale
+        if cfg.arch == "topk" and kernels.use_triton(self.W_enc, use_kernels):
+            # the fused path: the dense [S, B, m] pre-activation is never materialised
+            values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
+            x_hat = kernels.sparse_decode(values, indices, self.W_dec, self.b_dec)
+            return x, x_hat, {"values": values, "indices": indices}
+        z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
+        if cfg.arch == "relu":
+            f = relu_latents(z)
+        elif cfg.arch == "topk":
+            f = topk_latents(z, cfg.k)
+        elif cfg.arch == "batchtopk":
+            f = batchtopk_latents(z, cfg.k)
+        else:
+            f = JumpReLU.apply(z, self.log_threshold.exp()[:, None], cfg.bandwidth)
+        return x, f @ self.W_dec + self.b_dec[:, None], {"latents": f, "pre": z}
+
+    def dead_pre_activation(self, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activations of the dead latents only: (z_dead [S, B, n] with -inf where a seed has fewer
+        than n dead latents, their latent indices [S, n]). x is already normalised."""
+        n = int(dead.sum(dim=1).max())
+        order = torch.argsort(dead.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
+        is_dead = dead.gather(1, order)
+        W = self.W_enc.gather(2, order[:, None, :].expand(-1, self.cfg.d_in, -1))
+        z = pre_activation(x, W, self.b_enc.gather(1, order), self.b_dec)
+        return z.masked_fill(~is_dead[:, None, :], float("-inf")), order
+
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al.): the top k_aux dead latents reconstruct the residual e = x - x_hat (without
+        b_dec); loss = ||e - e_hat||^2 / ||e - mean(e)||^2 per seed [S]. Its gradient reaches the dead
+        latents' encoder columns and decoder rows, which is what revives them."""
+        if not dead.any():
+            return torch.zeros(len(self.seeds), device=x.device)
+        residual = (x - x_hat).detach()
+        z_dead, latent = self.dead_pre_activation(x, dead)
+        values, slot = z_dead.topk(min(self.cfg.k_aux, z_dead.shape[-1]), dim=-1)
+        values = torch.relu(values)                          # -inf padding becomes 0: no contribution
+        rows = self.W_dec.gather(1, latent[:, :, None].expand(-1, -1, self.cfg.d_in))   # [S, n, d]
+        residual_hat = torch.einsum("sbk,sbkd->sbd", values, rows[torch.arange(len(self.seeds))[:, None, None], slot])
+        error = (residual_hat - residual).pow(2).sum(-1).mean(-1)
+        variance = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
+        return error / variance.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def export(self, s: int) -> dict[str, torch.Tensor]:
+        """Seed s's weights in raw activation units, with SAELens names. Dividing the decoder bias,
+        encoder bias and threshold by the input scale c gives latents f/c and x_hat/c: the same SAE
+        on raw inputs, with W_dec's rows still unit norm."""
+        c = self.input_scale
+        tensors = {"W_enc": self.W_enc[s], "W_dec": self.W_dec[s], "b_enc": self.b_enc[s] / c, "b_dec": self.b_dec[s] / c}
+        if self.cfg.arch == "jumprelu":
+            tensors["threshold"] = self.log_threshold[s].exp() / c
+        if self.cfg.arch == "batchtopk":
+            tensors["threshold"] = torch.full((self.cfg.width,), float(self.batch_threshold[s])) / c
+        return {name: t.detach().float().cpu().clone() for name, t in tensors.items()}
+
+
+def sae_latents(tensors: dict[str, torch.Tensor], config: dict, x: torch.Tensor) -> torch.Tensor:
+    """What a saved SAE computes at inference: latents f [N, m] for raw activations x [N, d].
+    BatchTopK infers with its learned global threshold, never with batch-level top-k."""
+    z = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+    arch = config["arch"]
+    if arch == "relu":
+        return relu_latents(z)
+    if arch == "topk":
+        return topk_latents(z, config["k"])
+    return threshold_latents(z, tensors["threshold"])
+
+
+def sae_reconstruct(tensors: dict[str, torch.Tensor], config: dict, x: torch.Tensor) -> torch.Tensor:
+    return sae_latents(tensors, config, x) @ tensors["W_dec"] + tensors["b_dec"]
+
+
+def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, meta = load_tensors(path, SAE_FORMAT, SAE_VERSION, required=("W_enc", "W_dec", "b_enc", "b_dec"),
+                                 hint="python train_sae.py --arch topk --seed 42")
+    if meta["config"]["arch"] in ("batchtopk", "jumprelu") and "threshold" not in tensors:
+        raise HusaiError(f"{path}: missing tensor threshold")
+    return tensors, meta
+
+
+def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor) -> dict:
+    """FVU, L0 and dead fraction of one saved SAE over a whole dataset acts [N, d]."""
+    with torch.no_grad():
+        f = sae_latents(tensors, config, acts)
+        x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
+        fires = (f > 0)
+        return {"fvu": float(fvu(acts, x_hat)), "l0": float(fires.sum(dim=1).float().mean()),
+                "dead_frac": float((~fires.any(dim=0)).float().mean())}
+
+
+class SAETrainer:
+    """One optimiser step at a time for an SAEEnsemble: losses, the decoder constraint, Adam with
+    warm-up and linear decay, dead-latent tracking, and the BatchTopK threshold."""
+
+    def __init__(self, sae: SAEEnsemble, lr: float, steps: int, warmup_steps: int, decay_steps: int,
+                 use_kernels: bool = True):
+        self.sae, self.steps, self.use_kernels = sae, steps, use_kernels
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
+        self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.W_dec.device)
+        self.step_count = 0
+
+    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
+        sae, cfg = self.sae, self.sae.cfg
+        x, x_hat, out = sae(x, self.use_kernels)
+        x = x.expand_as(x_hat)
+        reconstruction = (x_hat - x).pow(2).sum(-1).mean(-1)
+        if "latents" in out:
+            fires = out["latents"] > 0
+        else:
+            fires = torch.zeros_like(self.inputs_since_fired, dtype=torch.bool)[:, None].repeat(1, x.shape[1], 1)
+            fires.scatter_(-1, out["indices"], out["values"] > 0)
+        loss = reconstruction
+        if cfg.arch == "relu":
+            ramp = min(1.0, (self.step_count + 1) / max(1, cfg.l1_warmup_steps))
+            penalty = (out["latents"] * sae.W_dec.norm(dim=-1)[:, None]).sum(-1).mean(-1)
+            loss = loss + cfg.l1 * ramp * penalty
+        if cfg.arch == "jumprelu":
+            l0 = Step.apply(out["pre"], sae.log_threshold.exp()[:, None], cfg.bandwidth).sum(-1).mean(-1)
+            loss = loss + cfg.l0 * l0
+        dead = self.inputs_since_fired >= cfg.dead_window
+        if cfg.arch in ("topk", "batchtopk") and cfg.auxk:
+            loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
+        variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
+        metrics = {"loss": loss.detach(), "fvu": (reconstruction / variance).detach(),
+                   "l0": fires.sum(-1).float().mean(-1), "dead": dead.float().mean(-1)}
+        self.inputs_since_fired = torch.where(fires.any(dim=1), 0, self.inputs_since_fired + x.shape[1])
+        if cfg.arch == "batchtopk":
+            self.update_batch_threshold(out["latents"])
+        return loss, metrics
+
+    @torch.no_grad()
+    def update_batch_threshold(self, f: torch.Tensor) -> None:
+        """theta <- running average of the smallest positive kept activation in each seed's batch."""
+        smallest = torch.where(f > 0, f, float("inf")).flatten(1).min(dim=1).values
+        theta = self.sae.batch_threshold
+        momentum = self.sae.cfg.threshold_momentum
+        theta.copy_(torch.where(theta.isnan(), smallest, momentum * theta + (1 - momentum) * smallest))
+
+    def step(self, x: torch.Tensor) -> dict:
+        """One optimiser step on batch x. Raises FloatingPointError naming the step (parameters left
+        untouched) when a seed's loss is not finite."""
+        loss, metrics = self.losses(x)
+        if not torch.isfinite(loss).all():
+            bad = [seed for seed, ok in zip(self.sae.seeds, torch.isfinite(loss).tolist()) if not ok]
+            raise FloatingPointError(f"loss is not finite at step {self.step_count} (seeds {bad})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
+        W_dec = self.sae.W_dec
+        if self.sae.cfg.unit_norm_decoder:
+            kernels.remove_parallel_grad_(W_dec.detach(), W_dec.grad, enabled=self.use_kernels)
+        self.optimizer.step()
+        self.schedule.step()
+        if self.sae.cfg.unit_norm_decoder:
+            kernels.normalize_rows_(W_dec.data, enabled=self.use_kernels)
+        self.step_count += 1
+        return metrics

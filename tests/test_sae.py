@@ -1,0 +1,213 @@
+"""Stage 2: each SAE architecture matches its definition, the training tricks do what they claim,
+planted features are recovered, and a seed trains the same alone or in an ensemble."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_core import (ARCHITECTURES, HusaiError, JumpReLU, SAEConfig, SAEEnsemble, SAETrainer, Step, batchtopk_latents,
+                      load_sae, topk_latents)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_topk_keeps_exactly_the_k_largest_then_relu():
+    z = torch.tensor([[[3.0, -1.0, 2.0, 0.5, -4.0]], [[-1.0, -2.0, -3.0, -0.5, -0.1]]])
+    f = topk_latents(z, 2)
+    assert torch.equal(f[0, 0], torch.tensor([3.0, 0.0, 2.0, 0.0, 0.0]))
+    assert torch.equal(f[1, 0], torch.zeros(5)), "negative kept values are ReLU'd to zero"
+
+
+def test_batchtopk_keeps_n_times_k_over_the_whole_batch():
+    z = torch.tensor([[[5.0, 4.0, 3.0], [0.1, 0.2, 0.3]]])       # one seed, batch of 2, m = 3, k = 1
+    f = batchtopk_latents(z, 1)
+    assert torch.equal(f, torch.tensor([[[5.0, 4.0, 0.0], [0.0, 0.0, 0.0]]])), "row 1 gets none, row 0 gets two"
+    assert (f > 0).sum() == 2
+
+
+def test_jumprelu_threshold_gets_a_gradient_through_the_ste():
+    z = torch.tensor([[[0.48, 0.52, 2.0]]], requires_grad=True)
+    theta = torch.full((1, 1, 3), 0.5, requires_grad=True)
+    f = JumpReLU.apply(z, theta, 0.1)
+    assert torch.equal(f.detach(), torch.tensor([[[0.0, 0.52, 2.0]]]))
+    f.sum().backward()
+    # inside the window |z - theta| < eps / 2 the pseudo-derivative is -theta / eps; outside it is 0
+    assert torch.allclose(theta.grad, torch.tensor([[[-5.0, -5.0, 0.0]]]))
+    assert torch.equal(z.grad, torch.tensor([[[0.0, 1.0, 1.0]]]))
+    theta.grad = None
+    Step.apply(z, theta, 0.1).sum().backward()
+    assert torch.allclose(theta.grad, torch.tensor([[[-10.0, -10.0, 0.0]]])), "the L0 term trains theta"
+
+
+def test_relu_penalty_is_weighted_by_decoder_norms():
+    cfg = SAEConfig(arch="relu", d_in=4, width=3, l1=1.0, l1_warmup_steps=0, unit_norm_decoder=False, normalize=False,
+                    b_dec_init="zero")
+    sae = SAEEnsemble(cfg, [0])
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)                              # rows of norm 3: the penalty triples
+    loss, _ = trainer.losses(x)
+    f = torch.relu(x @ sae.W_enc[0] + sae.b_enc[0])
+    reconstruction = (f @ sae.W_dec[0] - x).pow(2).sum(-1).mean()
+    expected = reconstruction + (f * sae.W_dec[0].norm(dim=-1)).sum(-1).mean()
+    torch.testing.assert_close(loss[0], expected)
+
+
+def test_decoder_rows_stay_unit_norm_and_the_gradient_projection_leaves_no_parallel_part():
+    cfg = SAEConfig(arch="topk", d_in=16, width=40, k=4)
+    sae = SAEEnsemble(cfg, [0, 1])
+    acts = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    sae.init_from_data(acts)
+    trainer = SAETrainer(sae, lr=1e-2, steps=20, warmup_steps=1, decay_steps=1, use_kernels=False)
+    for step in range(20):
+        trainer.step(acts[step * 16:(step + 1) * 16 + 64])
+        torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 40))
+    parallel = (sae.W_dec.grad * sae.W_dec.detach()).sum(-1)
+    assert parallel.abs().max() < 1e-5, "the step saw only the tangent component of each row's gradient"
+
+
+def test_auxk_changes_encoder_gradients_when_latents_are_dead():
+    cfg = SAEConfig(arch="topk", d_in=8, width=32, k=2, k_aux=4, dead_window=1)
+    acts = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for auxk in (False, True):
+        sae = SAEEnsemble(SAEConfig(**{**vars(cfg), "auxk": auxk}), [0])
+        sae.init_from_data(acts)
+        trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
+        trainer.inputs_since_fired.fill_(10)          # every latent counts as dead
+        loss, _ = trainer.losses(acts)
+        loss.sum().backward()
+        grads[auxk] = sae.W_enc.grad.clone()
+    changed = (grads[True] - grads[False]).abs().sum(dim=1)[0]   # per latent
+    assert (changed > 0).sum() >= 4, "AuxK's gradient reaches the encoder columns of dead latents"
+
+
+def planted_data(n: int, d: int, m_true: int, active: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = s D: a unit-norm dictionary D [m_true, d] and codes s with `active` non-negative entries per row."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m_true, d, generator=g)
+    D = D / D.norm(dim=1, keepdim=True)
+    support = torch.rand(n, m_true, generator=g).argsort(dim=1)[:, :active]
+    codes = torch.zeros(n, m_true).scatter(1, support, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return codes @ D, D
+
+
+PLANTED = {"relu": {"l1": 0.3}, "topk": {"k": 3}, "batchtopk": {"k": 3}, "jumprelu": {"l0": 0.3}}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_planted_features_are_recovered(arch):
+    d, m_true, steps = 32, 64, 2000
+    acts, D = planted_data(16384, d, m_true, active=3)
+    cfg = SAEConfig(arch=arch, d_in=d, width=m_true, l1_warmup_steps=200, **PLANTED[arch])
+    sae = SAEEnsemble(cfg, [0])
+    sae.init_from_data(acts)
+    trainer = SAETrainer(sae, lr=3e-3, steps=steps, warmup_steps=50, decay_steps=400, use_kernels=False)
+    order = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        trainer.step(acts[torch.randint(0, len(acts), (256,), generator=order)])
+    best = (D @ sae.W_dec[0].detach().T).max(dim=1).values    # per true feature, its best-matching latent
+    assert (best > 0.9).float().mean() >= 0.95, f"{arch}: recovered {(best > 0.9).float().mean():.2f}"
+    assert best.max() <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_seed_trains_the_same_alone_and_inside_an_ensemble(arch):
+    cfg = SAEConfig(arch=arch, d_in=16, width=48, k=4, dead_window=256)
+    acts, _ = planted_data(4096, 16, 48, active=3)
+    runs = {}
+    for seeds in ([42], [0, 42, 1, 2, 3]):
+        sae = SAEEnsemble(cfg, seeds)
+        sae.init_from_data(acts)
+        runs[len(seeds)] = (sae, seeds.index(42))
+    (alone, _), (ensemble, here) = runs[1], runs[5]
+    for name, value in alone.named_parameters():
+        assert torch.equal(value[0], getattr(ensemble, name)[here]), f"initial {name}"
+    trainers = {size: SAETrainer(sae, lr=3e-3, steps=100, warmup_steps=10, decay_steps=20, use_kernels=False)
+                for size, (sae, _) in runs.items()}
+    order = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        batch = acts[torch.randint(0, len(acts), (128,), generator=order)]
+        for trainer in trainers.values():
+            trainer.step(batch)
+    for name, value in alone.named_parameters():
+        torch.testing.assert_close(value[0], getattr(ensemble, name)[here], atol=2e-4, rtol=1e-3)
+
+
+def run_sae_stage(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def write_acts(path: Path, tensor: torch.Tensor) -> str:
+    save_file({"acts": tensor}, str(path))
+    return str(path)
+
+
+def test_trains_on_an_acts_file_and_round_trips(tmp_path):
+    acts, _ = planted_data(2048, 16, 32, active=2)
+    source = write_acts(tmp_path / "acts.safetensors", acts)
+    out = tmp_path / "sae"
+    result = run_sae_stage("--acts", source, "--width", "32", "--k", "2", "--seeds", "3", "4", "--steps", "200",
+                           "--batch-size", "256", "--out", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    tensors, meta = load_sae(out / "seed4.safetensors")
+    assert tensors["W_enc"].shape == (16, 32) and tensors["W_dec"].shape == (32, 16)
+    assert meta["config"]["seed"] == 4 and meta["provenance"]["source"] == "acts"
+    assert meta["metrics"]["fvu"] < 0.5
+    assert (out / "seed3.snapshots.safetensors").is_file() and (out / "seed3.log.jsonl").is_file()
+    again = run_sae_stage("--acts", source, "--width", "32", "--seeds", "4", "--steps", "5", "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+BAD_ACTS = {
+    "missing": None,
+    "corrupt": b"not a safetensors file",
+    "not2d": torch.zeros(10, 4, 2),
+    "empty": torch.zeros(0, 4),
+    "nan": torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("case,message", [
+    (["--arch", "gated"], "unknown architecture 'gated'; valid: relu, topk, batchtopk, jumprelu"),
+    (["--k", "0"], "k 0: must lie between 1 and the width"),
+    (["--k", "65", "--width", "64"], "k 65: must lie between 1 and the width (64)"),
+    (["--width", "0"], "width 0: must be at least 1"),
+    (["--acts", "missing"], "no such file"),
+    (["--acts", "corrupt"], "not a readable safetensors file"),
+    (["--acts", "not2d"], "need a 2-D float tensor"),
+    (["--acts", "empty"], "is empty"),
+    (["--acts", "nan"], "NaN or Inf"),
+    (["--transformer", "nowhere.safetensors"], "create it with `python train_transformer.py`"),
+])
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, case, message):
+    args = list(case)
+    if "--acts" in args:
+        name = args[args.index("--acts") + 1]
+        path = tmp_path / f"{name}.safetensors"
+        content = BAD_ACTS[name]
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            save_file({"acts": content}, str(path))
+        args[args.index("--acts") + 1] = str(path)
+    elif "--transformer" not in args:
+        args += ["--acts", write_acts(tmp_path / "ok.safetensors", torch.randn(256, 8))]
+    out = tmp_path / "out"
+    result = run_sae_stage(*args, "--steps", "5", "--batch-size", "8", "--out", str(out))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_file_formats_are_refused(tmp_path):
+    acts = write_acts(tmp_path / "acts.safetensors", torch.randn(256, 8))
+    with pytest.raises(HusaiError, match="acts.safetensors: format is None"):
+        load_sae(acts)
+    result = run_sae_stage("--transformer", acts, "--steps", "5")
+    assert result.returncode == 2 and "format is None, expected 'husai.transformer'" in result.stderr

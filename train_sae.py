@@ -1,0 +1,250 @@
+"""Stage 2: train sparse autoencoders on the grokked transformer's activations, many seeds at once.
+
+    python train_sae.py --arch topk --seed 42             # the main command: one TopK SAE
+    python train_sae.py --arch topk --seeds 0 1 2 3 4     # five seeds as one batched ensemble
+    python train_sae.py --acts my_acts.safetensors        # any [N, d] activations, from any model
+
+Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
+inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. Seeds share one data order
+unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
+runs/sae/<arch>-w<width>-<k or penalty>/:
+    seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
+                                    activation units; metadata: config, metrics, provenance
+    seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with full-data FVU
+    seed<N>.log.jsonl               training metrics every --log-every steps
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from sae_core import (ARCHITECTURES, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, SAEConfig,
+                      SAEEnsemble, SAETrainer, file_sha256, pick_device, prepare_output, reconstruction_metrics,
+                      run_cli, sae_reconstruct, save_tensors, width_scaled_lr)
+from train_transformer import collect_activations, load_transformer, make_dataset, run_with_replacement
+
+DEFAULTS = SAEConfig()
+
+
+def build_parser() -> CliParser:
+    parser = CliParser(description="Stage 2: train sparse autoencoders (several seeds at once).")
+    add = parser.add_argument
+    # what to train on
+    add("--transformer", default="runs/transformer/model.safetensors", help="stage 1's model file")
+    add("--checkpoint", type=int, default=None, help="train on this epoch's checkpoint instead of the final model")
+    add("--hook", default=None, help="hook site, e.g. blocks.0.mlp_post (default: last block's resid_post)")
+    add("--acts", default=None, help="train on an [N, d] float tensor from this safetensors file instead")
+    # the SAE
+    add("--arch", default="topk", help=f"architecture: {', '.join(ARCHITECTURES)}")
+    add("--width", type=int, default=None, help="latents m (default: --expansion times d)")
+    add("--expansion", type=float, default=4.0, help="width as a multiple of the activation dimension d")
+    add("--k", type=int, default=DEFAULTS.k, help="topk, batchtopk: active latents per input")
+    add("--l1", type=float, default=DEFAULTS.l1, help="relu: L1 coefficient (decoder-norm weighted)")
+    add("--l0", type=float, default=DEFAULTS.l0, help="jumprelu: L0 coefficient")
+    add("--no-auxk", action="store_true", help="topk, batchtopk: no AuxK loss for dead latents")
+    add("--no-unit-norm", action="store_true", help="let decoder rows change norm (no gradient projection)")
+    add("--no-tied-init", action="store_true", help="initialise W_enc independently of W_dec")
+    add("--b-dec-init", choices=["median", "mean", "zero"], default=DEFAULTS.b_dec_init, help="b_dec from the data")
+    add("--no-normalize", action="store_true", help="train on raw activations (no E||x|| = sqrt(d) scaling)")
+    # seeds and data order
+    add("--seed", type=int, default=42, help="one seed (ignored when --seeds is given)")
+    add("--seeds", type=int, nargs="+", default=None, help="several seeds, trained together as one ensemble")
+    add("--data-seed", type=int, default=0, help="seeds the order of training batches")
+    add("--vary-data-order", action="store_true", help="give every seed its own data order")
+    # optimisation
+    add("--steps", type=int, default=3000, help="optimiser steps (chosen where FVU has plateaued; see README)")
+    add("--batch-size", type=int, default=1024, help="activations per step")
+    add("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4 * (m / 2^14)^-0.5)")
+    add("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
+    add("--decay-frac", type=float, default=0.2, help="final fraction of steps with linear decay to 0")
+    add("--snapshots", type=int, default=12, help="log-spaced weight snapshots, step 0 included")
+    add("--log-every", type=int, default=25, help="write training metrics every N steps")
+    # where and how
+    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
+    add("--force", action="store_true", help="overwrite existing files for these seeds")
+    return parser
+
+
+def read_acts_file(path: str) -> torch.Tensor:
+    """An [N, d] float tensor from a safetensors file holding one tensor (or one named `acts`)."""
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise HusaiError(f"--acts {path}: no such file")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HusaiError(f"--acts {path}: not a readable safetensors file ({e})")
+    if len(tensors) != 1 and "acts" not in tensors:
+        raise HusaiError(f"--acts {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); name one `acts`")
+    acts = tensors["acts"] if "acts" in tensors else next(iter(tensors.values()))
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise HusaiError(f"--acts {path}: need a 2-D float tensor [N, d], got {acts.dtype} {list(acts.shape)}")
+    if acts.shape[0] < 2 or acts.shape[1] < 1:
+        raise HusaiError(f"--acts {path}: the tensor is empty ({list(acts.shape)}); need at least 2 rows")
+    if not torch.isfinite(acts).all():
+        raise HusaiError(f"--acts {path}: contains NaN or Inf values")
+    return acts.float()
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator):
+    """An endless stream of batches of row indices: a fresh permutation of all n rows each epoch."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start:start + batch_size]
+
+
+def downstream_metrics(model, tokens, labels, hook: str, acts: torch.Tensor, tensors: dict, config: dict) -> dict:
+    """The transformer's accuracy and cross-entropy on all inputs with the SAE's reconstruction
+    spliced in at the hook, and the loss recovered against zero- and mean-ablation."""
+    def run(replace):
+        logits = run_with_replacement(model, tokens, hook, replace)
+        return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
+    ce_clean, acc_clean = run(lambda a: a)
+    ce_sae, acc_sae = run(lambda a: sae_reconstruct(tensors, config, a))
+    ce_zero, _ = run(torch.zeros_like)
+    ce_mean, _ = run(lambda a: acts.mean(dim=0).expand_as(a))
+    return {"acc_clean": acc_clean, "acc_sae": acc_sae, "ce_clean": ce_clean, "ce_sae": ce_sae,
+            "ce_zero": ce_zero, "ce_mean": ce_mean,
+            "loss_recovered_zero": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+            "loss_recovered_mean": (ce_mean - ce_sae) / (ce_mean - ce_clean)}
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    device = pick_device(args.device)
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise HusaiError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated")
+    for flag in ("steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise HusaiError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+
+    # ---- activations -----------------------------------------------------------------------------
+    model = None
+    if args.acts:
+        acts = read_acts_file(args.acts)
+        provenance = {"source": "acts", "acts": args.acts, "acts_sha256": file_sha256(args.acts), "transformer": None,
+                      "transformer_sha256": None, "hook": None, "position": None, "checkpoint": None}
+    else:
+        if not Path(args.transformer).is_file():
+            raise HusaiError(f"{args.transformer}: no transformer file; create it with `python train_transformer.py`")
+        model, meta = load_transformer(args.transformer, args.checkpoint, device)
+        tokens, labels = make_dataset(model.cfg)
+        tokens, labels = tokens.to(device), labels.to(device)
+        hook = args.hook or f"blocks.{model.cfg.n_layers - 1}.resid_post"
+        if hook not in model.cfg.hook_names():
+            raise HusaiError(f"--hook {hook}: no such hook site; valid: {', '.join(model.cfg.hook_names())}")
+        acts = collect_activations(model, tokens, hook, position="eq")
+        provenance = {"source": "transformer", "transformer": args.transformer,
+                      "transformer_sha256": file_sha256(args.transformer), "hook": hook, "position": "eq",
+                      "checkpoint": args.checkpoint, "acts": None, "acts_sha256": None}
+    acts = acts.to(device)
+    n, d = acts.shape
+
+    # ---- the ensemble and where it goes ----------------------------------------------------------
+    width = args.width if args.width is not None else round(args.expansion * d)
+    cfg = SAEConfig(arch=args.arch, d_in=d, width=width, k=args.k, l1=args.l1, l0=args.l0, auxk=not args.no_auxk,
+                    unit_norm_decoder=not args.no_unit_norm, tied_init=not args.no_tied_init,
+                    b_dec_init=args.b_dec_init, normalize=not args.no_normalize)
+    if args.batch_size > n:
+        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
+    lr = args.lr if args.lr is not None else width_scaled_lr(width)
+    name = f"{cfg.arch}-w{width}-{cfg.sparsity_name}"
+    if args.acts:
+        name += f"-acts-{Path(args.acts).stem}"
+    elif args.hook or args.checkpoint is not None:
+        name += f"-{provenance['hook']}" + (f"-epoch{args.checkpoint}" if args.checkpoint is not None else "")
+    out_dir = Path(args.out or Path("runs/sae") / name)
+    outputs = {seed: out_dir / f"seed{seed}.safetensors" for seed in seeds}
+    for path in outputs.values():
+        prepare_output(path, args.force)
+    config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
+                  steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
+                  decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
+                  torch=torch.__version__)
+
+    sae = SAEEnsemble(cfg, seeds).to(device)
+    sae.init_from_data(acts)
+    trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
+                         use_kernels=not args.no_kernels)
+    if args.vary_data_order:   # each seed's order depends only on (data seed, seed), not on its neighbours
+        streams = [batch_order(n, args.batch_size, torch.Generator().manual_seed(args.data_seed * 1_000_003 + seed))
+                   for seed in seeds]
+    else:
+        streams = [batch_order(n, args.batch_size, torch.Generator().manual_seed(args.data_seed))]
+    snapshot_steps = sorted({0, args.steps} | {round(t) for t in np.geomspace(1, args.steps, max(2, args.snapshots) - 1)})
+    snapshots = {seed: {} for seed in seeds}
+    snapshot_fvu = {seed: [] for seed in seeds}
+
+    def take_snapshot(step: int) -> None:
+        for s, seed in enumerate(seeds):
+            tensors = sae.export(s)
+            snapshots[seed].update({f"step{step}.{key}": value for key, value in tensors.items()})
+            snapshot_fvu[seed].append(reconstruction_metrics(tensors, config, acts.cpu())["fvu"])
+
+    print(f"{len(seeds)} x {cfg.arch} SAE, d={d} -> m={width}, {cfg.sparsity_name}, lr {lr:.2e}, "
+          f"{args.steps} steps of {args.batch_size} on {n} activations ({provenance['hook'] or args.acts}), {device}")
+
+    # ---- training --------------------------------------------------------------------------------
+    from tqdm import tqdm
+    logs = {seed: [] for seed in seeds}
+    start = time.time()
+    with tqdm(range(args.steps), unit="step", mininterval=0.5) as bar:
+        for step in bar:
+            if step in snapshot_steps:
+                take_snapshot(step)
+            batch = torch.stack([acts[next(stream).to(device)] for stream in streams])
+            try:
+                metrics = trainer.step(batch[0] if len(streams) == 1 else batch)
+            except FloatingPointError as e:
+                for s, seed in enumerate(seeds):
+                    save_tensors(out_dir / f"last-good-seed{seed}.safetensors", sae.export(s), SAE_FORMAT,
+                                 SAE_VERSION, {"config": dict(config, seed=seed), "status": str(e)})
+                raise HusaiError(f"training diverged: {e}; the last good weights are in "
+                                 f"{out_dir}/last-good-seed*.safetensors; try a lower --lr")
+            if step % args.log_every == 0 or step == args.steps - 1:
+                means = {key: value.mean().item() for key, value in metrics.items()}
+                bar.set_postfix(loss=f"{means['loss']:.3g}", fvu=f"{means['fvu']:.4f}", l0=f"{means['l0']:.1f}",
+                                dead=f"{means['dead']:.3f}")
+                for s, seed in enumerate(seeds):
+                    logs[seed].append({"step": step, **{key: round(value[s].item(), 6) for key, value in metrics.items()}})
+    take_snapshot(args.steps)
+    seconds = time.time() - start
+
+    # ---- evaluation on every input, and the files ------------------------------------------------
+    acts = acts.cpu()
+    if model is not None:
+        model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
+    for s, seed in enumerate(seeds):
+        tensors = sae.export(s)
+        seed_config = dict(config, seed=seed)
+        metrics = reconstruction_metrics(tensors, seed_config, acts)
+        if model is not None:
+            metrics.update(downstream_metrics(model, tokens, labels, provenance["hook"], acts, tensors, seed_config))
+        metrics["train_seconds"] = round(seconds, 1)
+        save_tensors(outputs[seed], tensors, SAE_FORMAT, SAE_VERSION,
+                     {"config": seed_config, "metrics": metrics, "provenance": provenance})
+        save_tensors(out_dir / f"seed{seed}.snapshots.safetensors", snapshots[seed], SNAPSHOT_FORMAT, SAE_VERSION,
+                     {"steps": snapshot_steps, "fvu": snapshot_fvu[seed], "config": seed_config})
+        (out_dir / f"seed{seed}.log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logs[seed]))
+        downstream = (f", accuracy {metrics['acc_sae']:.4f} (clean {metrics['acc_clean']:.4f}), loss recovered "
+                      f"{metrics['loss_recovered_zero']:.3f} vs zero / {metrics['loss_recovered_mean']:.3f} vs mean"
+                      if model is not None else "")
+        print(f"seed {seed}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.1%}"
+              f"{downstream} -> {outputs[seed]}")
+    print(f"trained {len(seeds)} seed(s) in {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    run_cli(main)
