@@ -75,13 +75,13 @@ PRIMARY = "signed, all latents"
 HEADLINES = {"decoder.pwmcc": "PWMCC", "decoder.hungarian": "Hungarian mean cosine", "shared_fraction": "shared fraction"}
 SCORES = {  # name in report.json -> what report.md calls it
     "decoder.pwmcc": "PWMCC (max-based), decoder rows",
-    "decoder.mmcs": "MMCS (max-based, one direction), decoder rows",
     "decoder.hungarian": "Hungarian mean cosine (one-to-one), decoder rows",
     "encoder.pwmcc": "PWMCC (max-based), encoder columns",
-    "encoder.mmcs": "MMCS (max-based, one direction), encoder columns",
     "encoder.hungarian": "Hungarian mean cosine (one-to-one), encoder columns",
     "shared_fraction": "shared fraction at tau (Hungarian, decoder AND encoder)",
 }
+# MMCS is directional, so it is kept as a per-pair matrix: averaged over both directions it is PWMCC
+DIRECTIONAL = ("decoder.mmcs", "encoder.mmcs")
 SPARSITY_PARAMETER = {"topk": "k", "batchtopk": "k", "relu": "l1", "jumprelu": "l0"}
 SAE_FILE = re.compile(r"seed(\d+)\.safetensors")   # not seedN.snapshots.safetensors, not last-good-*
 DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
@@ -167,7 +167,7 @@ def mmcs(best: torch.Tensor) -> float:
 
 def pwmcc(best: MaxCosine) -> float:
     """PWMCC(A, B) = (MMCS(A -> B) + MMCS(B -> A)) / 2. Max-matching may reuse a latent of the other SAE,
-    so PWMCC >= the Hungarian mean cosine."""
+    so for equal widths PWMCC >= the Hungarian mean cosine (for unequal ones, the smaller side's MMCS is)."""
     return (mmcs(best.best_a) + mmcs(best.best_b)) / 2
 
 
@@ -271,7 +271,8 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
                 latent_match[j] += best.best_b.double()
                 if (i, j) == (0, 1):
                     first_pair = best
-        computed[effective] = scores[variant] = {name: matrices[name] for name in SCORES} | {"shared_curve": curve}
+        computed[effective] = scores[variant] = ({name: matrices[name] for name in (*SCORES, *DIRECTIONAL)}
+                                                 | {"shared_curve": curve})
     return {"scores": scores, "latent_match": [m / max(1, S - 1) for m in latent_match], "first_pair": first_pair}
 
 
@@ -342,6 +343,12 @@ def activation_geometry(X: torch.Tensor) -> ActivationGeometry:
     share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
     rank = int((share < SUBSPACE_VARIANCE - 1e-12).sum()) + 1
     return ActivationGeometry(mean.float(), eigenvalues, eigenvectors, min(rank, len(eigenvalues)))
+
+
+def subspace_share(rows: torch.Tensor, geometry: ActivationGeometry) -> float:
+    """Mean over unit rows [m, d] of the fraction of their squared length inside the top-`rank` principal
+    subspace: 1 for directions in the data's subspace, rank / d on average for isotropic ones."""
+    return float((rows.double() @ geometry.eigenvectors[:, :geometry.rank]).pow(2).sum(dim=1).mean())
 
 
 def random_directions(kind: str, n: int, geometry: ActivationGeometry, seed: int) -> torch.Tensor:
@@ -673,7 +680,9 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                                 else None for name in per_seed[0] if name != "seed"}
 
     geometry = activation_geometry(X)
-    result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank}
+    result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank,
+                             "decoder_in_subspace": mean_and_ci([subspace_share(d.decoder, geometry) for d in dictionaries]),
+                             "encoder_in_subspace": mean_and_ci([subspace_share(d.encoder, geometry) for d in dictionaries])}
     initial, snapshots, snapshot_problem = load_initial_weights(group.files)
     if snapshot_problem:
         result["notes"].append(f"{snapshot_problem}; no init baseline and no dynamics")
@@ -1145,8 +1154,12 @@ def group_section(g: dict, s: dict) -> list[str]:
                  if g["settings"]["varying"] else "") + ".", ""]
     if g["notes"]:
         lines += ["Notes:"] + [f"- {n}" for n in g["notes"]] + [""]
-    lines += [f"Activations: {g['activations']['n']} inputs x d = {g['activations']['d']}; "
-              f"{SUBSPACE_VARIANCE:.0%} of their variance lies in {g['activations']['subspace_rank']} principal directions.", ""]
+    acts = g["activations"]
+    lines += [f"Activations: {acts['n']} inputs x d = {acts['d']}; {SUBSPACE_VARIANCE:.0%} of their variance lies in "
+              f"r = {acts['subspace_rank']} principal directions. Share of a unit decoder row's squared length inside "
+              f"that subspace: {fmt_ci(acts['decoder_in_subspace'])}; of a unit encoder column's: "
+              f"{fmt_ci(acts['encoder_in_subspace'])}; of an isotropic random direction: r / d = "
+              f"{fmt(acts['subspace_rank'] / acts['d'])}.", ""]
     lines += ["### Reconstruction", ""]
     lines += table(["seed", "FVU", "L0", "dead", "acc clean", "acc SAE", "loss recovered (zero)", "(mean)"],
                    [[str(r["seed"]), fmt(r["fvu"], 4), fmt(r["l0"], 1), fmt(r["dead_frac"]), fmt(r["acc_clean"], 4),
@@ -1158,8 +1171,8 @@ def group_section(g: dict, s: dict) -> list[str]:
         kinds = list(g["baselines"])
         lines += ["### Stability across seeds", "",
                   "Trained: mean over seed pairs [CI]. Baselines: means over their pairs. Normalised against the "
-                  "subspace baseline. MMCS is the mean over both directions of every pair; per-direction values in "
-                  "the matrix below.", ""]
+                  "subspace baseline. MMCS, averaged over both directions, is PWMCC; each direction is in the matrix "
+                  "below (all variants and baselines' means in report.json).", ""]
         rows = []
         for variant, scores in g["stability"].items():
             for name, label in SCORES.items():

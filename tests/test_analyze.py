@@ -1,0 +1,299 @@
+"""Stage 3: the stability metrics, their baselines, the Fourier ground truth, the report and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analyze import (GENERATOR_SEEDS, activation_geometry, hungarian_match, hungarian_mean_cosine, latent_purity,
+                     max_cosine, mean_and_ci, mmcs, plane_coverage, pwmcc, random_directions, shared_fraction,
+                     unit_rows)
+from sae_core import SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, file_sha256, load_sae, save_tensors
+from train_transformer import (ModelConfig, Transformer, collect_activations, make_dataset, save_model,
+                               train_test_split)
+
+REPO = Path(__file__).resolve().parent.parent
+HOOK = "blocks.0.resid_post"
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic inputs in the files' real formats (the benchmark in the README builds its 5 x 2048 case
+# with these too)
+
+
+def write_transformer(path: Path, p: int = 13, d_model: int = 16, seed: int = 0) -> Path:
+    """An untrained stage-1 model file with a short log.jsonl beside it."""
+    cfg = ModelConfig(p=p, d_model=d_model, n_heads=2, d_mlp=4 * d_model)
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, Transformer(cfg), train_test_split(p, 0.5, seed)[0],
+               {"config": {"model": asdict(cfg), "train": {}}, "epoch": 1})
+    log = [{"epoch": e, "train_loss": 3 / (e + 1), "test_loss": 3 / (e + 1) + 0.5, "train_acc": min(1, e / 5),
+            "test_acc": min(1, e / 9)} for e in range(10)]
+    (path.parent / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    return path
+
+
+def write_sae_group(folder: Path, transformer: Path, seeds: list[int], width: int, k: int = 4,
+                    noise: float = 0.05, steps: tuple[int, ...] = (0, 3, 10)) -> None:
+    """TopK SAE files, one per seed, sharing a planted dictionary (in the activations' span), each a
+    permuted noisy copy; with snapshot files whose step 0 is random and whose last step is the SAE."""
+    from train_transformer import load_transformer
+    model, _ = load_transformer(transformer)
+    X = collect_activations(model, make_dataset(model.cfg)[0], HOOK)
+    d = X.shape[1]
+    span = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2]           # [d, d] principal directions
+    truth = unit_rows(torch.randn(width, d, generator=torch.Generator().manual_seed(123)) @ span)
+    provenance = {"source": "transformer", "transformer": str(transformer), "transformer_sha256": file_sha256(transformer),
+                  "hook": HOOK, "position": "eq", "checkpoint": None, "acts": None, "acts_sha256": None}
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        W_dec = unit_rows(truth[torch.randperm(width, generator=generator)] + noise * torch.randn(width, d, generator=generator))
+        final = {"W_dec": W_dec, "W_enc": W_dec.T.clone(), "b_enc": torch.zeros(width), "b_dec": X.mean(0)}
+        config = {"arch": "topk", "d_in": d, "width": width, "k": k, "l1": 5.0, "l0": 0.05, "seed": seed, "data_seed": 0,
+                  "vary_data_order": False, "steps": steps[-1], "batch_size": 64, "lr": 1e-3, "normalize": True}
+        save_tensors(folder / f"seed{seed}.safetensors", final, SAE_FORMAT, SAE_VERSION,
+                     {"config": config, "metrics": {"acc_sae": 0.5}, "provenance": provenance})
+        initial = unit_rows(torch.randn(width, d, generator=generator))
+        snapshots = {}
+        for step in steps:
+            weights = final if step == steps[-1] else {"W_dec": initial, "W_enc": initial.T.clone(),
+                                                       "b_enc": torch.zeros(width), "b_dec": X.mean(0)}
+            snapshots.update({f"step{step}.{name}": t for name, t in weights.items()})
+        save_tensors(folder / f"seed{seed}.snapshots.safetensors", snapshots, SNAPSHOT_FORMAT, SAE_VERSION,
+                     {"steps": list(steps), "fvu": [1.0 / (1 + t) for t in steps], "config": config})
+
+
+def run_analyze(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "analyze.py"), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def random_unit(m: int, d: int, seed: int) -> torch.Tensor:
+    return unit_rows(torch.randn(m, d, generator=torch.Generator().manual_seed(seed)))
+
+
+# --------------------------------------------------------------------------------------------------
+# The similarity metrics
+
+
+def all_scores(A: torch.Tensor, B: torch.Tensor, absolute: bool = False) -> dict:
+    best = max_cosine(A, B, absolute)
+    matching = hungarian_match(A, B, absolute)
+    return {"mmcs_ab": mmcs(best.best_a), "mmcs_ba": mmcs(best.best_b), "pwmcc": pwmcc(best),
+            "hungarian": hungarian_mean_cosine(matching), "shared": float(shared_fraction(matching, matching, 0.7))}
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_identical_dictionaries_score_one_and_a_permuted_copy_too(absolute):
+    A = random_unit(300, 32, seed=0)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    for B in (A.clone(), A[perm]):
+        for name, value in all_scores(A, B, absolute).items():
+            assert value == pytest.approx(1, abs=1e-5), name
+    # an index-based comparison (latent i with latent i) is what a permutation defeats
+    assert (A * A[perm]).sum(dim=1).mean() < 0.2
+    assert np.array_equal(hungarian_match(A[perm], A).partner_a, perm.numpy())
+
+
+def test_pwmcc_is_symmetric_and_at_least_hungarian_and_no_cosine_exceeds_one():
+    A, B = random_unit(200, 16, seed=2), random_unit(350, 16, seed=3)
+    ab, ba = max_cosine(A, B), max_cosine(B, A)
+    assert pwmcc(ab) == pytest.approx(pwmcc(ba), abs=1e-12)
+    assert mmcs(ab.best_a) == pytest.approx(mmcs(ba.best_b), abs=1e-12)
+    assert mmcs(ab.best_a) != pytest.approx(mmcs(ab.best_b), abs=1e-3), "MMCS is asymmetric for unequal widths"
+    for X, Y in ((A, B), (A, A), (B[:200], A), (B, B[:300])):
+        best = max_cosine(X, Y)
+        matching = hungarian_match(X, Y)
+        if len(X) == len(Y):
+            assert pwmcc(best) >= hungarian_mean_cosine(matching) - 1e-9
+        # with unequal widths only the smaller side is matched whole, and its MMCS bounds the matching
+        smaller = best.best_a if len(X) <= len(Y) else best.best_b
+        assert mmcs(smaller) >= hungarian_mean_cosine(matching) - 1e-9
+        assert best.best_a.max() <= 1 + 1e-6 and best.best_b.max() <= 1 + 1e-6
+        assert np.nanmax(matching.cos_a) <= 1 + 1e-6
+        assert (~np.isnan(matching.cos_a)).sum() == min(len(X), len(Y))
+
+
+def test_chunked_max_cosine_equals_the_dense_computation():
+    A, B = random_unit(257, 24, seed=4), random_unit(131, 24, seed=5)
+    for absolute in (False, True):
+        C = A @ B.T
+        C = C.abs() if absolute else C
+        for chunk_elements in (1, 131 * 7, 10**9):
+            best = max_cosine(A, B, absolute, chunk_elements=chunk_elements)
+            torch.testing.assert_close(best.best_a, C.max(dim=1).values)
+            torch.testing.assert_close(best.best_b, C.max(dim=0).values)
+            assert torch.equal(best.index_a, C.argmax(dim=1)) and torch.equal(best.index_b, C.argmax(dim=0))
+
+
+def test_shared_fraction_needs_both_decoder_and_encoder():
+    A = random_unit(100, 32, seed=6)
+    same = hungarian_match(A, A)
+    other = hungarian_match(A, random_unit(100, 32, seed=7))
+    assert float(shared_fraction(same, same, 0.7)) == 1
+    assert float(shared_fraction(same, other, 0.7)) == 0
+    curve = shared_fraction(same, other, np.array([0.0, 0.5, 0.99]))
+    assert curve.shape == (3,) and (np.diff(curve) <= 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Baselines
+
+
+def low_rank_activations(n: int = 4000, d: int = 64, rank: int = 5, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=generator) @ torch.randn(rank, d, generator=generator) + 3.0
+
+
+def baseline_pwmcc(kind: str, m: int, geometry) -> float:
+    A = unit_rows(random_directions(kind, m, geometry, GENERATOR_SEEDS[kind]))
+    B = unit_rows(random_directions(kind, m, geometry, GENERATOR_SEEDS[kind] + 1))
+    return pwmcc(max_cosine(A, B))
+
+
+def test_isotropic_baseline_rises_with_m_at_fixed_d():
+    geometry = activation_geometry(torch.randn(2000, 32))
+    scores = [baseline_pwmcc("isotropic", m, geometry) for m in (16, 128, 1024)]
+    assert scores[0] < scores[1] < scores[2]
+    assert scores[0] > 0.2, "even a few random vectors in 32 dimensions are far from orthogonal at their best match"
+
+
+def test_subspace_baseline_far_above_isotropic_and_planted_dictionaries_above_both():
+    X = low_rank_activations()
+    geometry = activation_geometry(X)
+    assert geometry.rank == 5
+    isotropic, subspace = baseline_pwmcc("isotropic", 256, geometry), baseline_pwmcc("subspace", 256, geometry)
+    assert subspace > isotropic + 0.4
+    assert subspace == pytest.approx(baseline_pwmcc("subspace", 256, geometry))   # fixed seeds: deterministic
+    # two SAEs sharing a planted dictionary that lives in the data's span (noisy, permuted copies)
+    truth = unit_rows(random_directions("subspace", 256, geometry, seed=99))
+    noisy = unit_rows(truth + 0.01 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1)))
+    copy = noisy[torch.randperm(256, generator=torch.Generator().manual_seed(2))]
+    planted = pwmcc(max_cosine(truth, copy))
+    hungarian = hungarian_mean_cosine(hungarian_match(truth, copy))
+    assert planted > 0.99 and hungarian > 0.99 and planted > subspace + 0.05
+
+
+def test_bootstrap_resamples_seeds_and_never_pairs_a_seed_with_itself():
+    pairs = np.full((5, 5), 0.5)
+    np.fill_diagonal(pairs, 1.0)               # a seed with itself would pull the mean up
+    assert mean_and_ci(pairs) == {"mean": 0.5, "ci": [0.5, 0.5]}
+    per_seed = mean_and_ci(np.arange(5.0))
+    assert per_seed["mean"] == 2 and per_seed["ci"][0] < 2 < per_seed["ci"][1]
+    assert mean_and_ci(np.arange(5.0)) == per_seed                                  # deterministic
+    assert mean_and_ci(np.array([[np.nan, 0.3], [0.3, np.nan]]))["mean"] == pytest.approx(0.3)
+    assert mean_and_ci(np.array([[np.nan, np.nan], [np.nan, np.nan]])) is None      # skipped, not zero
+
+
+# --------------------------------------------------------------------------------------------------
+# Ground truth
+
+
+@pytest.mark.parametrize("p, k", [(13, 4), (31, 7)])
+def test_latent_purity_finds_a_pure_cosine_and_not_a_random_latent(p, k):
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    f = torch.stack([torch.cos(2 * math.pi * k * (a + b) / p), torch.rand(p * p, generator=torch.Generator().manual_seed(0)),
+                     torch.zeros(p * p)], dim=1)
+    purity, best = latent_purity(f, p)
+    assert purity[0] == pytest.approx(1, abs=1e-5) and best[0] == k
+    assert purity[1] < 0.3
+    assert purity[2] == 0 and best[2] == 0, "a latent that never varies has no frequency"
+
+
+def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
+    plane = torch.eye(6, dtype=torch.float64)[:, :2]
+    tiles = torch.tensor([[math.cos(t), math.sin(t), 0, 0, 0, 0] for t in np.linspace(0, 2 * math.pi, 7)[:-1]])
+    assert plane_coverage(plane, tiles) == pytest.approx([1, 1])       # latents tiling the circle span it
+    assert plane_coverage(plane, tiles[:1]) == pytest.approx([1, 0])   # one latent: half the plane
+    assert plane_coverage(plane, torch.eye(6)[2:]) == pytest.approx([0, 0])
+    assert plane_coverage(plane, torch.zeros(0, 6)) == [0, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# The command line, end to end
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
+    transformer, one whose d_in does not match its transformer's activations, and a corrupt file."""
+    root = tmp_path_factory.mktemp("analysis")
+    first = write_transformer(root / "transformer" / "model.safetensors")
+    second = write_transformer(root / "other" / "model.safetensors", seed=1)
+    write_sae_group(root / "sae" / "topk-w32-k4", first, seeds=[0, 1, 2], width=32)
+    write_sae_group(root / "sae" / "topk-w16-k4", first, seeds=[0], width=16)
+    write_sae_group(root / "sae" / "topk-w32-k4-other", second, seeds=[5], width=32)
+    mismatched = root / "sae" / "topk-w32-k4-d8"
+    tensors, meta = load_sae(root / "sae" / "topk-w32-k4" / "seed0.safetensors")
+    mismatched.mkdir()
+    save_tensors(mismatched / "seed0.safetensors", {"W_enc": tensors["W_enc"][:8], "W_dec": tensors["W_dec"][:, :8],
+                                                    "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"][:8]},
+                 SAE_FORMAT, SAE_VERSION, dict(meta, config=dict(meta["config"], d_in=8)))
+    corrupt = root / "sae" / "topk-w16-k4" / "seed9.safetensors"
+    corrupt.write_bytes((root / "sae" / "topk-w16-k4" / "seed0.safetensors").read_bytes()[:300])
+    return root
+
+
+def test_report_is_complete_and_identical_when_regenerated(inputs):
+    first = run_analyze("sae", "--out", "out1", cwd=inputs)
+    assert first.returncode == 0, first.stderr
+    second = run_analyze("sae", "--out", "out2", cwd=inputs)
+    assert second.returncode == 0, second.stderr
+    for name in ("report.md", "report.json"):
+        assert (inputs / "out1" / name).read_bytes() == (inputs / "out2" / name).read_bytes(), name
+    figures = sorted(p.name for p in (inputs / "out1" / "figures").iterdir())
+    assert figures == sorted(p.name for p in (inputs / "out2" / "figures").iterdir())
+    for name in figures:
+        assert (inputs / "out1" / "figures" / name).read_bytes() == (inputs / "out2" / "figures" / name).read_bytes(), name
+    assert {"topk-w32-k4-stability.png", "topk-w32-k4-purity.png", "topk-w32-k4-dynamics.png",
+            "stability-vs-width-k.png", "transformer0-curves.png", "transformer0-fourier.png"} <= set(figures)
+
+    report = json.loads((inputs / "out1" / "report.json").read_text())
+    text = (inputs / "out1" / "report.md").read_text()
+    groups = {g["name"]: g for g in report["groups"]}
+    assert set(groups) == {"topk-w32-k4", "topk-w16-k4", "topk-w32-k4-other"}
+    planted = groups["topk-w32-k4"]
+    assert planted["seeds"] == [0, 1, 2]
+    primary = planted["stability"]["signed, all latents"]
+    subspace = planted["baselines"]["subspace"]["signed, all latents"]
+    assert primary["decoder.pwmcc"]["mean"] > 0.95 > subspace["decoder.pwmcc"]["mean"]
+    assert primary["decoder.pwmcc"]["mean"] >= primary["decoder.hungarian"]["mean"]
+    assert set(planted["baselines"]) == {"isotropic", "covariance", "subspace", "init"}
+    assert [row["step"] for row in planted["dynamics"]["steps"]] == [0, 3, 10]
+    assert planted["ground_truth"]["key_frequency_rule"].startswith("embedding Fourier share")
+    # one seed: what can be reported is, and the report says why stability is missing
+    single = groups["topk-w16-k4"]
+    assert single["stability"] is None and single["ground_truth"] is not None
+    assert any("stability needs at least two seeds" in note for note in single["notes"])
+    # the same configuration from another transformer, or of another d_in, is never compared with the first
+    assert len(report["refused"]) == 1 and "different sources or activation sizes" in report["refused"][0]
+    assert [f["name"] for f in report["failed_groups"]] == ["topk-w32-k4-d8"]
+    assert "d_in 8" in report["failed_groups"][0]["reason"]
+    # the corrupt file is named, skipped and listed
+    assert [s["path"] for s in report["skipped_files"]] == [str(Path("sae/topk-w16-k4/seed9.safetensors"))]
+    assert "seed9.safetensors" in text and "Comparisons refused" in text
+    for needle in ("PWMCC (max-based)", "Hungarian mean cosine (one-to-one)", "Choices that change the numbers",
+                   "subspace", "normalised", "Key frequencies K", "Pareto frontier"):
+        assert needle in text, needle
+
+
+def test_no_silent_overwrite(inputs):
+    result = run_analyze("sae/topk-w16-k4/seed0.safetensors", "--out", "out1", cwd=inputs)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--force" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_sae_files_is_one_line_with_the_command_that_makes_them(tmp_path):
+    result = run_analyze(cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "runs/sae/*/seed*.safetensors" in result.stderr
+    assert "python train_sae.py --arch topk --seeds 0 1 2 3 4" in result.stderr
+    assert not (tmp_path / "runs").exists(), "nothing is written when there is nothing to analyse"
