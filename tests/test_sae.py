@@ -65,10 +65,11 @@ def test_decoder_rows_stay_unit_norm_and_the_gradient_projection_leaves_no_paral
     sae.init_from_data(acts)
     trainer = SAETrainer(sae, lr=1e-2, steps=20, warmup_steps=1, decay_steps=1, use_kernels=False)
     for step in range(20):
+        rows_before = sae.W_dec.detach().clone()
         trainer.step(acts[step * 16:(step + 1) * 16 + 64])
+        parallel = (sae.W_dec.grad * rows_before).sum(-1)
+        assert parallel.abs().max() < 1e-5, "the step saw only the tangent component of each row's gradient"
         torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 40))
-    parallel = (sae.W_dec.grad * sae.W_dec.detach()).sum(-1)
-    assert parallel.abs().max() < 1e-5, "the step saw only the tangent component of each row's gradient"
 
 
 def test_auxk_changes_encoder_gradients_when_latents_are_dead():
