@@ -27,6 +27,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
@@ -53,7 +54,8 @@ SUBSPACE_VARIANCE = 0.99         # the subspace baseline draws from the top prin
 HUNGARIAN_MAX_LATENTS = 16_384   # one-to-one matching needs the whole [m, m] float64 matrix: 2 GiB here
 CHUNK_ELEMENTS = 1 << 24         # max-cosine works on [c, m] blocks of at most this many cosines (64 MiB)
 PURITY_CHUNK = 1024              # latents per fourier_purity call (its float64 temporaries are [p, p, chunk])
-BASELINE_DICTIONARIES = 3        # dictionaries per baseline, so 3 pairs (fewer if the group has fewer seeds)
+BASELINE_DICTIONARIES = 2        # dictionaries per baseline, so one pair: random baselines barely vary at a given
+                                 # shape, and each pair costs two one-to-one matchings (most of the run time)
 BOOTSTRAP_RESAMPLES = 2000       # resamples of the seeds for every confidence interval
 CI_LEVEL = 0.95
 RECOMMENDED_SEEDS = 5
@@ -68,9 +70,16 @@ BASELINES = {
                 "variance (the honest baseline; normalised scores use it)",
     "init": "the same SAEs at step 0 (untrained initialisation, from the snapshot files)",
 }
-# (|cos| instead of the signed cosine, alive latents only); the first is the primary number
-VARIANTS = {"signed, all latents": (False, False), "signed, alive latents": (False, True),
-            "|cos|, all latents": (True, False)}
+
+
+class Variant(NamedTuple):
+    absolute: bool      # |cos| instead of the signed cosine
+    alive_only: bool    # dead latents left out
+    hungarian: bool     # one-to-one matching too (the |cos| check is max-based only: matching costs most)
+
+
+VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive latents": Variant(False, True, True),
+            "|cos|, all latents": Variant(True, False, False)}
 PRIMARY = "signed, all latents"
 HEADLINES = {"decoder.pwmcc": "PWMCC", "decoder.hungarian": "Hungarian mean cosine", "shared_fraction": "shared fraction"}
 SCORES = {  # name in report.json -> what report.md calls it
@@ -127,9 +136,8 @@ def make_dictionary(W_dec: torch.Tensor, W_enc: torch.Tensor, alive: torch.Tenso
 class MaxCosine(NamedTuple):
     """Best matches between the rows of A [m_A, d] and B [m_B, d] under C = A B^T."""
     best_a: torch.Tensor    # [m_A] max_j C_ij: how well latent i of A is found in B
-    index_a: torch.Tensor   # [m_A] argmax_j C_ij
+    index_a: torch.Tensor   # [m_A] argmax_j C_ij (the heat map's partners)
     best_b: torch.Tensor    # [m_B] max_i C_ij
-    index_b: torch.Tensor   # [m_B] argmax_i C_ij
 
 
 def max_cosine(A: torch.Tensor, B: torch.Tensor, absolute: bool = False, device: torch.device | str = "cpu",
@@ -144,7 +152,6 @@ def max_cosine(A: torch.Tensor, B: torch.Tensor, absolute: bool = False, device:
     rows = max(1, chunk_elements // max(1, len(B)))
     best_a, index_a = [], []
     best_b = torch.full((len(B),), -math.inf, device=device)
-    index_b = torch.zeros(len(B), dtype=torch.long, device=device)
     for start in range(0, len(A), rows):
         block = A[start:start + rows] @ B.T
         if absolute:
@@ -152,11 +159,8 @@ def max_cosine(A: torch.Tensor, B: torch.Tensor, absolute: bool = False, device:
         value, index = block.max(dim=1)
         best_a.append(value)
         index_a.append(index)
-        value, index = block.max(dim=0)
-        better = value > best_b          # strict: ties keep the earliest row, as the dense argmax does
-        best_b = torch.where(better, value, best_b)
-        index_b = torch.where(better, index + start, index_b)
-    return MaxCosine(torch.cat(best_a).cpu(), torch.cat(index_a).cpu(), best_b.cpu(), index_b.cpu())
+        best_b = torch.maximum(best_b, block.amax(dim=0))   # amax: a column max without indices is ~10x faster
+    return MaxCosine(torch.cat(best_a).cpu(), torch.cat(index_a).cpu(), best_b.cpu())
 
 
 def mmcs(best: torch.Tensor) -> float:
@@ -207,28 +211,28 @@ def shared_fraction(decoder: Matching, encoder: Matching, tau: float | np.ndarra
     return (fraction(decoder.cos_a, encoder.cos_a) + fraction(decoder.cos_b, encoder.cos_b)) / 2
 
 
-def compare_pair(a: Dictionary, b: Dictionary, absolute: bool, alive_only: bool, device: torch.device,
-                 tau: float, hungarian: bool = True) -> tuple[dict, MaxCosine | None]:
+def compare_pair(a: Dictionary, b: Dictionary, variant: Variant, device: torch.device,
+                 tau: float) -> tuple[dict, MaxCosine | None]:
     """Every stability number for one pair of SAEs: per view (decoder rows, encoder columns) MMCS both
     ways, PWMCC and the Hungarian mean cosine; the shared fraction at tau and over TAU_GRID. Returns
-    (scores, the decoder MaxCosine); NaN where the pair has no latents to compare or m is too large for
-    Hungarian. MMCS is a pair (A -> B, B -> A)."""
-    if alive_only:
+    (scores, the decoder MaxCosine); a score is absent where the pair has no latents to compare, the
+    variant has no matching, or m is too large for Hungarian. MMCS is a pair (A -> B, B -> A)."""
+    if variant.alive_only:
         a = Dictionary(a.decoder[a.alive], a.encoder[a.alive], a.alive[a.alive])
         b = Dictionary(b.decoder[b.alive], b.encoder[b.alive], b.alive[b.alive])
     if not len(a.alive) or not len(b.alive):
         return {}, None
-    do_hungarian = hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
+    do_hungarian = variant.hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
     scores, matchings, decoder_best = {}, {}, None
     for view in ("decoder", "encoder"):
         A, B = getattr(a, view), getattr(b, view)
-        best = max_cosine(A, B, absolute, device)
+        best = max_cosine(A, B, variant.absolute, device)
         if view == "decoder":
             decoder_best = best
         scores[f"{view}.mmcs"] = (mmcs(best.best_a), mmcs(best.best_b))
         scores[f"{view}.pwmcc"] = pwmcc(best)
         if do_hungarian:
-            matchings[view] = hungarian_match(A, B, absolute)
+            matchings[view] = hungarian_match(A, B, variant.absolute)
             scores[f"{view}.hungarian"] = hungarian_mean_cosine(matchings[view])
     if do_hungarian:
         scores["shared_fraction"] = float(shared_fraction(matchings["decoder"], matchings["encoder"], tau))
@@ -237,8 +241,9 @@ def compare_pair(a: Dictionary, b: Dictionary, absolute: bool, alive_only: bool,
 
 
 def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
-              variants: dict[str, tuple[bool, bool]] = VARIANTS, hungarian: bool = True) -> dict:
-    """compare_pair on every pair of seeds (i < j), for each variant. Returns
+              variants: dict[str, Variant] = VARIANTS) -> dict:
+    """compare_pair on every pair of seeds (i < j), for each variant, pairs side by side on the CPU's
+    threads (scipy's matching releases the GIL; the results do not depend on the order). Returns
         scores[variant][score]  [S, S] matrix (MMCS: entry (i, j) = MMCS(i -> j); the others symmetric;
                                 shared_curve: [S, S, len(TAU_GRID)]); the diagonal is NaN
         latent_match            per seed [m]: each latent's best decoder cosine in another seed (signed, all
@@ -250,15 +255,18 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
     computed, scores = {}, {}
     latent_match = [torch.zeros(len(d.alive), dtype=torch.float64) for d in dictionaries]
     first_pair = None
-    for variant, (absolute, alive_only) in variants.items():
-        effective = (absolute, alive_only and not everything_alive)
+    pairs = list(combinations(range(S), 2))
+    for name_of_variant, variant in variants.items():
+        effective = variant._replace(alive_only=variant.alive_only and not everything_alive)
         if effective in computed:
-            scores[variant] = computed[effective]
+            scores[name_of_variant] = computed[effective]
             continue
         matrices = defaultdict(lambda: np.full((S, S), np.nan))
         curve = np.full((S, S, len(TAU_GRID)), np.nan)
-        for i, j in combinations(range(S), 2):
-            pair, best = compare_pair(dictionaries[i], dictionaries[j], absolute, alive_only, device, tau, hungarian)
+        with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+            outcomes = list(pool.map(lambda ij: compare_pair(dictionaries[ij[0]], dictionaries[ij[1]], effective,
+                                                             device, tau), pairs))
+        for (i, j), (pair, best) in zip(pairs, outcomes):
             for name, value in pair.items():
                 if name == "shared_curve":
                     curve[i, j] = curve[j, i] = value
@@ -266,13 +274,13 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
                     matrices[name][i, j], matrices[name][j, i] = value
                 else:
                     matrices[name][i, j] = matrices[name][j, i] = value
-            if effective == (False, False):
+            if not effective.absolute and not effective.alive_only:
                 latent_match[i] += best.best_a.double()
                 latent_match[j] += best.best_b.double()
                 if (i, j) == (0, 1):
                     first_pair = best
-        computed[effective] = scores[variant] = ({name: matrices[name] for name in (*SCORES, *DIRECTIONAL)}
-                                                 | {"shared_curve": curve})
+        computed[effective] = scores[name_of_variant] = ({name: matrices[name] for name in (*SCORES, *DIRECTIONAL)}
+                                                         | {"shared_curve": curve})
     return {"scores": scores, "latent_match": [m / max(1, S - 1) for m in latent_match], "first_pair": first_pair}
 
 
@@ -425,26 +433,54 @@ def plane_coverage(plane: torch.Tensor, vectors: torch.Tensor) -> list[float]:
     return cosines.tolist()
 
 
-def fourier_recovery(f: torch.Tensor, decoder: torch.Tensor, p: int, keys: list[int], planes: dict) -> dict:
+def coverage(cosines: list[float]) -> float:
+    """Coverage of a plane = mean squared principal-angle cosine: the share of a random in-plane vector's
+    squared length that the span captures (1: the plane is spanned)."""
+    return sum(c * c for c in cosines) / len(cosines)
+
+
+class FourierSetup(NamedTuple):
+    """What the Fourier analysis of a group needs, computed once per group."""
+    p: int
+    keys: list[int]              # key frequencies, largest embedding share first
+    planes: dict                 # k -> (orthonormal basis [d, 2] of its plane, variance share)
+    random_rows: torch.Tensor    # [m, d] unit random directions of the subspace baseline
+
+
+def fourier_setup(model, X: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
+    """Key frequencies by stage 1's rule (recomputed from this model's embedding, so a checkpoint gets its
+    own), their planes in activation space, and the random directions of the baselines."""
+    p = model.cfg.p
+    keys = key_frequencies(embedding_frequency_shares(model.W_E[:p].detach().float().cpu()), KEY_FREQUENCY_MIN_SHARE)
+    planes = {k: plane for k in keys if (plane := frequency_plane(X, p, model.cfg.op, k)) is not None}
+    random_rows = unit_rows(random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"]))
+    return FourierSetup(p, keys, planes, random_rows)
+
+
+def fourier_recovery(f: torch.Tensor, decoder: torch.Tensor, fourier: FourierSetup) -> dict:
     """Ground-truth numbers for one dictionary: latents f [p*p, m] on all inputs, decoder rows [m, d].
     Per alive latent, its purity and best frequency; the fraction of alive latents that are pure
     (>= PURE_LATENT) and the fraction pure AND on a key frequency; per key frequency k, the principal-angle
     cosines between k's plane and the span of the decoder rows of the alive latents whose best
-    frequency is k, and coverage = mean squared cosine (1: the plane is spanned)."""
+    frequency is k, their coverage, and the coverage of as many of the random directions (the baseline:
+    a span grows with its number of vectors)."""
     alive = (f > 0).any(dim=0)
     purity, best = torch.zeros(f.shape[1]), torch.zeros(f.shape[1], dtype=torch.long)
-    purity[alive], best[alive] = latent_purity(f[:, alive], p)
+    alive_purity, alive_best = latent_purity(f[:, alive], fourier.p)
+    alive = alive.cpu()
+    purity[alive], best[alive] = alive_purity.cpu(), alive_best.cpu()
     pure = alive & (purity >= PURE_LATENT)
     n_alive = max(1, int(alive.sum()))
     per_frequency = {}
-    for k, (plane, _) in planes.items():
+    for k, (plane, _) in fourier.planes.items():
         assigned = alive & (best == k)
         cosines = plane_coverage(plane, decoder[assigned])
-        per_frequency[k] = {"latents": int(assigned.sum()), "cosines": cosines,
-                            "coverage": sum(c * c for c in cosines) / 2}
+        per_frequency[k] = {"latents": int(assigned.sum()), "cosines": cosines, "coverage": coverage(cosines),
+                            "random_coverage": coverage(plane_coverage(plane, fourier.random_rows[:int(assigned.sum())]))}
+    keys = torch.tensor(fourier.keys, dtype=torch.long)
     return {"alive": alive, "purity": purity, "best": best,
             "frac_pure": int(pure.sum()) / n_alive,
-            "frac_pure_key": int((pure & torch.isin(best, torch.tensor(keys, dtype=torch.long))).sum()) / n_alive,
+            "frac_pure_key": int((pure & torch.isin(best, keys)).sum()) / n_alive,
             "per_frequency": per_frequency,
             "coverage": float(np.mean([v["coverage"] for v in per_frequency.values()])) if per_frequency else None}
 
@@ -666,20 +702,27 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
               "notes": list(group.notes), "settings": settings_of(group.files)}
     plots = {}
 
-    # per seed: inference on every input, reconstruction, which latents fire
-    latents, dictionaries, per_seed = [], [], []
+    geometry = activation_geometry(X)
+    fourier = fourier_setup(source.model, X, geometry, config["width"]) if source.model is not None else None
+
+    # per seed, on every input: which latents fire, reconstruction, and the latents' Fourier structure. One
+    # seed's latents [N, m] at a time: at m = 65,536 they take 3 GiB each.
+    X_device = X.to(device)
+    dictionaries, per_seed, recovery = [], [], []
     for f in group.files:
+        weights = {name: t.to(device) for name, t in f.tensors.items()}
         with torch.no_grad():
-            latents.append(sae_latents(f.tensors, f.config, X))
-        alive = (latents[-1] > 0).any(dim=0)
-        dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], alive))
+            latents = sae_latents(weights, f.config, X_device)
+        dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], (latents > 0).any(dim=0)))
         downstream = {k: f.metrics.get(k) for k in ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")}
-        per_seed.append({"seed": f.seed, **reconstruction_metrics(f.tensors, f.config, X), **downstream})
+        per_seed.append({"seed": f.seed, **reconstruction_metrics(weights, f.config, X_device), **downstream})
+        if fourier is not None:
+            recovery.append(fourier_recovery(latents, dictionaries[-1].decoder, fourier))
+        del latents
     result["per_seed"] = per_seed
     result["reconstruction"] = {name: mean_and_ci([s[name] for s in per_seed]) if all(s[name] is not None for s in per_seed)
                                 else None for name in per_seed[0] if name != "seed"}
 
-    geometry = activation_geometry(X)
     result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank,
                              "decoder_in_subspace": mean_and_ci([subspace_share(d.decoder, geometry) for d in dictionaries]),
                              "encoder_in_subspace": mean_and_ci([subspace_share(d.encoder, geometry) for d in dictionaries])}
@@ -721,12 +764,14 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
         plots["latent_match"] = trained["latent_match"]
 
     # ground truth: only with the transformer's full (a, b) grid
-    if source.model is None:
+    if fourier is None:
         result["ground_truth"] = None
         result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: no Fourier analysis")
     else:
-        result["ground_truth"], plots["purity"] = ground_truth(source, X, latents, dictionaries, geometry, trained
-                                                               if len(group.files) > 1 else None, tau)
+        baseline = fourier_recovery(random_direction_latents(X_device, fourier.random_rows.to(device)),
+                                    fourier.random_rows, fourier)
+        result["ground_truth"], plots["purity"] = ground_truth(
+            source, fourier, recovery, baseline, trained["latent_match"] if len(group.files) > 1 else None, tau)
 
     # training dynamics from the snapshots
     if snapshots is not None and len(group.files) > 1:
@@ -736,21 +781,13 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     return result, plots
 
 
-def ground_truth(source: Source, X: torch.Tensor, latents: list[torch.Tensor], dictionaries: list[Dictionary],
-                 geometry: ActivationGeometry, trained: dict | None, tau: float) -> tuple[dict, dict]:
-    """Key frequencies, per-latent purity, plane coverage, their random-direction baseline, and the
-    match-purity correlation."""
-    cfg = source.model.cfg
-    p = cfg.p
-    shares = embedding_frequency_shares(source.model.W_E[:p].detach().float())
-    keys = key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
-    planes = {k: plane for k in keys if (plane := frequency_plane(X, p, cfg.op, k)) is not None}
-    recovery = [fourier_recovery(f, d.decoder, p, keys, planes) for f, d in zip(latents, dictionaries)]
-    m = latents[0].shape[1]
-    random_rows = random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"])
-    baseline = fourier_recovery(random_direction_latents(X, random_rows), unit_rows(random_rows), p, keys, planes)
+def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], baseline: dict,
+                 latent_match: list[torch.Tensor] | None, tau: float) -> tuple[dict, dict]:
+    """The group's Fourier numbers from each seed's fourier_recovery: means over seeds with CIs beside the
+    random-direction baseline, per key frequency, and the match-purity correlation."""
+    planes, m = fourier.planes, len(fourier.random_rows)
     result = {
-        "transformer": source.transformer_id, "p": p, "op": cfg.op, "key_frequencies": keys,
+        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op, "key_frequencies": fourier.keys,
         "key_frequency_rule": f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} (train_transformer.key_frequencies)",
         "plane_variance_share": {k: share for k, (_, share) in planes.items()},
         "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
@@ -759,14 +796,17 @@ def ground_truth(source: Source, X: torch.Tensor, latents: list[torch.Tensor], d
         "per_frequency": {k: {"latents": mean_and_ci([r["per_frequency"][k]["latents"] for r in recovery]),
                               "coverage": mean_and_ci([r["per_frequency"][k]["coverage"] for r in recovery]),
                               "cosines_per_seed": [r["per_frequency"][k]["cosines"] for r in recovery],
-                              "baseline_latents": baseline["per_frequency"][k]["latents"],
-                              "baseline_coverage": baseline["per_frequency"][k]["coverage"]} for k in planes},
+                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"] for r in recovery])}
+                          for k in planes},
         "per_seed": [{"frac_pure": r["frac_pure"], "frac_pure_key": r["frac_pure_key"], "coverage": r["coverage"]}
                      for r in recovery],
-        "baseline": {"what": f"{m} random directions r from the subspace baseline, latent f = relu((x - mean) . r)",
+        "baseline": {"what": f"{m} random directions r from the subspace baseline; purity of the latents "
+                             "f = relu((x - mean) . r); coverage of as many of them as the SAE assigns to k",
                      "generator_seed": GENERATOR_SEEDS["random_latents"], "frac_pure": baseline["frac_pure"],
-                     "frac_pure_key": baseline["frac_pure_key"], "coverage": baseline["coverage"]},
-        "match_vs_purity": match_purity_correlation(trained["latent_match"], recovery, tau) if trained else None,
+                     "frac_pure_key": baseline["frac_pure_key"],
+                     "coverage": mean_and_ci([np.mean([v["random_coverage"] for v in r["per_frequency"].values()])
+                                              for r in recovery]) if planes else None},
+        "match_vs_purity": match_purity_correlation(latent_match, recovery, tau) if latent_match else None,
     }
     plots = {"purity": [r["purity"][r["alive"]] for r in recovery], "baseline_purity": baseline["purity"][baseline["alive"]],
              "alive": [r["alive"] for r in recovery], "spearman": result["match_vs_purity"]}
@@ -780,7 +820,7 @@ def dynamics(snapshots: dict, device: torch.device, tau: float) -> dict:
     for step, weights in snapshots["weights"].items():
         dictionaries = [make_dictionary(w["W_dec"], w["W_enc"], torch.ones(len(w["W_dec"]), dtype=torch.bool))
                         for w in weights]
-        scores = stability(dictionaries, device, tau, variants={PRIMARY: VARIANTS[PRIMARY]}, hungarian=False)
+        scores = stability(dictionaries, device, tau, variants={PRIMARY: VARIANTS[PRIMARY]._replace(hungarian=False)})
         matrices = scores["scores"][PRIMARY]
         rows.append({"step": step, "decoder.pwmcc": mean_and_ci(matrices["decoder.pwmcc"]),
                      "encoder.pwmcc": mean_and_ci(matrices["encoder.pwmcc"]),
@@ -828,6 +868,7 @@ def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
             "frac_pure_key": gt["frac_pure_key"]["mean"] if gt else None,
             "frac_pure_key_baseline": gt["baseline"]["frac_pure_key"] if gt else None,
             "coverage": gt["coverage"]["mean"] if gt and gt["coverage"] else None,
+            "coverage_baseline": gt["baseline"]["coverage"]["mean"] if gt and gt["coverage"] else None,
         })
     candidates = [row for row in rows if row["pwmcc_normalised"] is not None]
     pareto = [row["name"] for row in candidates
@@ -1029,7 +1070,8 @@ def rounded_matrix(matrix: np.ndarray) -> list:
 
 CHOICES = [
     ("signed vs \\|cos\\|", "signed cosine is primary (latents are non-negative, so direction sign is meaningful); "
-                           "\\|cos\\| is reported as a check"),
+                           "\\|cos\\| is a check on the max-based scores (PWMCC), where one-to-one matching would "
+                           "double the cost"),
     ("decoder vs encoder", "both: decoder rows and encoder columns, each normalised to unit length"),
     ("dead latents", "all latents and alive-only (alive = fires on at least one of the dataset's inputs); "
                      "baselines for alive-only numbers have the same number of atoms as the trained SAE has alive"),
@@ -1074,7 +1116,7 @@ def write_report(report: dict, path: Path) -> None:
               "not independent samples). Written `mean [low, high]`.",
               "- **Baselines**, computed by the same code on dictionaries of the same shape "
               f"({BASELINE_DICTIONARIES} dictionaries each, so {BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2} "
-              "pairs; fixed generator seeds in report.json):"]
+              "pair(s); fixed generator seeds in report.json):"]
     lines += [f"  - *{kind}*: {what}" for kind, what in BASELINES.items()]
     lines += ["- **Normalised** = (S - S_subspace) / (1 - S_subspace): 0 = no more alike than random directions in "
               "the activations' own subspace, 1 = identical.",
@@ -1085,8 +1127,9 @@ def write_report(report: dict, path: Path) -> None:
               "- **Coverage** of key frequency k: the centred activations projected on the input patterns "
               "cos(w_k (a+b)) and sin(w_k (a+b)) give a plane in activation space; the principal angles between it and "
               "the span of the decoder rows of the alive latents whose best frequency is k; coverage = mean squared "
-              "cosine of the two angles (1 = the plane is spanned). Baseline: the same on random directions "
-              "(subspace baseline) read out as latents relu((x - mean) . r).",
+              "cosine of the two angles (1 = the plane is spanned). Baselines: for purity, random directions r "
+              "(subspace baseline) read out as latents relu((x - mean) . r); for coverage, the span of as many random "
+              "directions as latents are assigned to k (a span grows with its number of vectors).",
               "- **FVU** = sum ||x - x_hat||^2 / sum ||x - mean x||^2 over all inputs (sae_core.fvu, centred); L0 = mean "
               "active latents per input; dead = never fires on the dataset. Downstream accuracy is as recorded by "
               "train_sae.py (reconstruction spliced in at the hook).", ""]
@@ -1129,12 +1172,13 @@ def write_report(report: dict, path: Path) -> None:
                   "baseline in brackets) and mean coverage of the key-frequency planes. Means over seeds.", ""]
         lines += table(["group", "arch", "width", "sparsity", "seeds", "FVU", "L0", "dead", "acc (SAE)", "PWMCC",
                         "subspace", "normalised", "Hungarian norm.", f"shared@{s['tau']}", "pure & key (baseline)",
-                        "coverage"],
+                        "coverage (baseline)"],
                        [[r["name"], r["arch"], str(r["width"]), r["sparsity"],
                          str(r["seeds"]), fmt(r["fvu"], 4), fmt(r["l0"], 1), fmt(r["dead_frac"]), fmt(r["acc_sae"], 4),
                          fmt(r["pwmcc"]), fmt(r["pwmcc_subspace"]), fmt(r["pwmcc_normalised"]),
                          fmt(r["hungarian_normalised"]), fmt(r["shared_fraction"]),
-                         f"{fmt(r['frac_pure_key'])} ({fmt(r['frac_pure_key_baseline'])})", fmt(r["coverage"])]
+                         f"{fmt(r['frac_pure_key'])} ({fmt(r['frac_pure_key_baseline'])})",
+                         f"{fmt(r['coverage'])} ({fmt(r['coverage_baseline'])})"]
                         for r in report["comparison"]])
         lines += ["", "Pareto frontier (normalised PWMCC higher, FVU lower; groups with two or more seeds): "
                   + (", ".join(report["pareto"]) or "none (no group has two seeds)") + ".", "",
@@ -1176,6 +1220,8 @@ def group_section(g: dict, s: dict) -> list[str]:
         rows = []
         for variant, scores in g["stability"].items():
             for name, label in SCORES.items():
+                if scores[name] is None and not VARIANTS[variant].hungarian:
+                    continue   # the |cos| check is max-based only
                 label = label.replace("at tau", f"at tau = {s['tau']}")
                 rows.append([label, variant, fmt_ci(scores[name])]
                             + [fmt((g["baselines"][k][variant][name] or {}).get("mean")) for k in kinds]
@@ -1197,11 +1243,12 @@ def group_section(g: dict, s: dict) -> list[str]:
         lines += table(["quantity", "trained (mean over seeds [CI])", "random directions"],
                        [["alive latents that are Fourier-pure", fmt_ci(gt["frac_pure"]), fmt(b["frac_pure"])],
                         ["alive latents pure AND on a key frequency", fmt_ci(gt["frac_pure_key"]), fmt(b["frac_pure_key"])],
-                        ["mean coverage of the key-frequency planes", fmt_ci(gt["coverage"]), fmt(b["coverage"])]])
+                        ["mean coverage of the key-frequency planes", fmt_ci(gt["coverage"]), fmt_ci(b["coverage"])]])
         lines += ["", "Per key frequency (latents assigned = alive latents whose best frequency is k):", ""]
-        lines += table(["k", "variance share of its plane", "latents assigned", "coverage", "random: latents", "random: coverage"],
+        lines += table(["k", "variance share of its plane", "latents assigned", "coverage",
+                        "as many random directions: coverage"],
                        [[str(k), fmt(gt["plane_variance_share"][k]), fmt_ci(v["latents"], 1), fmt_ci(v["coverage"]),
-                         str(v["baseline_latents"]), fmt(v["baseline_coverage"])] for k, v in gt["per_frequency"].items()])
+                         fmt_ci(v["baseline_coverage"])] for k, v in gt["per_frequency"].items()])
         c = gt["match_vs_purity"]
         if c:
             lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents (all seeds), "
