@@ -53,7 +53,7 @@ PURE_LATENT = PURE_NEURON_THRESHOLD   # a latent is Fourier-pure at purity >= 0.
 SUBSPACE_VARIANCE = 0.99         # the subspace baseline draws from the top principal directions holding this
 HUNGARIAN_MAX_LATENTS = 16_384   # one-to-one matching needs the whole [m, m] float64 matrix: 2 GiB here
 CHUNK_ELEMENTS = 1 << 24         # max-cosine works on [c, m] blocks of at most this many cosines (64 MiB)
-PURITY_CHUNK = 1024              # latents per fourier_purity call (its float64 temporaries are [p, p, chunk])
+PURITY_CHUNK = 256               # latents per fourier_purity call (its float64 temporaries are [p, p, chunk])
 BASELINE_DICTIONARIES = 2        # dictionaries per baseline, so one pair: random baselines barely vary at a given
                                  # shape, and each pair costs two one-to-one matchings (most of the run time)
 BOOTSTRAP_RESAMPLES = 2000       # resamples of the seeds for every confidence interval
@@ -123,8 +123,9 @@ class Dictionary(NamedTuple):
 
 
 def unit_rows(W: torch.Tensor) -> torch.Tensor:
-    """Rows of W [m, d] scaled to unit length (cosines are then plain dot products)."""
-    W = W.float()
+    """Rows of W [m, d] scaled to unit length (cosines are then plain dot products). Contiguous, because
+    encoder columns arrive as a transposed view, and strided rows make every later product slow."""
+    W = W.float().contiguous()
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -617,7 +618,11 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     for key in sorted(by_key):
         seen = {}
         group = Group(key, [])
-        for f in sorted(by_key[key], key=lambda f: (f.seed, str(f.path))):
+        # a seed found twice: keep the file whose folder holds most of the group
+        folder_size = defaultdict(int)
+        for f in by_key[key]:
+            folder_size[f.path.parent] += 1
+        for f in sorted(by_key[key], key=lambda f: (f.seed, -folder_size[f.path.parent], str(f.path))):
             if f.seed in seen:
                 group.notes.append(f"{f.path}: seed {f.seed} is already {seen[f.seed]}; skipped (a seed "
                                    "compared with itself would score 1)")
@@ -993,9 +998,10 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
             x = [x_of(r) for r in members]
             color = f"C{i % 10}"
             ax.plot(x, [r["pwmcc"] for r in members], "o-", color=color, label=label)
-            ax.plot(x, [r["pwmcc_subspace"] for r in members], "--", color=color, lw=1)
-            ax.plot(x, [r["pwmcc_isotropic"] for r in members], ":", color=color, lw=1)
-        ax.set(xlabel=x_name, ylabel="decoder PWMCC", ylim=(0, 1.02), title=f"stability vs {x_name.split()[0]}")
+            ax.plot(x, [r["pwmcc_subspace"] for r in members], "x--", color=color, lw=1)
+            ax.plot(x, [r["pwmcc_isotropic"] for r in members], "+:", color=color, lw=1)
+        ax.set(xlabel=x_name, ylabel="decoder PWMCC", ylim=(0, 1.02),
+               title=f"stability vs {x_name.split()[0]}\n(x--: subspace baseline, +: isotropic baseline)")
         if series:
             ax.set_xscale("log")
             ax.legend(fontsize=7)
@@ -1189,8 +1195,9 @@ def write_report(report: dict, path: Path) -> None:
 def group_section(g: dict, s: dict) -> list[str]:
     lines = [f"## Group {g['name']}", "",
              f"{g['arch']}, width {g['width']}, {', '.join(f'{k} = {v:g}' for k, v in g['sparsity'].items())}, "
-             f"d_in {g['d_in']}, hook {g['hook']}, checkpoint {g['checkpoint'] if g['checkpoint'] is not None else 'final'}, "
-             f"source {g['source']} (sha256 {g['source_sha256'][:12]}). Seeds {g['seeds']}.", ""]
+             f"d_in {g['d_in']}, hook {g['hook'] or 'n/a'}, checkpoint {g['checkpoint'] if g['checkpoint'] is not None else 'final'}, "
+             f"source {g['source']} (sha256 {g['source_sha256'][:12]}). Seeds {g['seeds']}: "
+             + ", ".join(g["files"]) + ".", ""]
     shared = g["settings"]["shared"]
     lines += ["Training settings: " + ", ".join(f"{k} = {shared[k]}" for k in ("steps", "batch_size", "lr", "normalize",
                                                                                 "data_seed", "vary_data_order") if k in shared)

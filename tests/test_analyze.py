@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from analyze import (GENERATOR_SEEDS, activation_geometry, hungarian_match, hungarian_mean_cosine, latent_purity,
                      max_cosine, mean_and_ci, mmcs, plane_coverage, pwmcc, random_directions, shared_fraction,
@@ -40,18 +41,26 @@ def write_transformer(path: Path, p: int = 13, d_model: int = 16, seed: int = 0)
     return path
 
 
-def write_sae_group(folder: Path, transformer: Path, seeds: list[int], width: int, k: int = 4,
-                    noise: float = 0.05, steps: tuple[int, ...] = (0, 3, 10)) -> None:
-    """TopK SAE files, one per seed, sharing a planted dictionary (in the activations' span), each a
-    permuted noisy copy; with snapshot files whose step 0 is random and whose last step is the SAE."""
+def transformer_activations(transformer: Path) -> torch.Tensor:
     from train_transformer import load_transformer
     model, _ = load_transformer(transformer)
-    X = collect_activations(model, make_dataset(model.cfg)[0], HOOK)
+    return collect_activations(model, make_dataset(model.cfg)[0], HOOK)
+
+
+def write_sae_group(folder: Path, transformer: Path, seeds: list[int], width: int, k: int = 4,
+                    noise: float = 0.05, steps: tuple[int, ...] = (0, 3, 10), acts: Path | None = None) -> None:
+    """TopK SAE files, one per seed, sharing a planted dictionary (in the activations' span), each a
+    permuted noisy copy; with snapshot files whose step 0 is random and whose last step is the SAE.
+    With `acts`, the provenance names that activation file (train_sae.py --acts) instead."""
+    X = transformer_activations(transformer)
     d = X.shape[1]
     span = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2]           # [d, d] principal directions
     truth = unit_rows(torch.randn(width, d, generator=torch.Generator().manual_seed(123)) @ span)
     provenance = {"source": "transformer", "transformer": str(transformer), "transformer_sha256": file_sha256(transformer),
                   "hook": HOOK, "position": "eq", "checkpoint": None, "acts": None, "acts_sha256": None}
+    if acts is not None:
+        provenance.update(source="acts", acts=str(acts), acts_sha256=file_sha256(acts), transformer=None,
+                          transformer_sha256=None, hook=None, position=None)
     folder.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
@@ -224,7 +233,8 @@ def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
-    transformer, one whose d_in does not match its transformer's activations, and a corrupt file."""
+    transformer, one whose d_in does not match its transformer's activations, a copy of a seed already
+    in a group, a group trained on an activation file, and a corrupt file."""
     root = tmp_path_factory.mktemp("analysis")
     first = write_transformer(root / "transformer" / "model.safetensors")
     second = write_transformer(root / "other" / "model.safetensors", seed=1)
@@ -237,6 +247,11 @@ def inputs(tmp_path_factory):
     save_tensors(mismatched / "seed0.safetensors", {"W_enc": tensors["W_enc"][:8], "W_dec": tensors["W_dec"][:, :8],
                                                     "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"][:8]},
                  SAE_FORMAT, SAE_VERSION, dict(meta, config=dict(meta["config"], d_in=8)))
+    (root / "sae" / "copy").mkdir()
+    (root / "sae" / "copy" / "seed1.safetensors").write_bytes((root / "sae" / "topk-w32-k4" / "seed1.safetensors").read_bytes())
+    acts = root / "acts.safetensors"
+    save_file({"acts": transformer_activations(first).contiguous()}, str(acts))
+    write_sae_group(root / "sae" / "topk-w8-k2-acts", first, seeds=[0, 1], width=8, k=2, acts=acts)
     corrupt = root / "sae" / "topk-w16-k4" / "seed9.safetensors"
     corrupt.write_bytes((root / "sae" / "topk-w16-k4" / "seed0.safetensors").read_bytes()[:300])
     return root
@@ -259,7 +274,7 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     report = json.loads((inputs / "out1" / "report.json").read_text())
     text = (inputs / "out1" / "report.md").read_text()
     groups = {g["name"]: g for g in report["groups"]}
-    assert set(groups) == {"topk-w32-k4", "topk-w16-k4", "topk-w32-k4-other"}
+    assert set(groups) == {"topk-w32-k4", "topk-w16-k4", "topk-w32-k4-other", "topk-w8-k2-acts"}
     planted = groups["topk-w32-k4"]
     assert planted["seeds"] == [0, 1, 2]
     primary = planted["stability"]["signed, all latents"]
@@ -269,6 +284,10 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     assert set(planted["baselines"]) == {"isotropic", "covariance", "subspace", "init"}
     assert [row["step"] for row in planted["dynamics"]["steps"]] == [0, 3, 10]
     assert planted["ground_truth"]["key_frequency_rule"].startswith("embedding Fourier share")
+    assert any("seed 1 is already" in note for note in planted["notes"]), "a copied seed is not compared with itself"
+    # trained on an activation file: stability and baselines, but no (a, b) grid for the Fourier analysis
+    from_file = groups["topk-w8-k2-acts"]
+    assert from_file["stability"] is not None and from_file["ground_truth"] is None
     # one seed: what can be reported is, and the report says why stability is missing
     single = groups["topk-w16-k4"]
     assert single["stability"] is None and single["ground_truth"] is not None
