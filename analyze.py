@@ -647,7 +647,8 @@ class Source(NamedTuple):
     """The activations a group's SAEs were trained on, and the model behind them when there is one."""
     X: torch.Tensor               # [N, d]; with a transformer, N = p^2 in the order a*p + b
     model: object | None
-    transformer_id: str | None
+    transformer_id: str | None    # its path, and the epoch for a checkpoint
+    path: str
 
 
 def load_source(group: Group, cache: dict) -> Source:
@@ -664,31 +665,35 @@ def load_source(group: Group, cache: dict) -> Source:
         if file_sha256(path) != sha:
             raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
         if kind == "acts":
-            cache[key] = Source(read_acts_file(path), None, None)
+            cache[key] = Source(read_acts_file(path), None, None, path)
         else:
             model, _ = load_transformer(path, checkpoint)
             tokens, _ = make_dataset(model.cfg)
             transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
-            cache[key] = Source(collect_activations(model, tokens, hook, position="eq").float(), model, transformer_id)
+            cache[key] = Source(collect_activations(model, tokens, hook, position="eq").float(), model, transformer_id, path)
     return cache[key]
 
 
-def load_initial_weights(files: list[SAEFile]) -> tuple[list[dict] | None, dict | None, str | None]:
-    """Each seed's snapshot file: (step-0 weights per seed, {step: [weights per seed]} and FVU per step,
-    or the reason none can be used)."""
-    snapshots = []
-    for f in files:
-        path = f.path.with_name(f"seed{f.seed}.snapshots.safetensors")
-        try:
+def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
+    """Each seed's snapshot file, over the steps all seeds share: ({"weights": {step: [W_dec and W_enc per
+    seed]}, "fvu": {step: [FVU per seed]}}, None), step 0 being the initialisation; or (None, why not)."""
+    try:
+        loaded = []
+        for f in files:
+            path = f.path.with_name(f"seed{f.seed}.snapshots.safetensors")
             tensors, meta = load_tensors(path, SNAPSHOT_FORMAT, SAE_VERSION, required=("step0.W_enc", "step0.W_dec"))
-            snapshots.append((tensors, meta["steps"], meta["fvu"]))
-        except (HusaiError, KeyError) as e:
-            return None, None, f"snapshots unusable: {e}"
-    steps = sorted(set.intersection(*(set(s) for _, s, _ in snapshots)))
-    by_step = {t: [{name: tensors[f"step{t}.{name}"] for name in ("W_dec", "W_enc")} for tensors, _, _ in snapshots]
-               for t in steps}
-    fvu_by_step = {t: [fvus[s.index(t)] for _, s, fvus in snapshots] for t in steps}
-    return by_step[0], {"weights": by_step, "fvu": fvu_by_step}, None
+            loaded.append((tensors, dict(zip(meta["steps"], meta["fvu"], strict=True))))
+        steps = sorted(set.intersection(*(set(fvu) for _, fvu in loaded)))
+        if 0 not in steps:
+            raise KeyError("step 0, the initialisation, is not in every file's steps")
+        weights = {t: [{name: tensors[f"step{t}.{name}"] for name in ("W_dec", "W_enc")} for tensors, _ in loaded]
+                   for t in steps}
+        snapshots = {"weights": weights, "fvu": {t: [fvu[t] for _, fvu in loaded] for t in steps}}
+    except HusaiError as e:
+        return None, f"snapshots unusable: {e}"
+    except (KeyError, TypeError, ValueError) as e:
+        return None, f"snapshots unusable: their steps, FVUs and tensors do not agree ({e!r})"
+    return snapshots, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -731,11 +736,13 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank,
                              "decoder_in_subspace": mean_and_ci([subspace_share(d.decoder, geometry) for d in dictionaries]),
                              "encoder_in_subspace": mean_and_ci([subspace_share(d.encoder, geometry) for d in dictionaries])}
-    initial, snapshots, snapshot_problem = load_initial_weights(group.files)
+    snapshots, snapshot_problem = load_snapshots(group.files)
+    initial = snapshots["weights"][0] if snapshots else None
     if snapshot_problem:
         result["notes"].append(f"{snapshot_problem}; no init baseline and no dynamics")
 
     # stability and its baselines
+    latent_match = None
     if len(group.files) < 2:
         result["stability"] = None
         result["notes"].append(f"only one seed ({seeds[0]}): stability needs at least two seeds of one configuration")
@@ -766,7 +773,7 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                                 for variant, scores in result["stability"].items()}
         plots["heatmaps"] = {"trained": (dictionaries[0], dictionaries[1], trained["first_pair"]),
                              "subspace baseline": baseline_pairs["subspace"]}
-        plots["latent_match"] = trained["latent_match"]
+        plots["latent_match"] = latent_match = trained["latent_match"]
 
     # ground truth: only with the transformer's full (a, b) grid
     if fourier is None:
@@ -775,8 +782,14 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     else:
         baseline = fourier_recovery(random_direction_latents(X_device, fourier.random_rows.to(device)),
                                     fourier.random_rows, fourier)
-        result["ground_truth"], plots["purity"] = ground_truth(
-            source, fourier, recovery, baseline, trained["latent_match"] if len(group.files) > 1 else None, tau)
+        result["ground_truth"], plots["purity"] = ground_truth(source, fourier, recovery, baseline, latent_match, tau)
+
+    # per seed and latent: the numbers behind the histograms and the correlation
+    result["latents"] = [{"seed": f.seed, "alive": d.alive.int().tolist(),
+                          "match": latent_match[i].tolist() if latent_match else None,
+                          "purity": recovery[i]["purity"].tolist() if recovery else None,
+                          "best_frequency": recovery[i]["best"].tolist() if recovery else None}
+                         for i, (f, d) in enumerate(zip(group.files, dictionaries))]
 
     # training dynamics from the snapshots
     if snapshots is not None and len(group.files) > 1:
@@ -1021,8 +1034,7 @@ def plot_transformers(results: list[dict], sources: dict, folder: Path) -> dict[
         keys = key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
         entry = {"key_frequencies": keys, "embedding_frequency_shares": [round(float(s), 6) for s in shares],
                  "figures": {}}
-        path = transformer_id.split(" (epoch")[0]
-        log_path = Path(path).parent / "log.jsonl"
+        log_path = Path(source.path).parent / "log.jsonl"
         if log_path.is_file():
             log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
             entry["final"] = {k: log[-1][k] for k in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")

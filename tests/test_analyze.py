@@ -234,7 +234,7 @@ def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
 def inputs(tmp_path_factory):
     """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
     transformer, one whose d_in does not match its transformer's activations, a copy of a seed already
-    in a group, a group trained on an activation file, and a corrupt file."""
+    in a group, a group trained on an activation file (one snapshot file missing), and a corrupt file."""
     root = tmp_path_factory.mktemp("analysis")
     first = write_transformer(root / "transformer" / "model.safetensors")
     second = write_transformer(root / "other" / "model.safetensors", seed=1)
@@ -252,6 +252,7 @@ def inputs(tmp_path_factory):
     acts = root / "acts.safetensors"
     save_file({"acts": transformer_activations(first).contiguous()}, str(acts))
     write_sae_group(root / "sae" / "topk-w8-k2-acts", first, seeds=[0, 1], width=8, k=2, acts=acts)
+    (root / "sae" / "topk-w8-k2-acts" / "seed1.snapshots.safetensors").unlink()
     corrupt = root / "sae" / "topk-w16-k4" / "seed9.safetensors"
     corrupt.write_bytes((root / "sae" / "topk-w16-k4" / "seed0.safetensors").read_bytes()[:300])
     return root
@@ -288,6 +289,8 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     # trained on an activation file: stability and baselines, but no (a, b) grid for the Fourier analysis
     from_file = groups["topk-w8-k2-acts"]
     assert from_file["stability"] is not None and from_file["ground_truth"] is None
+    assert "init" not in from_file["baselines"] and from_file["dynamics"] is None
+    assert any("snapshots unusable" in note and "seed1.snapshots" in note for note in from_file["notes"])
     # one seed: what can be reported is, and the report says why stability is missing
     single = groups["topk-w16-k4"]
     assert single["stability"] is None and single["ground_truth"] is not None
