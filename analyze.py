@@ -26,12 +26,13 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import BinaryIO, Callable, NamedTuple
 
+import matplotlib
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -43,6 +44,9 @@ from sae_core import (SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, atomi
 from train_sae import read_acts_file
 from train_transformer import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, collect_activations, load_transformer,
                                make_dataset, plot_fourier_spectrum, plot_training_curves, sum_frequency_directions)
+
+matplotlib.use("Agg")   # figures go to files; no display is needed or used
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 # --------------------------------------------------------------------------------------------------
 # Settings. Each one changes the numbers, so report.md and report.json list them all.
@@ -105,7 +109,7 @@ def build_parser() -> CliParser:
     add("--out", default="runs/analysis", help="folder for report.md, report.json and figures/")
     add("--tau", type=float, default=SHARED_TAU, help="matched cosine above which a latent counts as shared")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="where the max-cosine blocks are computed (the GPU when there is one)")
+        help="where SAE latents, purity and the max-cosine blocks are computed (auto: the GPU when there is one)")
     add("--force", action="store_true", help="overwrite an existing report in --out")
     return parser
 
@@ -123,9 +127,8 @@ class Dictionary(NamedTuple):
 
 
 def unit_rows(W: torch.Tensor) -> torch.Tensor:
-    """Rows of W [m, d] scaled to unit length (cosines are then plain dot products). Contiguous, because
-    encoder columns arrive as a transposed view, and strided rows make every later product slow."""
-    W = W.float().contiguous()
+    """Rows of W [m, d] scaled to unit length (cosines are then plain dot products)."""
+    W = W.float()
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -337,21 +340,21 @@ def summarise(result: dict) -> dict:
 
 
 class ActivationGeometry(NamedTuple):
-    mean: torch.Tensor          # [d]
+    """The shape of the activations' distribution that the random baselines copy."""
     eigenvalues: torch.Tensor   # [d] of the covariance, descending (float64)
     eigenvectors: torch.Tensor  # [d, d] columns, same order
     rank: int                   # principal directions holding SUBSPACE_VARIANCE of the variance
 
 
 def activation_geometry(X: torch.Tensor) -> ActivationGeometry:
-    """Mean, covariance spectrum and the SUBSPACE_VARIANCE rank of activations X [N, d]."""
+    """Covariance spectrum and the SUBSPACE_VARIANCE rank of activations X [N, d]."""
     X = X.double()
     mean = X.mean(dim=0)
     eigenvalues, eigenvectors = torch.linalg.eigh((X - mean).T @ (X - mean) / len(X))
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
     share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
     rank = int((share < SUBSPACE_VARIANCE - 1e-12).sum()) + 1
-    return ActivationGeometry(mean.float(), eigenvalues, eigenvectors, min(rank, len(eigenvalues)))
+    return ActivationGeometry(eigenvalues, eigenvectors, min(rank, len(eigenvalues)))
 
 
 def subspace_share(rows: torch.Tensor, geometry: ActivationGeometry) -> float:
@@ -448,11 +451,17 @@ class FourierSetup(NamedTuple):
     random_rows: torch.Tensor    # [m, d] unit random directions of the subspace baseline
 
 
+def embedding_spectrum(model) -> tuple[torch.Tensor, list[int]]:
+    """The embedding's share of Fourier energy per frequency, and the key frequencies by stage 1's rule
+    (share >= KEY_FREQUENCY_MIN_SHARE), recomputed from this model, so that a checkpoint gets its own."""
+    shares = embedding_frequency_shares(model.W_E[:model.cfg.p].detach().float().cpu())
+    return shares, key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
+
+
 def fourier_setup(model, X: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
-    """Key frequencies by stage 1's rule (recomputed from this model's embedding, so a checkpoint gets its
-    own), their planes in activation space, and the random directions of the baselines."""
+    """Key frequencies, their planes in activation space, and the random directions of the baselines."""
     p = model.cfg.p
-    keys = key_frequencies(embedding_frequency_shares(model.W_E[:p].detach().float().cpu()), KEY_FREQUENCY_MIN_SHARE)
+    keys = embedding_spectrum(model)[1]
     planes = {k: plane for k in keys if (plane := frequency_plane(X, p, model.cfg.op, k)) is not None}
     random_rows = unit_rows(random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"]))
     return FourierSetup(p, keys, planes, random_rows)
@@ -523,11 +532,31 @@ class SAEFile:
     tensors: dict
 
 
+class GroupKey(NamedTuple):
+    """What SAEs must share to be compared: they may differ only in their seed."""
+    arch: str
+    width: int
+    parameter: str          # k, l1 or l0
+    value: float
+    hook: str
+    checkpoint: int         # -1: the final model
+    source: str             # transformer or acts
+    sha256: str             # of the transformer or activation file
+    d_in: int
+
+    def configuration(self) -> tuple:
+        """The part a user chooses; two groups with the same configuration differ in their source."""
+        return self[:6]
+
+    def describe(self) -> str:
+        return (f"{self.arch} width {self.width} {self.parameter}={self.value:g} at {self.hook}"
+                + (f" (checkpoint epoch {self.checkpoint})" if self.checkpoint >= 0 else ""))
+
+
 @dataclass
 class Group:
-    """SAEs that differ only in their seed: same architecture, width, sparsity, d_in, hook, checkpoint
-    and source (transformer or activation file, by sha256)."""
-    key: tuple
+    """SAEs that differ only in their seed."""
+    key: GroupKey
     files: list[SAEFile]
     name: str = ""
     notes: list[str] = field(default_factory=list)
@@ -602,17 +631,18 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     for f in files:
         kind, _, sha = source_of(f.provenance)
         checkpoint = f.provenance.get("checkpoint")
-        key = (f.config["arch"], f.config["width"], *sparsity(f.config), str(f.provenance.get("hook")),
-               -1 if checkpoint is None else int(checkpoint), kind, sha, f.config["d_in"])
+        key = GroupKey(f.config["arch"], f.config["width"], *sparsity(f.config), str(f.provenance.get("hook")),
+                       -1 if checkpoint is None else int(checkpoint), kind, sha, f.config["d_in"])
         by_key[key].append(f)
     refused = []
     by_configuration = defaultdict(list)
     for key in sorted(by_key):
-        by_configuration[key[:6]].append(key)
-    for configuration, keys in by_configuration.items():
+        by_configuration[key.configuration()].append(key)
+    for keys in by_configuration.values():
         if len(keys) > 1:
-            sources = "; ".join(f"{len(by_key[k])} file(s) from {k[6]} sha256 {k[7][:12]} with d_in {k[8]}" for k in keys)
-            refused.append(f"{describe(configuration)}: seeds come from different sources or activation sizes "
+            sources = "; ".join(f"{len(by_key[k])} file(s) from {k.source} sha256 {k.sha256[:12]} with d_in {k.d_in}"
+                                for k in keys)
+            refused.append(f"{keys[0].describe()}: seeds come from different sources or activation sizes "
                            f"({sources}); not compared across sources, each analysed as its own group")
     groups = []
     for key in sorted(by_key):
@@ -633,14 +663,9 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     names = [" + ".join(sorted({f.path.parent.name for f in g.files})) for g in groups]
     for group, name in zip(groups, names):
         unique = names.count(name) == 1
-        group.name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name if unique else f"{name}-{group.key[7][:8]}-d{group.key[8]}")
+        group.name = re.sub(r"[^A-Za-z0-9._+-]+", "_",
+                            name if unique else f"{name}-{group.key.sha256[:8]}-d{group.key.d_in}")
     return groups, refused
-
-
-def describe(key: tuple) -> str:
-    arch, width, parameter, value, hook, checkpoint = key[:6]
-    return (f"{arch} width {width} {parameter}={value:g} at {hook}"
-            + (f" (checkpoint epoch {checkpoint})" if checkpoint >= 0 else ""))
 
 
 class Source(NamedTuple):
@@ -658,6 +683,8 @@ def load_source(group: Group, cache: dict) -> Source:
     provenance = group.first.provenance
     kind, path, sha = source_of(provenance)
     checkpoint, hook = provenance.get("checkpoint"), provenance.get("hook")
+    if provenance.get("position") not in ("eq", None):
+        raise HusaiError(f"position {provenance['position']!r}: this analysis reads activations at `=` (eq) only")
     key = (kind, path, sha, checkpoint, hook)
     if key not in cache:
         if not Path(path).is_file():
@@ -708,7 +735,7 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     result = {"name": group.name, "arch": config["arch"], "width": config["width"], "d_in": config["d_in"],
               "sparsity": dict([sparsity(config)]), "hook": group.first.provenance.get("hook"),
               "checkpoint": group.first.provenance.get("checkpoint"), "source": source_of(group.first.provenance)[1],
-              "source_sha256": group.key[7], "seeds": seeds, "files": [str(f.path) for f in group.files],
+              "source_sha256": group.key.sha256, "seeds": seeds, "files": [str(f.path) for f in group.files],
               "notes": list(group.notes), "settings": settings_of(group.files)}
     plots = {}
 
@@ -756,7 +783,7 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                                    "cost matrix would not fit); max-based scores are still reported")
         trained = stability(dictionaries, device, tau)
         result["stability"] = summarise(trained)
-        result["pair_matrices"] = {variant: {name: rounded_matrix(matrix) for name, matrix in matrices.items()
+        result["pair_matrices"] = {variant: {name: matrix.tolist() for name, matrix in matrices.items()
                                              if name != "shared_curve"}
                                    for variant, matrices in trained["scores"].items()}
         result["baselines"], result["baseline_generator_seeds"], baseline_pairs = {}, {}, {}
@@ -909,17 +936,10 @@ def save_figure(path: Path, draw: Callable[[BinaryIO], None]) -> None:
     atomic_write(path, write)
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def finish(fig, path: Path) -> None:
     fig.tight_layout()
     save_figure(path, lambda handle: fig.savefig(handle, format="png", dpi=100))
-    pyplot().close(fig)
+    plt.close(fig)
 
 
 def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
@@ -932,7 +952,6 @@ def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
 
 def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
     """The group's figures; returns {what: file name}."""
-    plt = pyplot()
     names = {}
     if "heatmaps" in plots:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -994,7 +1013,6 @@ def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
 def plot_comparison(rows: list[dict], folder: Path) -> str:
     """Stability (decoder PWMCC, signed, all latents) vs width at fixed sparsity, vs k at fixed width, and vs
     the penalty at fixed width, each with its subspace (dashed) and isotropic (dotted) baselines."""
-    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     panels = [("width", lambda r: f"{r['arch']} {r['sparsity']}", lambda r: r["width"], lambda r: True),
               ("k", lambda r: f"{r['arch']} w{r['width']}", lambda r: r["sparsity_value"],
@@ -1025,13 +1043,12 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
     return name
 
 
-def plot_transformers(results: list[dict], sources: dict, folder: Path) -> dict[str, dict]:
+def plot_transformers(sources: dict, folder: Path) -> dict[str, dict]:
     """Each transformer's grokking curve (from log.jsonl beside it) and embedding Fourier spectrum."""
     out = {}
     for i, (transformer_id, source) in enumerate(sorted(sources.items())):
         model = source.model
-        shares = embedding_frequency_shares(model.W_E[:model.cfg.p].detach().float())
-        keys = key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
+        shares, keys = embedding_spectrum(model)
         entry = {"key_frequencies": keys, "embedding_frequency_shares": [round(float(s), 6) for s in shares],
                  "figures": {}}
         log_path = Path(source.path).parent / "log.jsonl"
@@ -1080,10 +1097,6 @@ def rounded(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def rounded_matrix(matrix: np.ndarray) -> list:
-    return rounded(matrix.tolist())
 
 
 CHOICES = [
@@ -1329,8 +1342,8 @@ def main() -> None:
     for group in groups:
         try:
             source = load_source(group, cache)
-            if source.X.shape[1] != group.key[8]:
-                raise HusaiError(f"the SAEs have d_in {group.key[8]} but the activations have d = {source.X.shape[1]}")
+            if source.X.shape[1] != group.key.d_in:
+                raise HusaiError(f"the SAEs have d_in {group.key.d_in} but the activations have d = {source.X.shape[1]}")
         except HusaiError as e:
             failed.append({"name": group.name, "reason": str(e)})
             print(f"group {group.name}: not analysed: {e}")
@@ -1351,7 +1364,7 @@ def main() -> None:
                      "baseline_dictionaries": BASELINE_DICTIONARIES, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
                      "ci_level": CI_LEVEL, "generator_seeds": GENERATOR_SEEDS},
         "choices": dict(CHOICES), "skipped_files": skipped, "refused": refused, "failed_groups": failed,
-        "transformers": plot_transformers(results, transformers, figures),
+        "transformers": plot_transformers(transformers, figures),
         "groups": results, "comparison": rows, "pareto": pareto,
         "comparison_figure": plot_comparison(rows, figures),
     }

@@ -307,6 +307,30 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
         assert needle in text, needle
 
 
+def test_real_train_sae_output_is_analysed(tmp_path):
+    """The contract with stage 2, end to end: SAEs from train_sae.py itself (two architectures, one of
+    them with a learned threshold), analysed; the recomputed FVU is the one train_sae.py recorded."""
+    transformer = write_transformer(tmp_path / "transformer" / "model.safetensors")
+    for arch in ("topk", "jumprelu"):
+        trained = subprocess.run([sys.executable, str(REPO / "train_sae.py"), "--transformer", str(transformer),
+                                  "--arch", arch, "--seeds", "0", "1", "--width", "32", "--k", "4", "--steps", "40",
+                                  "--batch-size", "64", "--snapshots", "4", "--no-kernels", "--device", "cpu",
+                                  "--out", str(tmp_path / "sae" / arch)], capture_output=True, text=True)
+        assert trained.returncode == 0, trained.stderr
+    result = run_analyze("sae", "--out", "out", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(g["name"] for g in report["groups"]) == ["jumprelu", "topk"] and not report["skipped_files"]
+    for group in report["groups"]:
+        for row, path in zip(group["per_seed"], group["files"]):
+            recorded = load_sae(tmp_path / path)[1]["metrics"]
+            assert row["fvu"] == pytest.approx(recorded["fvu"], abs=1e-4)
+            assert row["l0"] == pytest.approx(recorded["l0"], abs=1e-3)
+        primary = group["stability"]["signed, all latents"]
+        assert primary["decoder.pwmcc"]["mean"] >= primary["decoder.hungarian"]["mean"]
+        assert group["dynamics"]["steps"][0]["step"] == 0 and "init" in group["baselines"]
+
+
 def test_no_silent_overwrite(inputs):
     result = run_analyze("sae/topk-w16-k4/seed0.safetensors", "--out", "out1", cwd=inputs)
     assert result.returncode == 2
