@@ -24,8 +24,8 @@ HOOK = "blocks.0.resid_post"
 
 
 # --------------------------------------------------------------------------------------------------
-# Synthetic inputs in the files' real formats (the benchmark in the README builds its 5 x 2048 case
-# with these too)
+# Synthetic inputs in the files' real formats (the 5 seeds x 2048 latents timing case is built with
+# these too)
 
 
 def write_transformer(path: Path, p: int = 13, d_model: int = 16, seed: int = 0) -> Path:
@@ -151,6 +151,16 @@ def test_shared_fraction_needs_both_decoder_and_encoder():
     assert float(shared_fraction(same, other, 0.7)) == 0
     curve = shared_fraction(same, other, np.array([0.0, 0.5, 0.99]))
     assert curve.shape == (3,) and (np.diff(curve) <= 0).all()
+
+
+def test_matching_is_skipped_above_the_limit_and_max_based_scores_are_not(monkeypatch):
+    import analyze
+    dictionaries = [analyze.Dictionary(random_unit(40, 8, seed), random_unit(40, 8, seed + 10), torch.ones(40, dtype=torch.bool))
+                    for seed in range(3)]
+    monkeypatch.setattr(analyze, "HUNGARIAN_MAX_LATENTS", 39)
+    summary = analyze.summarise(analyze.stability(dictionaries, torch.device("cpu"), 0.7))["signed, all latents"]
+    assert summary["decoder.pwmcc"] is not None and summary["encoder.pwmcc"] is not None
+    assert summary["decoder.hungarian"] is None and summary["shared_fraction"] is None and summary["shared_curve"] is None
 
 
 # --------------------------------------------------------------------------------------------------
