@@ -86,7 +86,8 @@ class Variant(NamedTuple):
 VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive latents": Variant(False, True, True),
             "|cos|, all latents": Variant(True, False, False)}
 PRIMARY = "signed, all latents"
-HEADLINES = {"decoder.pwmcc": "PWMCC", "decoder.hungarian": "Hungarian mean cosine", "shared_fraction": "shared fraction"}
+HEADLINES = {"decoder.pwmcc": "PWMCC", "decoder.hungarian": "Hungarian mean cosine",
+             "shared_fraction": "shared fraction"}
 SCORES = {  # name in report.json -> what report.md calls it
     "decoder.pwmcc": "PWMCC (max-based), decoder rows",
     "decoder.hungarian": "Hungarian mean cosine (one-to-one), decoder rows",
@@ -96,6 +97,8 @@ SCORES = {  # name in report.json -> what report.md calls it
 }
 # MMCS is directional, so it is kept as a per-pair matrix: averaged over both directions it is PWMCC
 DIRECTIONAL = ("decoder.mmcs", "encoder.mmcs")
+TRAINING_SETTINGS = ("steps", "batch_size", "lr", "normalize", "data_seed", "vary_data_order")   # shown per group
+DOWNSTREAM = ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")   # as train_sae.py recorded
 SPARSITY_PARAMETER = {"topk": "k", "batchtopk": "k", "relu": "l1", "jumprelu": "l0"}
 SAE_FILE = re.compile(r"seed(\d+)\.safetensors")   # not seedN.snapshots.safetensors, not last-good-*
 DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
@@ -374,9 +377,11 @@ def random_directions(kind: str, n: int, geometry: ActivationGeometry, seed: int
     if kind == "isotropic":
         return torch.randn(n, d, generator=generator)
     if kind == "covariance":
-        return ((torch.randn(n, d, generator=generator, dtype=torch.float64) * geometry.eigenvalues.sqrt()) @ V.T).float()
+        standard = torch.randn(n, d, generator=generator, dtype=torch.float64)
+        return ((standard * geometry.eigenvalues.sqrt()) @ V.T).float()
     if kind == "subspace":
-        return (torch.randn(n, geometry.rank, generator=generator, dtype=torch.float64) @ V[:, :geometry.rank].T).float()
+        standard = torch.randn(n, geometry.rank, generator=generator, dtype=torch.float64)
+        return (standard @ V[:, :geometry.rank].T).float()
     raise ValueError(f"unknown baseline {kind!r}")
 
 
@@ -487,9 +492,10 @@ def fourier_recovery(f: torch.Tensor, decoder: torch.Tensor, fourier: FourierSet
     per_frequency = {}
     for k, (plane, _) in fourier.planes.items():
         assigned = alive & (best == k)
+        n = int(assigned.sum())
         cosines = plane_coverage(plane, decoder[assigned])
-        per_frequency[k] = {"latents": int(assigned.sum()), "cosines": cosines, "coverage": coverage(cosines),
-                            "random_coverage": coverage(plane_coverage(plane, fourier.random_rows[:int(assigned.sum())]))}
+        per_frequency[k] = {"latents": n, "cosines": cosines, "coverage": coverage(cosines),
+                            "random_coverage": coverage(plane_coverage(plane, fourier.random_rows[:n]))}
     keys = torch.tensor(fourier.keys, dtype=torch.long)
     return {"alive": alive, "purity": purity, "best": best,
             "frac_pure": int(pure.sum()) / n_alive,
@@ -700,7 +706,8 @@ def load_source(group: Group, cache: dict) -> Source:
             model, _ = load_transformer(path, checkpoint)
             tokens, _ = make_dataset(model.cfg)
             transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
-            cache[key] = Source(collect_activations(model, tokens, hook, position="eq").float(), model, transformer_id, path)
+            X = collect_activations(model, tokens, hook, position="eq").float()
+            cache[key] = Source(X, model, transformer_id, path)
     return cache[key]
 
 
@@ -754,18 +761,20 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
         with torch.no_grad():
             latents = sae_latents(weights, f.config, X_device)
         dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], (latents > 0).any(dim=0)))
-        downstream = {k: f.metrics.get(k) for k in ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")}
+        downstream = {k: f.metrics.get(k) for k in DOWNSTREAM}
         per_seed.append({"seed": f.seed, **reconstruction_metrics(weights, f.config, X_device), **downstream})
         if fourier is not None:
             recovery.append(fourier_recovery(latents, dictionaries[-1].decoder, fourier))
         del latents
     result["per_seed"] = per_seed
-    result["reconstruction"] = {name: mean_and_ci([s[name] for s in per_seed]) if all(s[name] is not None for s in per_seed)
-                                else None for name in per_seed[0] if name != "seed"}
+    result["reconstruction"] = {name: mean_and_ci(values) if None not in values else None
+                                for name in per_seed[0] if name != "seed"
+                                for values in [[s[name] for s in per_seed]]}
 
     result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank,
-                             "decoder_in_subspace": mean_and_ci([subspace_share(d.decoder, geometry) for d in dictionaries]),
-                             "encoder_in_subspace": mean_and_ci([subspace_share(d.encoder, geometry) for d in dictionaries])}
+                             **{f"{view}_in_subspace": mean_and_ci([subspace_share(getattr(d, view), geometry)
+                                                                    for d in dictionaries])
+                                for view in ("decoder", "encoder")}}
     snapshots, snapshot_problem = load_snapshots(group.files)
     initial = snapshots["weights"][0] if snapshots else None
     if snapshot_problem:
@@ -808,7 +817,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     # ground truth: only with the transformer's full (a, b) grid
     if fourier is None:
         result["ground_truth"] = None
-        result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: no Fourier analysis")
+        result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: "
+                               "no Fourier analysis")
     else:
         baseline = fourier_recovery(random_direction_latents(X_device, fourier.random_rows.to(device)),
                                     fourier.random_rows, fourier)
@@ -835,8 +845,10 @@ def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], ba
     random-direction baseline, per key frequency, and the match-purity correlation."""
     planes, m = fourier.planes, len(fourier.random_rows)
     result = {
-        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op, "key_frequencies": fourier.keys,
-        "key_frequency_rule": f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} (train_transformer.key_frequencies)",
+        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op,
+        "key_frequencies": fourier.keys,
+        "key_frequency_rule": f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} "
+                              "(train_transformer.key_frequencies)",
         "plane_variance_share": {k: share for k, (_, share) in planes.items()},
         "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
         "frac_pure_key": mean_and_ci([r["frac_pure_key"] for r in recovery]),
@@ -844,7 +856,8 @@ def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], ba
         "per_frequency": {k: {"latents": mean_and_ci([r["per_frequency"][k]["latents"] for r in recovery]),
                               "coverage": mean_and_ci([r["per_frequency"][k]["coverage"] for r in recovery]),
                               "cosines_per_seed": [r["per_frequency"][k]["cosines"] for r in recovery],
-                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"] for r in recovery])}
+                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"]
+                                                                for r in recovery])}
                           for k in planes},
         "per_seed": [{"frac_pure": r["frac_pure"], "frac_pure_key": r["frac_pure_key"], "coverage": r["coverage"]}
                      for r in recovery],
@@ -856,8 +869,9 @@ def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], ba
                                               for r in recovery]) if planes else None},
         "match_vs_purity": match_purity_correlation(latent_match, recovery, tau) if latent_match else None,
     }
-    plots = {"purity": [r["purity"][r["alive"]] for r in recovery], "baseline_purity": baseline["purity"][baseline["alive"]],
-             "alive": [r["alive"] for r in recovery], "spearman": result["match_vs_purity"]}
+    plots = {"purity": [r["purity"][r["alive"]] for r in recovery],
+             "baseline_purity": baseline["purity"][baseline["alive"]], "alive": [r["alive"] for r in recovery],
+             "spearman": result["match_vs_purity"]}
     return result, plots
 
 
@@ -961,7 +975,8 @@ def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
         for ax, (label, (a, b, best)) in zip(axes, plots["heatmaps"].items()):
             image = ax.imshow(heatmap_matrix(a, b, best), vmin=-1, vmax=1, cmap="RdBu_r")
             ax.set(title=f"{label}: decoder cosines, first two dictionaries\n{FIGURE_LATENTS} latents sorted by "
-                         "best match, vs their best partners", xlabel="partner in dictionary 2", ylabel="latent of dictionary 1")
+                         "best match, vs their best partners",
+                   xlabel="partner in dictionary 2", ylabel="latent of dictionary 1")
             fig.colorbar(image, ax=ax, shrink=0.8)
         ax = axes[2]
         for label, summary in [("trained", result["stability"])] + list(result["baselines"].items()):
@@ -969,7 +984,8 @@ def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
             if curve is not None:
                 ax.plot(TAU_GRID, curve, "-" if label == "trained" else "--", label=label)
         ax.axvline(SHARED_TAU, color="k", lw=0.8, ls=":")
-        ax.set(xlabel="tau", ylabel="shared fraction", ylim=(0, 1.02), title="shared fraction vs tau (signed, all latents)")
+        ax.set(xlabel="tau", ylabel="shared fraction", ylim=(0, 1.02),
+               title="shared fraction vs tau (signed, all latents)")
         ax.legend()
         names["stability"] = f"{result['name']}-stability.png"
         finish(fig, folder / names["stability"])
@@ -1017,11 +1033,11 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
     """Stability (decoder PWMCC, signed, all latents) vs width at fixed sparsity, vs k at fixed width, and vs
     the penalty at fixed width, each with its subspace (dashed) and isotropic (dotted) baselines."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    def at_width(r): return f"{r['arch']} w{r['width']}"
+    def sparsity_value(r): return r["sparsity_value"]
     panels = [("width", lambda r: f"{r['arch']} {r['sparsity']}", lambda r: r["width"], lambda r: True),
-              ("k", lambda r: f"{r['arch']} w{r['width']}", lambda r: r["sparsity_value"],
-               lambda r: r["sparsity_parameter"] == "k"),
-              ("penalty (relu: l1, jumprelu: l0)", lambda r: f"{r['arch']} w{r['width']}", lambda r: r["sparsity_value"],
-               lambda r: r["sparsity_parameter"] != "k")]
+              ("k", at_width, sparsity_value, lambda r: r["sparsity_parameter"] == "k"),
+              ("penalty (relu: l1, jumprelu: l0)", at_width, sparsity_value, lambda r: r["sparsity_parameter"] != "k")]
     for ax, (x_name, series_of, x_of, keep) in zip(axes, panels):
         series = defaultdict(list)
         for row in rows:
@@ -1128,6 +1144,42 @@ CHOICES = [
 ]
 
 
+DEFINITIONS = """## What the numbers are
+
+Cosines C = A B^T between the unit-normalised latent directions of two SAEs A and B (decoder rows; the
+same again on encoder columns). Scores are averaged over every pair of seeds of a configuration.
+
+- **MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022), reported both ways.
+- **PWMCC** (max-based) = (MMCS(A -> B) + MMCS(B -> A)) / 2. A latent may be matched more than once,
+  so PWMCC >= the Hungarian score.
+- **Hungarian mean cosine** (one-to-one): the assignment maximising the total cosine, mean cosine over
+  matched pairs. (Song et al. 2025 call this PW-MCC; it is kept apart from PWMCC here.)
+- **Shared fraction at tau = {tau}** (Paulo & Belrose 2025): a latent is shared when its Hungarian
+  partner has cosine > tau under both the decoder and the encoder matching (two separate matchings).
+- **Confidence intervals**: {ci} percentile intervals from {resamples} resamples of the seeds (the pair
+  mean is recomputed over distinct resampled seeds; pairs share seeds, so they are not independent
+  samples). Written `mean [low, high]`.
+- **Baselines**, computed by the same code on dictionaries of the same shape ({dictionaries} dictionaries
+  each, so {pairs} pair(s); fixed generator seeds in report.json):
+{baselines}
+- **Normalised** = (S - S_subspace) / (1 - S_subspace): 0 = no more alike than random directions in the
+  activations' own subspace, 1 = identical.
+- **Fourier purity** of a latent: its activation over all p^2 inputs (a, b), centred, 2-D Fourier
+  transform A_hat = F A F^T; the share of energy in the 3x3 block {{const, cos_k, sin_k}}^2 (minus
+  const x const) of the best frequency k (sae_core.fourier_purity). Pure: >= {pure}.
+- **Key frequencies K**: see each transformer below.
+- **Coverage** of key frequency k: the centred activations projected on the input patterns
+  cos(w_k (a+b)) and sin(w_k (a+b)) give a plane in activation space; the principal angles between it
+  and the span of the decoder rows of the alive latents whose best frequency is k; coverage = mean
+  squared cosine of the two angles (1 = the plane is spanned). Baselines: for purity, random directions
+  r (subspace baseline) read out as latents relu((x - mean) . r); for coverage, the span of as many
+  random directions as latents are assigned to k (a span grows with its number of vectors).
+- **FVU** = sum ||x - x_hat||^2 / sum ||x - mean x||^2 over all inputs (sae_core.fvu, centred); L0 =
+  mean active latents per input; dead = never fires on the dataset. Downstream accuracy is as recorded
+  by train_sae.py (reconstruction spliced in at the hook).
+"""
+
+
 def write_report(report: dict, path: Path) -> None:
     """report.md: written from report.json's numbers only, so the two never disagree."""
     s = report["settings"]
@@ -1135,63 +1187,42 @@ def write_report(report: dict, path: Path) -> None:
              f"Generated by `{report['command']}` from the files listed below; rerunning it on the same files "
              "gives this report again, byte for byte.", ""]
 
-    lines += ["## What the numbers are", "",
-              "Cosines C = A B^T between the unit-normalised latent directions of two SAEs A and B (decoder rows; "
-              "the same again on encoder columns). Scores are averaged over every pair of seeds of a configuration.", "",
-              "- **MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022), reported both ways.",
-              "- **PWMCC** (max-based) = (MMCS(A -> B) + MMCS(B -> A)) / 2. A latent may be matched more than once, so "
-              "PWMCC >= the Hungarian score.",
-              "- **Hungarian mean cosine** (one-to-one): the assignment maximising the total cosine, mean cosine over "
-              "matched pairs. (Song et al. 2025 call this PW-MCC; it is kept apart from PWMCC here.)",
-              f"- **Shared fraction at tau = {s['tau']}** (Paulo & Belrose 2025): a latent is shared when its Hungarian "
-              "partner has cosine > tau under both the decoder and the encoder matching (two separate matchings).",
-              f"- **Confidence intervals**: {CI_LEVEL:.0%} percentile intervals from {BOOTSTRAP_RESAMPLES} resamples of "
-              "the seeds (the pair mean is recomputed over distinct resampled seeds; pairs share seeds, so they are "
-              "not independent samples). Written `mean [low, high]`.",
-              "- **Baselines**, computed by the same code on dictionaries of the same shape "
-              f"({BASELINE_DICTIONARIES} dictionaries each, so {BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2} "
-              "pair(s); fixed generator seeds in report.json):"]
-    lines += [f"  - *{kind}*: {what}" for kind, what in BASELINES.items()]
-    lines += ["- **Normalised** = (S - S_subspace) / (1 - S_subspace): 0 = no more alike than random directions in "
-              "the activations' own subspace, 1 = identical.",
-              "- **Fourier purity** of a latent: its activation over all p^2 inputs (a, b), centred, 2-D Fourier "
-              "transform A_hat = F A F^T; the share of energy in the 3x3 block {const, cos_k, sin_k}^2 (minus "
-              f"const x const) of the best frequency k (sae_core.fourier_purity). Pure: >= {PURE_LATENT}.",
-              "- **Key frequencies K**: see each transformer below.",
-              "- **Coverage** of key frequency k: the centred activations projected on the input patterns "
-              "cos(w_k (a+b)) and sin(w_k (a+b)) give a plane in activation space; the principal angles between it and "
-              "the span of the decoder rows of the alive latents whose best frequency is k; coverage = mean squared "
-              "cosine of the two angles (1 = the plane is spanned). Baselines: for purity, random directions r "
-              "(subspace baseline) read out as latents relu((x - mean) . r); for coverage, the span of as many random "
-              "directions as latents are assigned to k (a span grows with its number of vectors).",
-              "- **FVU** = sum ||x - x_hat||^2 / sum ||x - mean x||^2 over all inputs (sae_core.fvu, centred); L0 = mean "
-              "active latents per input; dead = never fires on the dataset. Downstream accuracy is as recorded by "
-              "train_sae.py (reconstruction spliced in at the hook).", ""]
+    lines += DEFINITIONS.format(tau=s["tau"], ci=f"{CI_LEVEL:.0%}", resamples=BOOTSTRAP_RESAMPLES,
+                                dictionaries=BASELINE_DICTIONARIES,
+                                pairs=BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2,
+                                baselines="\n".join(f"  - *{kind}*: {what}" for kind, what in BASELINES.items()),
+                                pure=PURE_LATENT).split("\n")
 
     lines += ["## Choices that change the numbers", ""]
     lines += table(["choice", "here"], [[c, w] for c, w in CHOICES])
-    lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in s.items() if k not in ("generator_seeds", "tau_grid"))
+    listed = ", ".join(f"{k} = {v}" for k, v in s.items() if k not in ("generator_seeds", "tau_grid"))
+    lines += ["", "Settings: " + listed
               + f"; generator seeds {s['generator_seeds']}.", ""]
 
     lines += ["## Inputs", ""]
     lines += [f"- {len(report['groups'])} configuration group(s) from {sum(len(g['files']) for g in report['groups'])} "
               "SAE file(s)."]
     if report["skipped_files"]:
-        lines += ["- Skipped files (unreadable or incomplete):"] + [f"  - {s['reason']}" for s in report["skipped_files"]]
+        lines += ["- Skipped files (unreadable or incomplete):"]
+        lines += [f"  - {skipped['reason']}" for skipped in report["skipped_files"]]
     if report["refused"]:
         lines += ["- Comparisons refused:"] + [f"  - {r}" for r in report["refused"]]
     if report["failed_groups"]:
-        lines += ["- Groups that could not be analysed:"] + [f"  - {f['name']}: {f['reason']}" for f in report["failed_groups"]]
+        lines += ["- Groups that could not be analysed:"]
+        lines += [f"  - {failed['name']}: {failed['reason']}" for failed in report["failed_groups"]]
     lines += [""]
 
     for transformer_id, t in report["transformers"].items():
         lines += [f"## Transformer {transformer_id}", "",
-                  f"Key frequencies K = {t['key_frequencies']} (rule: embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE}).",
+                  f"Key frequencies K = {t['key_frequencies']} (rule: embedding Fourier share >= "
+                  f"{KEY_FREQUENCY_MIN_SHARE}).",
                   ""]
         if t["final"]:
-            lines += [f"Last logged epoch {t['final'].get('epoch')}: train accuracy {fmt(t['final'].get('train_acc'), 4)}, "
-                      f"held-out accuracy {fmt(t['final'].get('test_acc'), 4)}, held-out loss "
-                      f"{fmt(t['final'].get('test_loss'), 4)}.", "", f"![grokking curve](figures/{t['figures']['curves']})", ""]
+            final = t["final"]
+            lines += [f"Last logged epoch {final.get('epoch')}: train accuracy {fmt(final.get('train_acc'), 4)}, "
+                      f"held-out accuracy {fmt(final.get('test_acc'), 4)}, held-out loss "
+                      f"{fmt(final.get('test_loss'), 4)}.", "",
+                      f"![grokking curve](figures/{t['figures']['curves']})", ""]
         else:
             lines += ["No log.jsonl beside the model: no training curve.", ""]
         lines += [f"![Fourier spectrum](figures/{t['figures']['spectrum']})", ""]
@@ -1223,14 +1254,15 @@ def write_report(report: dict, path: Path) -> None:
 def group_section(g: dict, s: dict) -> list[str]:
     lines = [f"## Group {g['name']}", "",
              f"{g['arch']}, width {g['width']}, {', '.join(f'{k} = {v:g}' for k, v in g['sparsity'].items())}, "
-             f"d_in {g['d_in']}, hook {g['hook'] or 'n/a'}, checkpoint {g['checkpoint'] if g['checkpoint'] is not None else 'final'}, "
+             f"d_in {g['d_in']}, hook {g['hook'] or 'n/a'}, "
+             f"checkpoint {g['checkpoint'] if g['checkpoint'] is not None else 'final'}, "
              f"source {g['source']} (sha256 {g['source_sha256'][:12]}). Seeds {g['seeds']}: "
              + ", ".join(g["files"]) + ".", ""]
     shared = g["settings"]["shared"]
-    lines += ["Training settings: " + ", ".join(f"{k} = {shared[k]}" for k in ("steps", "batch_size", "lr", "normalize",
-                                                                                "data_seed", "vary_data_order") if k in shared)
-              + ("; differing between seeds: " + ", ".join(f"{k} = {v}" for k, v in g["settings"]["varying"].items())
-                 if g["settings"]["varying"] else "") + ".", ""]
+    varying = g["settings"]["varying"]
+    lines += ["Training settings: " + ", ".join(f"{k} = {shared[k]}" for k in TRAINING_SETTINGS if k in shared)
+              + ("; differing between seeds: " + ", ".join(f"{k} = {v}" for k, v in varying.items()) if varying else "")
+              + ".", ""]
     if g["notes"]:
         lines += ["Notes:"] + [f"- {n}" for n in g["notes"]] + [""]
     acts = g["activations"]
@@ -1273,11 +1305,13 @@ def group_section(g: dict, s: dict) -> list[str]:
     gt = g["ground_truth"]
     if gt:
         lines += ["### Fourier ground truth", "",
-                  f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']} ({gt['key_frequency_rule']}).", ""]
+                  f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']} "
+                  f"({gt['key_frequency_rule']}).", ""]
         b = gt["baseline"]
         lines += table(["quantity", "trained (mean over seeds [CI])", "random directions"],
                        [["alive latents that are Fourier-pure", fmt_ci(gt["frac_pure"]), fmt(b["frac_pure"])],
-                        ["alive latents pure AND on a key frequency", fmt_ci(gt["frac_pure_key"]), fmt(b["frac_pure_key"])],
+                        ["alive latents pure AND on a key frequency", fmt_ci(gt["frac_pure_key"]),
+                         fmt(b["frac_pure_key"])],
                         ["mean coverage of the key-frequency planes", fmt_ci(gt["coverage"]), fmt_ci(b["coverage"])]])
         lines += ["", "Per key frequency (latents assigned = alive latents whose best frequency is k):", ""]
         lines += table(["k", "variance share of its plane", "latents assigned", "coverage",
@@ -1286,11 +1320,13 @@ def group_section(g: dict, s: dict) -> list[str]:
                          fmt_ci(v["baseline_coverage"])] for k, v in gt["per_frequency"].items()])
         c = gt["match_vs_purity"]
         if c:
-            lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents (all seeds), "
-                      f"Spearman correlation between a latent's cross-seed match (mean over the other seeds of its best "
-                      f"decoder cosine) and its purity: rho = {fmt(c['spearman'])} (p = {fmt(c['p_value'], 4)}). "
+            lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents "
+                      "(all seeds), Spearman correlation between a latent's cross-seed match (mean over the other "
+                      f"seeds of its best decoder cosine) and its purity: rho = {fmt(c['spearman'])} "
+                      f"(p = {fmt(c['p_value'], 4)}). "
                       f"Pure among latents with match > {s['tau']}: {fmt(c['frac_pure_if_stable'])} "
-                      f"({c['latents_if_stable']} latents); with match <= {s['tau']}: {fmt(c['frac_pure_if_unstable'])} "
+                      f"({c['latents_if_stable']} latents); with match <= {s['tau']}: "
+                      f"{fmt(c['frac_pure_if_unstable'])} "
                       f"({c['latents_if_unstable']} latents)."]
         lines += ["", f"![purity](figures/{g['figures']['purity']})", ""]
 
@@ -1299,7 +1335,8 @@ def group_section(g: dict, s: dict) -> list[str]:
                   "depend on the step: decoder " + fmt(g["baselines"]["subspace"][PRIMARY]["decoder.pwmcc"]["mean"])
                   + " / " + fmt(g["baselines"]["isotropic"][PRIMARY]["decoder.pwmcc"]["mean"]) + ".", ""]
         lines += table(["step", "decoder PWMCC", "encoder PWMCC", "FVU"],
-                       [[str(r["step"]), fmt_ci(r["decoder.pwmcc"]), fmt_ci(r["encoder.pwmcc"]), fmt(r["fvu"]["mean"], 4)]
+                       [[str(r["step"]), fmt_ci(r["decoder.pwmcc"]), fmt_ci(r["encoder.pwmcc"]),
+                         fmt(r["fvu"]["mean"], 4)]
                         for r in g["dynamics"]["steps"]])
         lines += ["", f"![dynamics](figures/{g['figures']['dynamics']})", ""]
     return lines
@@ -1346,7 +1383,8 @@ def main() -> None:
         try:
             source = load_source(group, cache)
             if source.X.shape[1] != group.key.d_in:
-                raise HusaiError(f"the SAEs have d_in {group.key.d_in} but the activations have d = {source.X.shape[1]}")
+                raise HusaiError(f"the SAEs have d_in {group.key.d_in} but the activations have "
+                                 f"d = {source.X.shape[1]}")
         except HusaiError as e:
             failed.append({"name": group.name, "reason": str(e)})
             print(f"group {group.name}: not analysed: {e}")
@@ -1374,7 +1412,7 @@ def main() -> None:
     report = rounded(report)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     write_report(report, out / "report.md")
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(list(figures.glob('*.png')))} figures in {figures}")
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures in {figures}")
 
 
 if __name__ == "__main__":

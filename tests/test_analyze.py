@@ -56,8 +56,9 @@ def write_sae_group(folder: Path, transformer: Path, seeds: list[int], width: in
     d = X.shape[1]
     span = torch.linalg.svd(X - X.mean(0), full_matrices=False)[2]           # [d, d] principal directions
     truth = unit_rows(torch.randn(width, d, generator=torch.Generator().manual_seed(123)) @ span)
-    provenance = {"source": "transformer", "transformer": str(transformer), "transformer_sha256": file_sha256(transformer),
-                  "hook": HOOK, "position": "eq", "checkpoint": None, "acts": None, "acts_sha256": None}
+    provenance = {"source": "transformer", "transformer": str(transformer),
+                  "transformer_sha256": file_sha256(transformer), "hook": HOOK, "position": "eq", "checkpoint": None,
+                  "acts": None, "acts_sha256": None}
     if acts is not None:
         provenance.update(source="acts", acts=str(acts), acts_sha256=file_sha256(acts), transformer=None,
                           transformer_sha256=None, hook=None, position=None)
@@ -67,8 +68,9 @@ def write_sae_group(folder: Path, transformer: Path, seeds: list[int], width: in
         perturbation = noise * torch.randn(width, d, generator=generator) / d**0.5   # relative size `noise`
         W_dec = unit_rows(truth[torch.randperm(width, generator=generator)] + perturbation)
         final = {"W_dec": W_dec, "W_enc": W_dec.T.clone(), "b_enc": torch.zeros(width), "b_dec": X.mean(0)}
-        config = {"arch": "topk", "d_in": d, "width": width, "k": k, "l1": 5.0, "l0": 0.05, "seed": seed, "data_seed": 0,
-                  "vary_data_order": False, "steps": steps[-1], "batch_size": 64, "lr": 1e-3, "normalize": True}
+        config = {"arch": "topk", "d_in": d, "width": width, "k": k, "l1": 5.0, "l0": 0.05, "seed": seed,
+                  "data_seed": 0, "vary_data_order": False, "steps": steps[-1], "batch_size": 64, "lr": 1e-3,
+                  "normalize": True}
         save_tensors(folder / f"seed{seed}.safetensors", final, SAE_FORMAT, SAE_VERSION,
                      {"config": config, "metrics": {"acc_sae": 0.5}, "provenance": provenance})
         initial = unit_rows(torch.randn(width, d, generator=generator))
@@ -155,12 +157,14 @@ def test_shared_fraction_needs_both_decoder_and_encoder():
 
 def test_matching_is_skipped_above_the_limit_and_max_based_scores_are_not(monkeypatch):
     import analyze
-    dictionaries = [analyze.Dictionary(random_unit(40, 8, seed), random_unit(40, 8, seed + 10), torch.ones(40, dtype=torch.bool))
+    alive = torch.ones(40, dtype=torch.bool)
+    dictionaries = [analyze.Dictionary(random_unit(40, 8, seed), random_unit(40, 8, seed + 10), alive)
                     for seed in range(3)]
     monkeypatch.setattr(analyze, "HUNGARIAN_MAX_LATENTS", 39)
     summary = analyze.summarise(analyze.stability(dictionaries, torch.device("cpu"), 0.7))["signed, all latents"]
     assert summary["decoder.pwmcc"] is not None and summary["encoder.pwmcc"] is not None
-    assert summary["decoder.hungarian"] is None and summary["shared_fraction"] is None and summary["shared_curve"] is None
+    assert summary["decoder.hungarian"] is None and summary["encoder.hungarian"] is None
+    assert summary["shared_fraction"] is None and summary["shared_curve"] is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,8 +223,9 @@ def test_bootstrap_resamples_seeds_and_never_pairs_a_seed_with_itself():
 @pytest.mark.parametrize("p, k", [(13, 4), (31, 7)])
 def test_latent_purity_finds_a_pure_cosine_and_not_a_random_latent(p, k):
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
-    f = torch.stack([torch.cos(2 * math.pi * k * (a + b) / p), torch.rand(p * p, generator=torch.Generator().manual_seed(0)),
-                     torch.zeros(p * p)], dim=1)
+    pure = torch.cos(2 * math.pi * k * (a + b) / p)
+    random = torch.rand(p * p, generator=torch.Generator().manual_seed(0))
+    f = torch.stack([pure, random, torch.zeros(p * p)], dim=1)
     purity, best = latent_purity(f, p)
     assert purity[0] == pytest.approx(1, abs=1e-5) and best[0] == k
     assert purity[1] < 0.3
@@ -258,7 +263,8 @@ def inputs(tmp_path_factory):
                                                     "b_enc": tensors["b_enc"], "b_dec": tensors["b_dec"][:8]},
                  SAE_FORMAT, SAE_VERSION, dict(meta, config=dict(meta["config"], d_in=8)))
     (root / "sae" / "copy").mkdir()
-    (root / "sae" / "copy" / "seed1.safetensors").write_bytes((root / "sae" / "topk-w32-k4" / "seed1.safetensors").read_bytes())
+    (root / "sae" / "copy" / "seed1.safetensors").write_bytes((root / "sae" / "topk-w32-k4" / "seed1.safetensors")
+                                                              .read_bytes())
     acts = root / "acts.safetensors"
     save_file({"acts": transformer_activations(first).contiguous()}, str(acts))
     write_sae_group(root / "sae" / "topk-w8-k2-acts", first, seeds=[0, 1], width=8, k=2, acts=acts)
@@ -278,7 +284,8 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     figures = sorted(p.name for p in (inputs / "out1" / "figures").iterdir())
     assert figures == sorted(p.name for p in (inputs / "out2" / "figures").iterdir())
     for name in figures:
-        assert (inputs / "out1" / "figures" / name).read_bytes() == (inputs / "out2" / "figures" / name).read_bytes(), name
+        first_png, second_png = (inputs / out / "figures" / name for out in ("out1", "out2"))
+        assert first_png.read_bytes() == second_png.read_bytes(), name
     assert {"topk-w32-k4-stability.png", "topk-w32-k4-purity.png", "topk-w32-k4-dynamics.png",
             "stability-vs-width-k.png", "transformer0-curves.png", "transformer0-fourier.png"} <= set(figures)
 
