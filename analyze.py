@@ -1305,8 +1305,8 @@ def group_section(g: dict, s: dict) -> list[str]:
     gt = g["ground_truth"]
     if gt:
         lines += ["### Fourier ground truth", "",
-                  f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']} "
-                  f"({gt['key_frequency_rule']}).", ""]
+                  f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']}; rule: "
+                  f"{gt['key_frequency_rule']}.", ""]
         b = gt["baseline"]
         lines += table(["quantity", "trained (mean over seeds [CI])", "random directions"],
                        [["alive latents that are Fourier-pure", fmt_ci(gt["frac_pure"]), fmt(b["frac_pure"])],
@@ -1320,10 +1320,12 @@ def group_section(g: dict, s: dict) -> list[str]:
                          fmt_ci(v["baseline_coverage"])] for k, v in gt["per_frequency"].items()])
         c = gt["match_vs_purity"]
         if c:
+            p_value = ("n/a" if c["p_value"] is None else f"{c['p_value']:.2g}" if c["p_value"] > 0
+                       else "< 1e-300")   # below float range: spearmanr returns 0
             lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents "
                       "(all seeds), Spearman correlation between a latent's cross-seed match (mean over the other "
                       f"seeds of its best decoder cosine) and its purity: rho = {fmt(c['spearman'])} "
-                      f"(p = {fmt(c['p_value'], 4)}). "
+                      f"(p = {p_value}). "
                       f"Pure among latents with match > {s['tau']}: {fmt(c['frac_pure_if_stable'])} "
                       f"({c['latents_if_stable']} latents); with match <= {s['tau']}: "
                       f"{fmt(c['frac_pure_if_unstable'])} "

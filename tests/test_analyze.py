@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import asdict
@@ -320,8 +321,9 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     assert [s["path"] for s in report["skipped_files"]] == [str(Path("sae/topk-w16-k4/seed9.safetensors"))]
     assert "seed9.safetensors" in text and "Comparisons refused" in text
     for needle in ("PWMCC (max-based)", "Hungarian mean cosine (one-to-one)", "Choices that change the numbers",
-                   "subspace", "normalised", "Key frequencies K", "Pareto frontier"):
+                   "subspace", "normalised", "Key frequencies K", "Pareto frontier", "Spearman correlation"):
         assert needle in text, needle
+    assert not re.search(r"\{[A-Za-z_]+[\[(.]", text), "an f-string placeholder was left unformatted"
 
 
 def test_real_train_sae_output_is_analysed(tmp_path):
