@@ -13,7 +13,8 @@ its provenance, groups them by configuration, and writes to --out:
     figures/*.png   similarity matrices, shared fraction vs tau, purity, training dynamics, comparisons
                     across configurations, the transformer's grokking curve and Fourier spectrum
 The same files give the same report byte for byte: nothing reads the clock, every random draw has a
-recorded fixed seed, and files, groups and seeds are visited in sorted order.
+recorded fixed seed, and files, groups and seeds are visited in sorted order (the report is the same with
+any number of threads; on a CPU that other jobs keep busy, OMP_NUM_THREADS=1 is the faster setting).
 
 Definitions follow shared/reference/metrics.md. Every metric is one function here (or in sae_core:
 Fourier basis, purity, FVU, SAE inference), used by the trained SAEs and by their baselines alike.
@@ -273,9 +274,14 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
             continue
         matrices = defaultdict(lambda: np.full((S, S), np.nan))
         curve = np.full((S, S, len(TAU_GRID)), np.nan)
-        with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
-            outcomes = list(pool.map(lambda ij: compare_pair(dictionaries[ij[0]], dictionaries[ij[1]], effective,
-                                                             device, tau), pairs))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # one thread per pair instead of a team per pair: no oversubscribed cores
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                outcomes = list(pool.map(lambda ij: compare_pair(dictionaries[ij[0]], dictionaries[ij[1]],
+                                                                 effective, device, tau), pairs))
+        finally:
+            torch.set_num_threads(threads)
         for (i, j), (pair, best) in zip(pairs, outcomes):
             for name, value in pair.items():
                 if name == "shared_curve":
