@@ -1,6 +1,7 @@
 """Stage 2: each SAE architecture matches its definition, the training tricks do what they claim,
 planted features are recovered, and a seed trains the same alone or in an ensemble."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import kernels
 from sae_core import (ARCHITECTURES, HusaiError, JumpReLU, SAEConfig, SAEEnsemble, SAETrainer, Step, batchtopk_latents,
                       load_sae, topk_latents)
 
@@ -141,7 +143,10 @@ def test_seed_trains_the_same_alone_and_inside_an_ensemble(arch):
 
 
 def run_sae_stage(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], capture_output=True, text=True, cwd=REPO)
+    """The command line on the plain-torch path (the interpreted kernels have their own tests)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(REPO / "train_sae.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env)
 
 
 def write_acts(path: Path, tensor: torch.Tensor) -> str:
@@ -212,3 +217,23 @@ def test_bad_file_formats_are_refused(tmp_path):
         load_sae(acts)
     result = run_sae_stage("--transformer", acts, "--steps", "5")
     assert result.returncode == 2 and "format is None, expected 'husai.transformer'" in result.stderr
+
+
+@pytest.mark.skipif(not kernels.use_triton(torch.zeros(1)) and not torch.cuda.is_available(),
+                    reason="needs a GPU or the Triton interpreter (tests/conftest.py sets it without a GPU)")
+def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    acts, _ = planted_data(512, 24, 96, active=3)
+    acts = acts.to(device)
+    cfg = SAEConfig(arch="topk", d_in=24, width=96, k=8, k_aux=16, dead_window=64)
+    trained = {}
+    for use_kernels in (True, False):
+        sae = SAEEnsemble(cfg, [0, 1]).to(device)
+        sae.init_from_data(acts)
+        trainer = SAETrainer(sae, lr=3e-3, steps=6, warmup_steps=1, decay_steps=2, use_kernels=use_kernels)
+        trainer.inputs_since_fired[:, ::3] = 64          # a third of the latents start dead: AuxK is on
+        for step in range(6):
+            trainer.step(acts[step * 64:(step + 1) * 64])
+        trained[use_kernels] = sae.state_dict()
+    for name, value in trained[False].items():
+        torch.testing.assert_close(trained[True][name], value, atol=1e-4, rtol=1e-4, equal_nan=True, msg=name)
