@@ -165,7 +165,7 @@ def test_bad_files_fail_with_a_clear_error_naming_the_file(tmp_path):
         load_transformer(plain)
 
 
-SMALL = ["--p", "23", "--frac", "0.6", "--lr", "3e-3", "--eval-every", "5", "--ckpt-every", "50"]
+SMALL = ["--p", "37", "--frac", "0.7", "--lr", "3e-3", "--eval-every", "5", "--ckpt-every", "50"]
 
 
 def test_small_modulus_groks_in_seconds_and_writes_its_outputs(tmp_path):
