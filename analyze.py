@@ -16,7 +16,7 @@ The same files give the same report byte for byte: nothing reads the clock, ever
 recorded fixed seed, and files, groups and seeds are visited in sorted order (the report is the same with
 any number of threads; on a CPU that other jobs keep busy, OMP_NUM_THREADS=1 is the faster setting).
 
-Definitions follow shared/reference/metrics.md. Every metric is one function here (or in sae_core:
+Definitions are those in README.md (stage 3) and in report.md itself. Every metric is one function here (or in sae_core:
 Fourier basis, purity, FVU, SAE inference), used by the trained SAEs and by their baselines alike.
 """
 

@@ -102,6 +102,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes files private (0600); outputs are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

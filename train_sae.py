@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sae_core import (ARCHITECTURES, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, SAEConfig,
-                      SAEEnsemble, SAETrainer, file_sha256, pick_device, prepare_output, reconstruction_metrics,
-                      run_cli, sae_reconstruct, save_tensors, width_scaled_lr)
+                      SAEEnsemble, SAETrainer, atomic_write, file_sha256, pick_device, prepare_output,
+                      reconstruction_metrics, run_cli, sae_reconstruct, save_tensors, width_scaled_lr)
 from train_transformer import collect_activations, load_transformer, make_dataset, run_with_replacement
 
 DEFAULTS = SAEConfig()
@@ -238,7 +238,8 @@ def main() -> None:
                      {"config": seed_config, "metrics": metrics, "provenance": provenance})
         save_tensors(out_dir / f"seed{seed}.snapshots.safetensors", snapshots[seed], SNAPSHOT_FORMAT, SAE_VERSION,
                      {"steps": snapshot_steps, "fvu": snapshot_fvu[seed], "config": seed_config})
-        (out_dir / f"seed{seed}.log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logs[seed]))
+        log_text = "".join(json.dumps(row) + "\n" for row in logs[seed])
+        atomic_write(out_dir / f"seed{seed}.log.jsonl", lambda tmp: tmp.write_text(log_text))
         downstream = (f", accuracy {metrics['acc_sae']:.4f} (clean {metrics['acc_clean']:.4f}), loss recovered "
                       f"{metrics['loss_recovered_zero']:.3f} vs zero / {metrics['loss_recovered_mean']:.3f} vs mean"
                       if model is not None else "")

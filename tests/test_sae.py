@@ -237,3 +237,15 @@ def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
         trained[use_kernels] = sae.state_dict()
     for name, value in trained[False].items():
         torch.testing.assert_close(trained[True][name], value, atol=1e-4, rtol=1e-4, equal_nan=True, msg=name)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_leaves_the_weights_untouched():
+    sae = SAEEnsemble(SAEConfig(arch="topk", d_in=8, width=16, k=2), [0, 1])
+    trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    trainer.step(x)
+    before = {name: value.clone() for name, value in sae.state_dict().items()}
+    x[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 1"):
+        trainer.step(x)
+    assert all(torch.equal(before[name], value) for name, value in sae.state_dict().items())
