@@ -381,8 +381,8 @@ class SAEEnsemble(torch.nn.Module):
         self.b_dec = torch.nn.Parameter(torch.zeros(S, cfg.d_in))
         if cfg.arch == "jumprelu":
             self.log_threshold = torch.nn.Parameter(torch.full((S, cfg.width), math.log(cfg.threshold_init)))
-        # batchtopk: the global inference threshold, a running average (NaN until the first step)
-        self.register_buffer("batch_threshold", torch.full((S,), float("nan")))
+        if cfg.arch == "batchtopk":   # the global inference threshold, a running average (NaN until step 1)
+            self.register_buffer("batch_threshold", torch.full((S,), float("nan")))
         # inputs are multiplied by input_scale before encoding (activation normalisation)
         self.register_buffer("input_scale", torch.ones(()))
 
