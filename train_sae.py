@@ -104,20 +104,28 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator):
             yield order[start:start + batch_size]
 
 
-def downstream_metrics(model, tokens, labels, hook: str, acts: torch.Tensor, tensors: dict, config: dict) -> dict:
-    """The transformer's accuracy and cross-entropy on all inputs with the SAE's reconstruction
-    spliced in at the hook, and the loss recovered against zero- and mean-ablation."""
-    def run(replace):
-        logits = run_with_replacement(model, tokens, hook, replace)
-        return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
-    ce_clean, acc_clean = run(lambda a: a)
-    ce_sae, acc_sae = run(lambda a: sae_reconstruct(tensors, config, a))
-    ce_zero, _ = run(torch.zeros_like)
-    ce_mean, _ = run(lambda a: acts.mean(dim=0).expand_as(a))
-    return {"acc_clean": acc_clean, "acc_sae": acc_sae, "ce_clean": ce_clean, "ce_sae": ce_sae,
-            "ce_zero": ce_zero, "ce_mean": ce_mean,
-            "loss_recovered_zero": (ce_zero - ce_sae) / (ce_zero - ce_clean),
-            "loss_recovered_mean": (ce_mean - ce_sae) / (ce_mean - ce_clean)}
+def spliced_loss(model, tokens, labels, hook: str, replace) -> tuple[float, float]:
+    """Cross-entropy and accuracy on all inputs with the `=`-position activation at hook replaced."""
+    logits = run_with_replacement(model, tokens, hook, replace)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(-1) == labels).float().mean().item()
+
+
+def ablation_references(model, tokens, labels, hook: str, acts: torch.Tensor) -> dict:
+    """The seed-independent references: the clean model, and the hook zero- and mean-ablated."""
+    ce_clean, acc_clean = spliced_loss(model, tokens, labels, hook, lambda a: a)
+    ce_zero, _ = spliced_loss(model, tokens, labels, hook, torch.zeros_like)
+    ce_mean, _ = spliced_loss(model, tokens, labels, hook, lambda a: acts.mean(dim=0).expand_as(a))
+    return {"acc_clean": acc_clean, "ce_clean": ce_clean, "ce_zero": ce_zero, "ce_mean": ce_mean}
+
+
+def downstream_metrics(references: dict, model, tokens, labels, hook: str, tensors: dict, config: dict) -> dict:
+    """The transformer's accuracy and cross-entropy with the SAE's reconstruction spliced in at the
+    hook, and the loss recovered against zero- and mean-ablation."""
+    ce_sae, acc_sae = spliced_loss(model, tokens, labels, hook, lambda a: sae_reconstruct(tensors, config, a))
+    r = references
+    return dict(r, acc_sae=acc_sae, ce_sae=ce_sae,
+                loss_recovered_zero=(r["ce_zero"] - ce_sae) / (r["ce_zero"] - r["ce_clean"]),
+                loss_recovered_mean=(r["ce_mean"] - ce_sae) / (r["ce_mean"] - r["ce_clean"]))
 
 
 def main() -> None:
@@ -227,12 +235,14 @@ def main() -> None:
     acts = acts.cpu()
     if model is not None:
         model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
+        references = ablation_references(model, tokens, labels, provenance["hook"], acts)
     for s, seed in enumerate(seeds):
         tensors = sae.export(s)
         seed_config = dict(config, seed=seed)
         metrics = reconstruction_metrics(tensors, seed_config, acts)
         if model is not None:
-            metrics.update(downstream_metrics(model, tokens, labels, provenance["hook"], acts, tensors, seed_config))
+            metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
+                                              seed_config))
         metrics["train_seconds"] = round(seconds, 1)
         save_tensors(outputs[seed], tensors, SAE_FORMAT, SAE_VERSION,
                      {"config": seed_config, "metrics": metrics, "provenance": provenance})
