@@ -511,10 +511,13 @@ class SAETrainer:
         x = x.expand_as(x_hat)
         reconstruction = (x_hat - x).pow(2).sum(-1).mean(-1)
         if "latents" in out:
-            fires = out["latents"] > 0
-        else:
-            fires = torch.zeros_like(self.inputs_since_fired, dtype=torch.bool)[:, None].repeat(1, x.shape[1], 1)
-            fires.scatter_(-1, out["indices"], out["values"] > 0)
+            active = out["latents"] > 0
+            l0, fired = active.sum(-1).float().mean(-1), active.any(dim=1)
+        else:   # the kernel path: read firing from the kept indices, never building an [S, B, m] tensor
+            kept = out["values"] > 0
+            hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, out["indices"].flatten(1),
+                                                                          kept.flatten(1).float())
+            l0, fired = kept.sum(-1).float().mean(-1), hits > 0   # integer counts: exact in any order
         loss = reconstruction
         if cfg.arch == "relu":
             ramp = min(1.0, (self.step_count + 1) / max(1, cfg.l1_warmup_steps))
@@ -528,8 +531,8 @@ class SAETrainer:
             loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
         variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
         metrics = {"loss": loss.detach(), "fvu": (reconstruction / variance).detach(),
-                   "l0": fires.sum(-1).float().mean(-1), "dead": dead.float().mean(-1)}
-        self.inputs_since_fired = torch.where(fires.any(dim=1), 0, self.inputs_since_fired + x.shape[1])
+                   "l0": l0, "dead": dead.float().mean(-1)}
+        self.inputs_since_fired = torch.where(fired, 0, self.inputs_since_fired + x.shape[1])
         if cfg.arch == "batchtopk":
             self.update_batch_threshold(out["latents"])
         return loss, metrics
