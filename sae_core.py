@@ -292,11 +292,17 @@ def relu_latents(z: torch.Tensor) -> torch.Tensor:
     return torch.relu(z)
 
 
+def topk_kept(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK (Gao et al. 2024): the k largest entries of each row of z, ReLU'd (so fewer than k may be
+    non-zero), as (values, latent indices), each [..., k], in no particular order."""
+    values, indices = z.topk(k, dim=-1, sorted=False)
+    return torch.relu(values), indices
+
+
 def topk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
-    """TopK (Gao et al. 2024): keep the k largest entries of each row of z, then ReLU them (so fewer
-    than k may be non-zero), zero elsewhere."""
-    values, indices = z.topk(k, dim=-1)
-    return torch.zeros_like(z).scatter(-1, indices, torch.relu(values))
+    """TopK latents f, dense: the kept values at their indices, zero elsewhere."""
+    values, indices = topk_kept(z, k)
+    return torch.zeros_like(z).scatter_(-1, indices, values)
 
 
 def batchtopk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -304,7 +310,7 @@ def batchtopk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
     z [S, B, m], then ReLU; the number kept per row varies, the average is k."""
     flat = z.flatten(1)
     values, indices = flat.topk(k * z.shape[1], dim=-1)
-    return torch.zeros_like(flat).scatter(-1, indices, torch.relu(values)).view_as(z)
+    return torch.zeros_like(flat).scatter_(-1, indices, torch.relu(values)).view_as(z)
 
 
 def threshold_latents(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -407,10 +413,12 @@ class SAEEnsemble(torch.nn.Module):
             x_hat = kernels.sparse_decode(values, indices, self.W_dec, self.b_dec)
             return x, x_hat, {"values": values, "indices": indices}
         z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
+        if cfg.arch == "topk":
+            values, indices = topk_kept(z, cfg.k)
+            f = torch.zeros_like(z).scatter_(-1, indices, values)
+            return x, f @ self.W_dec + self.b_dec[:, None], {"values": values, "indices": indices}
         if cfg.arch == "relu":
             f = relu_latents(z)
-        elif cfg.arch == "topk":
-            f = topk_latents(z, cfg.k)
         elif cfg.arch == "batchtopk":
             f = batchtopk_latents(z, cfg.k)
         else:
@@ -435,10 +443,11 @@ class SAEEnsemble(torch.nn.Module):
             return torch.zeros(len(self.seeds), device=x.device)
         residual = (x - x_hat).detach()
         z_dead, latent = self.dead_pre_activation(x, dead)
-        values, slot = z_dead.topk(min(self.cfg.k_aux, z_dead.shape[-1]), dim=-1)
-        values = torch.relu(values)                          # -inf padding becomes 0: no contribution
+        # the -inf padding becomes 0 after the ReLU: no contribution. Dense over the n dead latents
+        # (n << m), so the decode is one small matmul rather than a gather of [S, B, k_aux, d] rows.
+        aux = topk_latents(z_dead, min(self.cfg.k_aux, z_dead.shape[-1]))
         rows = self.W_dec.gather(1, latent[:, :, None].expand(-1, -1, self.cfg.d_in))   # [S, n, d]
-        residual_hat = torch.einsum("sbk,sbkd->sbd", values, rows[torch.arange(len(self.seeds))[:, None, None], slot])
+        residual_hat = aux @ rows
         error = (residual_hat - residual).pow(2).sum(-1).mean(-1)
         variance = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
         return error / variance.clamp_min(1e-12)
@@ -513,7 +522,7 @@ class SAETrainer:
         if "latents" in out:
             active = out["latents"] > 0
             l0, fired = active.sum(-1).float().mean(-1), active.any(dim=1)
-        else:   # the kernel path: read firing from the kept indices, never building an [S, B, m] tensor
+        else:   # TopK: read firing from the kept indices, not from a dense [S, B, m] tensor
             kept = out["values"] > 0
             hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, out["indices"].flatten(1),
                                                                           kept.flatten(1).float())
