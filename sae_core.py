@@ -282,9 +282,16 @@ def width_scaled_lr(width: int) -> float:
     return 2e-4 * (width / 2**14) ** -0.5
 
 
+def seedwise_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [S, n, k] @ b [S, k, p] -> [S, n, p], one matmul per seed. A batched matmul shares its threads
+    out differently for different S, and so rounds a seed's weight gradients differently; one matmul
+    per seed makes each seed's numbers, bit for bit, independent of the seeds trained beside it."""
+    return torch.stack([a_s @ b_s for a_s, b_s in zip(a.unbind(), b.unbind())])
+
+
 def pre_activation(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """z = (x - b_dec) W_enc + b_enc. x [B, d] or [S, B, d]; W_enc [S, d, m] -> z [S, B, m]."""
-    return (x - b_dec[:, None]) @ W_enc + b_enc[:, None]
+    return seedwise_matmul(x - b_dec[:, None], W_enc) + b_enc[:, None]
 
 
 def relu_latents(z: torch.Tensor) -> torch.Tensor:
@@ -416,41 +423,31 @@ class SAEEnsemble(torch.nn.Module):
         if cfg.arch == "topk":
             values, indices = topk_kept(z, cfg.k)
             f = torch.zeros_like(z).scatter_(-1, indices, values)
-            return x, f @ self.W_dec + self.b_dec[:, None], {"values": values, "indices": indices}
+            return x, seedwise_matmul(f, self.W_dec) + self.b_dec[:, None], {"values": values, "indices": indices}
         if cfg.arch == "relu":
             f = relu_latents(z)
         elif cfg.arch == "batchtopk":
             f = batchtopk_latents(z, cfg.k)
         else:
             f = JumpReLU.apply(z, self.log_threshold.exp()[:, None], cfg.bandwidth)
-        return x, f @ self.W_dec + self.b_dec[:, None], {"latents": f, "pre": z}
-
-    def dead_pre_activation(self, x: torch.Tensor, dead: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-activations of the dead latents only: (z_dead [S, B, n] with -inf where a seed has fewer
-        than n dead latents, their latent indices [S, n]). x is already normalised."""
-        n = int(dead.sum(dim=1).max())
-        order = torch.argsort(dead.to(torch.int8), dim=1, descending=True, stable=True)[:, :n]
-        is_dead = dead.gather(1, order)
-        W = self.W_enc.gather(2, order[:, None, :].expand(-1, self.cfg.d_in, -1))
-        z = pre_activation(x, W, self.b_enc.gather(1, order), self.b_dec)
-        return z.masked_fill(~is_dead[:, None, :], float("-inf")), order
+        return x, seedwise_matmul(f, self.W_dec) + self.b_dec[:, None], {"latents": f, "pre": z}
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al.): the top k_aux dead latents reconstruct the residual e = x - x_hat (without
         b_dec); loss = ||e - e_hat||^2 / ||e - mean(e)||^2 per seed [S]. Its gradient reaches the dead
-        latents' encoder columns and decoder rows, which is what revives them."""
-        if not dead.any():
-            return torch.zeros(len(self.seeds), device=x.device)
+        latents' encoder columns and decoder rows, which is what revives them. x [S, B, d] is already
+        normalised; each seed computes the pre-activations of its own dead latents only (n << m)."""
         residual = (x - x_hat).detach()
-        z_dead, latent = self.dead_pre_activation(x, dead)
-        # the -inf padding becomes 0 after the ReLU: no contribution. Dense over the n dead latents
-        # (n << m), so the decode is one small matmul rather than a gather of [S, B, k_aux, d] rows.
-        aux = topk_latents(z_dead, min(self.cfg.k_aux, z_dead.shape[-1]))
-        rows = self.W_dec.gather(1, latent[:, :, None].expand(-1, -1, self.cfg.d_in))   # [S, n, d]
-        residual_hat = aux @ rows
-        error = (residual_hat - residual).pow(2).sum(-1).mean(-1)
-        variance = (residual - residual.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
-        return error / variance.clamp_min(1e-12)
+        losses = []
+        for s in range(len(self.seeds)):
+            latent = dead[s].nonzero().squeeze(1)
+            if len(latent) == 0:
+                losses.append(x.new_zeros(()))
+                continue
+            z = (x[s] - self.b_dec[s]) @ self.W_enc[s][:, latent] + self.b_enc[s][latent]     # [B, n]
+            e, e_hat = residual[s], topk_latents(z, min(self.cfg.k_aux, len(latent))) @ self.W_dec[s][latent]
+            losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
+        return torch.stack(losses)
 
     @torch.no_grad()
     def export(self, s: int) -> dict[str, torch.Tensor]:
