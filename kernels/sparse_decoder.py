@@ -290,7 +290,8 @@ def sparse_decode_backward(
         grad_w_dec = torch.empty_like(W_dec)
         segment_sum_by_latent(grad_out, values, route_by_latent(indices, m), grad_w_dec)
     if needs_b_dec:
-        grad_b_dec = grad_out.sum(dim=1, dtype=torch.float32).to(W_dec.dtype)
+        # one sum per seed, so that no seed's bits depend on how many seeds share the call
+        grad_b_dec = torch.stack([g.sum(dim=0, dtype=torch.float32) for g in grad_out]).to(W_dec.dtype)
     return grad_values, grad_w_dec, grad_b_dec
 
 

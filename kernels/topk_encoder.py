@@ -250,7 +250,8 @@ def topk_encode_backward(
     segment_sum_by_latent(centred, dz, route_by_latent(indices, m), grad_w_enc.transpose(1, 2), grad_b_enc)
     grad_b_dec = None
     if needs_b_dec:
-        grad_b_dec = -torch.einsum("sdm,sm->sd", W_enc.float(), grad_b_enc).to(b_dec.dtype)
+        # one product per seed, so that no seed's bits depend on how many seeds share the call
+        grad_b_dec = -torch.stack([W.float() @ g for W, g in zip(W_enc, grad_b_enc)]).to(b_dec.dtype)
     return (
         grad_w_enc if needs_w_enc else None,
         grad_b_enc.to(W_enc.dtype) if needs_b_enc else None,

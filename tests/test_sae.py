@@ -119,33 +119,49 @@ def test_planted_features_are_recovered(arch):
     assert best.max() <= 1 + 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_seed_trains_bit_for_bit_the_same_alone_and_inside_an_ensemble(arch):
-    # shapes where a batched matmul would split the batch-long sums across threads differently for one
-    # seed than for five
-    cfg = SAEConfig(arch=arch, d_in=64, width=256, k=8, dead_window=1024)
-    acts, _ = planted_data(4096, 64, 256, active=3)
+def assert_seed_42_trains_the_same_alone_and_among_others(cfg: SAEConfig, acts: torch.Tensor, steps: int,
+                                                         batch_size: int, use_kernels: bool) -> None:
+    """Train seed 42 alone and as the second of five seeds on the same batches; compare bit for bit."""
     runs = {}
     for seeds in ([42], [0, 42, 1, 2, 3]):
-        sae = SAEEnsemble(cfg, seeds)
+        sae = SAEEnsemble(cfg, seeds).to(acts.device)
         sae.init_from_data(acts)
         runs[len(seeds)] = (sae, seeds.index(42))
     (alone, _), (ensemble, here) = runs[1], runs[5]
     for name, value in alone.named_parameters():
         assert torch.equal(value[0], getattr(ensemble, name)[here]), f"initial {name}"
-    trainers = {size: SAETrainer(sae, lr=3e-3, steps=100, warmup_steps=10, decay_steps=20, use_kernels=False)
+    trainers = {size: SAETrainer(sae, lr=3e-3, steps=steps, warmup_steps=10, decay_steps=20, use_kernels=use_kernels)
                 for size, (sae, _) in runs.items()}
     # AuxK from the first step, over a different set of dead latents in every seed
     trainers[1].inputs_since_fired[0, ::3] = cfg.dead_window
     trainers[5].inputs_since_fired[here, ::3] = cfg.dead_window
     trainers[5].inputs_since_fired[0, ::2] = cfg.dead_window
     order = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        batch = acts[torch.randint(0, len(acts), (512,), generator=order)]
+    for _ in range(steps):
+        batch = acts[torch.randint(0, len(acts), (batch_size,), generator=order).to(acts.device)]
         for trainer in trainers.values():
             trainer.step(batch)
     for name, value in alone.named_parameters():
         assert torch.equal(value[0], getattr(ensemble, name)[here]), name
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_seed_trains_bit_for_bit_the_same_alone_and_inside_an_ensemble(arch):
+    # shapes where a batched matmul would split the batch-long sums across threads differently for one
+    # seed than for five
+    acts, _ = planted_data(4096, 64, 256, active=3)
+    cfg = SAEConfig(arch=arch, d_in=64, width=256, k=8, dead_window=1024)
+    assert_seed_42_trains_the_same_alone_and_among_others(cfg, acts, steps=100, batch_size=512, use_kernels=False)
+
+
+@pytest.mark.skipif(not kernels.use_triton(torch.zeros(1)) and not torch.cuda.is_available(),
+                    reason="needs a GPU or the Triton interpreter (tests/conftest.py sets it without a GPU)")
+def test_seed_trains_bit_for_bit_the_same_alone_and_inside_an_ensemble_with_the_kernels():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    acts, _ = planted_data(512, 24, 96, active=3)
+    cfg = SAEConfig(arch="topk", d_in=24, width=96, k=8, dead_window=64)
+    assert_seed_42_trains_the_same_alone_and_among_others(cfg, acts.to(device), steps=8, batch_size=64,
+                                                         use_kernels=True)
 
 
 def run_sae_stage(*args: str) -> subprocess.CompletedProcess:
