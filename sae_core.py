@@ -282,16 +282,40 @@ def width_scaled_lr(width: int) -> float:
     return 2e-4 * (width / 2**14) ** -0.5
 
 
-def seedwise_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [S, n, k] @ b [S, k, p] -> [S, n, p], one matmul per seed. A batched matmul shares its threads
-    out differently for different S, and so rounds a seed's weight gradients differently; one matmul
-    per seed makes each seed's numbers, bit for bit, independent of the seeds trained beside it."""
-    return torch.stack([a_s @ b_s for a_s, b_s in zip(a.unbind(), b.unbind())])
+class SeedwiseLinear(torch.autograd.Function):
+    """out[s] = a[s] @ W[s] + bias[s] for every seed s: a [S, n, k], W [S, k, p], bias [S, p] -> [S, n, p].
+
+    One matmul per seed, each written in place into the output. A batched matmul shares its threads out
+    differently for different S, and so rounds a seed's weight gradient (a sum over the batch)
+    differently; one matmul per seed makes each seed's numbers, bit for bit, independent of the seeds
+    trained beside it. The backward is the usual one, computed per seed the same way."""
+
+    @staticmethod
+    def forward(ctx, a, W, bias):
+        out = a.new_empty(a.shape[0], a.shape[1], W.shape[2])
+        for s in range(a.shape[0]):
+            torch.addmm(bias[s], a[s], W[s], out=out[s])
+        ctx.save_for_backward(a, W)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, W = ctx.saved_tensors
+        needs_a, needs_W, needs_bias = ctx.needs_input_grad
+        grad_a = torch.empty_like(a) if needs_a else None
+        grad_W = torch.empty_like(W) if needs_W else None
+        for s in range(a.shape[0]):
+            if needs_a:
+                torch.mm(grad[s], W[s].T, out=grad_a[s])
+            if needs_W:
+                torch.mm(a[s].T, grad[s], out=grad_W[s])
+        grad_bias = torch.stack([g.sum(dim=0) for g in grad]) if needs_bias else None
+        return grad_a, grad_W, grad_bias
 
 
 def pre_activation(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
     """z = (x - b_dec) W_enc + b_enc. x [B, d] or [S, B, d]; W_enc [S, d, m] -> z [S, B, m]."""
-    return seedwise_matmul(x - b_dec[:, None], W_enc) + b_enc[:, None]
+    return SeedwiseLinear.apply(x - b_dec[:, None], W_enc, b_enc)
 
 
 def relu_latents(z: torch.Tensor) -> torch.Tensor:
@@ -423,14 +447,14 @@ class SAEEnsemble(torch.nn.Module):
         if cfg.arch == "topk":
             values, indices = topk_kept(z, cfg.k)
             f = torch.zeros_like(z).scatter_(-1, indices, values)
-            return x, seedwise_matmul(f, self.W_dec) + self.b_dec[:, None], {"values": values, "indices": indices}
+            return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), {"values": values, "indices": indices}
         if cfg.arch == "relu":
             f = relu_latents(z)
         elif cfg.arch == "batchtopk":
             f = batchtopk_latents(z, cfg.k)
         else:
             f = JumpReLU.apply(z, self.log_threshold.exp()[:, None], cfg.bandwidth)
-        return x, seedwise_matmul(f, self.W_dec) + self.b_dec[:, None], {"latents": f, "pre": z}
+        return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), {"latents": f, "pre": z}
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al.): the top k_aux dead latents reconstruct the residual e = x - x_hat (without
@@ -438,14 +462,16 @@ class SAEEnsemble(torch.nn.Module):
         latents' encoder columns and decoder rows, which is what revives them. x [S, B, d] is already
         normalised; each seed computes the pre-activations of its own dead latents only (n << m)."""
         residual = (x - x_hat).detach()
+        # unbound once: indexing a parameter per seed would make autograd allocate a full-size gradient per seed
+        W_enc, W_dec, b_enc, b_dec = self.W_enc.unbind(), self.W_dec.unbind(), self.b_enc.unbind(), self.b_dec.unbind()
         losses = []
         for s in range(len(self.seeds)):
             latent = dead[s].nonzero().squeeze(1)
             if len(latent) == 0:
                 losses.append(x.new_zeros(()))
                 continue
-            z = (x[s] - self.b_dec[s]) @ self.W_enc[s][:, latent] + self.b_enc[s][latent]     # [B, n]
-            e, e_hat = residual[s], topk_latents(z, min(self.cfg.k_aux, len(latent))) @ self.W_dec[s][latent]
+            z = (x[s] - b_dec[s]) @ W_enc[s][:, latent] + b_enc[s][latent]     # [B, n]
+            e, e_hat = residual[s], topk_latents(z, min(self.cfg.k_aux, len(latent))) @ W_dec[s][latent]
             losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
         return torch.stack(losses)
 
