@@ -575,6 +575,7 @@ class Group:
     files: list[SAEFile]
     name: str = ""
     notes: list[str] = field(default_factory=list)
+    reruns: list[tuple[SAEFile, SAEFile]] = field(default_factory=list)   # (the file kept, another of its seed)
 
     @property
     def first(self) -> SAEFile:
@@ -669,10 +670,11 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
             folder_size[f.path.parent] += 1
         for f in sorted(by_key[key], key=lambda f: (f.seed, -folder_size[f.path.parent], str(f.path))):
             if f.seed in seen:
-                group.notes.append(f"{f.path}: seed {f.seed} is already {seen[f.seed]}; skipped (a seed "
-                                   "compared with itself would score 1)")
+                group.notes.append(f"{f.path}: seed {f.seed} again (as {seen[f.seed].path}); compared with it as "
+                                   "a rerun of one seed, never as another seed")
+                group.reruns.append((seen[f.seed], f))
                 continue
-            seen[f.seed] = f.path
+            seen[f.seed] = f
             group.files.append(f)
         groups.append(group)
     names = [" + ".join(sorted({f.path.parent.name for f in g.files})) for g in groups]
@@ -820,6 +822,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                              "subspace baseline": baseline_pairs["subspace"]}
         plots["latent_match"] = latent_match = trained["latent_match"]
 
+    result["reruns"] = [rerun_similarity(a, b, X_device, device, tau) for a, b in group.reruns]
+
     # ground truth: only with the transformer's full (a, b) grid
     if fourier is None:
         result["ground_truth"] = None
@@ -843,6 +847,22 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     else:
         result["dynamics"] = None
     return result, plots
+
+
+def rerun_similarity(a: SAEFile, b: SAEFile, X: torch.Tensor, device: torch.device, tau: float) -> dict:
+    """Two files of one seed and configuration. Identical bits, or how far apart rounding alone (another
+    thread count, machine or library version) carried one training run: the ceiling that no cross-seed
+    stability can be read above. Scores as for a pair of seeds (signed, all latents)."""
+    dictionaries = []
+    for f in (a, b):
+        weights = {name: t.to(device) for name, t in f.tensors.items()}
+        with torch.no_grad():
+            alive = (sae_latents(weights, f.config, X) > 0).any(dim=0)
+        dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], alive))
+    scores, _ = compare_pair(*dictionaries, VARIANTS[PRIMARY], device, tau)
+    identical = a.tensors.keys() == b.tensors.keys() and all(torch.equal(t, b.tensors[n]) for n, t in a.tensors.items())
+    return {"seed": a.seed, "files": [str(a.path), str(b.path)], "identical": identical,
+            **{name: scores.get(name) for name in SCORES}}
 
 
 def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], baseline: dict,
@@ -1307,6 +1327,17 @@ def group_section(g: dict, s: dict) -> list[str]:
                        [[str(a)] + ["-" if i == j else fmt(matrix[i][j]) for j in range(len(seeds))]
                         for i, a in enumerate(seeds)])
         lines += ["", verdict(g), "", f"![stability](figures/{g['figures']['stability']})", ""]
+
+    if g["reruns"]:
+        lines += ["### One seed trained twice", "",
+                  "Files of the same seed and configuration found in different folders, compared as a pair of "
+                  "seeds is (signed, all latents). Where their bits differ, rounding alone (another thread count, "
+                  "machine or library version) moved the run this far: no cross-seed score above can be read as "
+                  "more stable than this.", ""]
+        lines += table(["seed", "files", "identical bits"] + [SCORES[name] for name in SCORES],
+                       [[str(r["seed"]), " and ".join(r["files"]), "yes" if r["identical"] else "no"]
+                        + [fmt(r[name]) for name in SCORES] for r in g["reruns"]])
+        lines += [""]
 
     gt = g["ground_truth"]
     if gt:

@@ -249,8 +249,8 @@ def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
-    transformer, one whose d_in does not match its transformer's activations, a copy of a seed already
-    in a group, a group trained on an activation file (one snapshot file missing), and a corrupt file."""
+    transformer, one whose d_in does not match its transformer's activations, an exact copy of a seed
+    already in a group and a slightly different file of another (reruns of one seed), a group trained on an activation file (one snapshot file missing), and a corrupt file."""
     root = tmp_path_factory.mktemp("analysis")
     first = write_transformer(root / "transformer" / "model.safetensors")
     second = write_transformer(root / "other" / "model.safetensors", seed=1)
@@ -266,6 +266,11 @@ def inputs(tmp_path_factory):
     (root / "sae" / "copy").mkdir()
     (root / "sae" / "copy" / "seed1.safetensors").write_bytes((root / "sae" / "topk-w32-k4" / "seed1.safetensors")
                                                               .read_bytes())
+    tensors, meta = load_sae(root / "sae" / "topk-w32-k4" / "seed2.safetensors")    # seed 2, rounded differently
+    nudged = unit_rows(tensors["W_dec"] + 0.3 * torch.randn(tensors["W_dec"].shape,
+                                                            generator=torch.Generator().manual_seed(7)))
+    save_tensors(root / "sae" / "copy" / "seed2.safetensors", dict(tensors, W_dec=nudged, W_enc=nudged.T.contiguous()),
+                 SAE_FORMAT, SAE_VERSION, meta)
     acts = root / "acts.safetensors"
     save_file({"acts": transformer_activations(first).contiguous()}, str(acts))
     write_sae_group(root / "sae" / "topk-w8-k2-acts", first, seeds=[0, 1], width=8, k=2, acts=acts)
@@ -303,7 +308,12 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     assert set(planted["baselines"]) == {"isotropic", "covariance", "subspace", "init"}
     assert [row["step"] for row in planted["dynamics"]["steps"]] == [0, 3, 10]
     assert planted["ground_truth"]["key_frequency_rule"].startswith("embedding Fourier share")
-    assert any("seed 1 is already" in note for note in planted["notes"]), "a copied seed is not compared with itself"
+    # a seed found twice is never one more seed: it is a rerun, bit-identical or not
+    assert any("seed 1 again" in note for note in planted["notes"]), "a copied seed is not compared with itself"
+    reruns = {r["seed"]: r for r in planted["reruns"]}
+    assert reruns[1]["identical"] and reruns[1]["decoder.pwmcc"] == pytest.approx(1)
+    assert not reruns[2]["identical"] and 0.5 < reruns[2]["decoder.pwmcc"] < 0.99
+    assert "One seed trained twice" in text
     # trained on an activation file: stability and baselines, but no (a, b) grid for the Fourier analysis
     from_file = groups["topk-w8-k2-acts"]
     assert from_file["stability"] is not None and from_file["ground_truth"] is None
