@@ -1330,8 +1330,8 @@ def group_section(g: dict, s: dict) -> list[str]:
 
     if g["reruns"]:
         lines += ["### One seed trained twice", "",
-                  "Files of the same seed and configuration found in different folders, compared as a pair of "
-                  "seeds is (signed, all latents). Where their bits differ, rounding alone (another thread count, "
+                  "Files of the same seed and configuration found in different folders, compared the way a pair "
+                  "of seeds is (signed, all latents). Where their bits differ, rounding alone (another thread count, "
                   "machine or library version) moved the run this far: no cross-seed score above can be read as "
                   "more stable than this.", ""]
         lines += table(["seed", "files", "identical bits"] + [SCORES[name] for name in SCORES],
