@@ -137,6 +137,15 @@ def unit_rows(W: torch.Tensor) -> torch.Tensor:
     return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def read_dictionary(f: "SAEFile", X: torch.Tensor, device: torch.device) -> tuple[Dictionary, torch.Tensor, dict]:
+    """One SAE file's dictionary (alive = fires on some row of X), its latents on X [N, m] and its weights
+    on the device."""
+    weights = {name: t.to(device) for name, t in f.tensors.items()}
+    with torch.no_grad():
+        latents = sae_latents(weights, f.config, X)
+    return make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], (latents > 0).any(dim=0)), latents, weights
+
+
 def make_dictionary(W_dec: torch.Tensor, W_enc: torch.Tensor, alive: torch.Tensor) -> Dictionary:
     """From SAELens-shaped weights W_dec [m, d] and W_enc [d, m]."""
     return Dictionary(unit_rows(W_dec), unit_rows(W_enc.T), alive.bool().cpu())
@@ -765,10 +774,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     X_device = X.to(device)
     dictionaries, per_seed, recovery = [], [], []
     for f in group.files:
-        weights = {name: t.to(device) for name, t in f.tensors.items()}
-        with torch.no_grad():
-            latents = sae_latents(weights, f.config, X_device)
-        dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], (latents > 0).any(dim=0)))
+        dictionary, latents, weights = read_dictionary(f, X_device, device)
+        dictionaries.append(dictionary)
         downstream = {k: f.metrics.get(k) for k in DOWNSTREAM}
         per_seed.append({"seed": f.seed, **reconstruction_metrics(weights, f.config, X_device), **downstream})
         if fourier is not None:
@@ -853,13 +860,8 @@ def rerun_similarity(a: SAEFile, b: SAEFile, X: torch.Tensor, device: torch.devi
     """Two files of one seed and configuration. Identical bits, or how far apart rounding alone (another
     thread count, machine or library version) carried one training run: the ceiling that no cross-seed
     stability can be read above. Scores as for a pair of seeds (signed, all latents)."""
-    dictionaries = []
-    for f in (a, b):
-        weights = {name: t.to(device) for name, t in f.tensors.items()}
-        with torch.no_grad():
-            alive = (sae_latents(weights, f.config, X) > 0).any(dim=0)
-        dictionaries.append(make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], alive))
-    scores, _ = compare_pair(*dictionaries, VARIANTS[PRIMARY], device, tau)
+    scores, _ = compare_pair(read_dictionary(a, X, device)[0], read_dictionary(b, X, device)[0], VARIANTS[PRIMARY],
+                             device, tau)
     identical = a.tensors.keys() == b.tensors.keys() and all(torch.equal(t, b.tensors[n]) for n, t in a.tensors.items())
     return {"seed": a.seed, "files": [str(a.path), str(b.path)], "identical": identical,
             **{name: scores.get(name) for name in SCORES}}

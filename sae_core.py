@@ -331,10 +331,14 @@ def topk_kept(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.relu(values), indices
 
 
+def scatter_latents(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Dense latents shaped like `like`: the kept values at their indices, zero elsewhere."""
+    return torch.zeros_like(like).scatter_(-1, indices, values)
+
+
 def topk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
-    """TopK latents f, dense: the kept values at their indices, zero elsewhere."""
-    values, indices = topk_kept(z, k)
-    return torch.zeros_like(z).scatter_(-1, indices, values)
+    """TopK latents f, dense."""
+    return scatter_latents(*topk_kept(z, k), z)
 
 
 def batchtopk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -342,7 +346,7 @@ def batchtopk_latents(z: torch.Tensor, k: int) -> torch.Tensor:
     z [S, B, m], then ReLU; the number kept per row varies, the average is k."""
     flat = z.flatten(1)
     values, indices = flat.topk(k * z.shape[1], dim=-1)
-    return torch.zeros_like(flat).scatter_(-1, indices, torch.relu(values)).view_as(z)
+    return scatter_latents(torch.relu(values), indices, flat).view_as(z)
 
 
 def threshold_latents(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -447,7 +451,7 @@ class SAEEnsemble(torch.nn.Module):
         z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
         if cfg.arch == "topk":
             values, indices = topk_kept(z, cfg.k)
-            f = torch.zeros_like(z).scatter_(-1, indices, values)
+            f = scatter_latents(values, indices, z)
             return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), {"values": values, "indices": indices}
         if cfg.arch == "relu":
             f = relu_latents(z)
