@@ -39,12 +39,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
-from sae_core import (SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, atomic_write, embedding_frequency_shares,
-                      file_sha256, fourier_purity, key_frequencies, load_sae, load_tensors, pick_device,
-                      prepare_output, reconstruction_metrics, run_cli, sae_latents)
-from train_sae import read_acts_file
-from train_transformer import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, collect_activations, load_transformer,
-                               make_dataset, plot_fourier_spectrum, plot_training_curves, sum_frequency_directions)
+from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, SAE_VERSION, SNAPSHOT_FORMAT,
+                      CliParser, HusaiError, atomic_write, embedding_spectrum, file_sha256, fourier_purity, load_sae,
+                      load_tensors, pick_device, prepare_output, reconstruction_metrics, run_cli, sae_latents,
+                      snapshot_file_name, sum_frequency_directions)
+from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves
 
 matplotlib.use("Agg")   # figures go to files; no display is needed or used
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -100,7 +99,6 @@ SCORES = {  # name in report.json -> what report.md calls it
 DIRECTIONAL = ("decoder.mmcs", "encoder.mmcs")
 TRAINING_SETTINGS = ("steps", "batch_size", "lr", "normalize", "data_seed", "vary_data_order")   # shown per group
 DOWNSTREAM = ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")   # as train_sae.py recorded
-SPARSITY_PARAMETER = {"topk": "k", "batchtopk": "k", "relu": "l1", "jumprelu": "l0"}
 SAE_FILE = re.compile(r"seed(\d+)\.safetensors")   # not seedN.snapshots.safetensors, not last-good-*
 DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
 TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
@@ -474,17 +472,10 @@ class FourierSetup(NamedTuple):
     random_rows: torch.Tensor    # [m, d] unit random directions of the subspace baseline
 
 
-def embedding_spectrum(model) -> tuple[torch.Tensor, list[int]]:
-    """The embedding's share of Fourier energy per frequency, and the key frequencies by stage 1's rule
-    (share >= KEY_FREQUENCY_MIN_SHARE), recomputed from this model, so that a checkpoint gets its own."""
-    shares = embedding_frequency_shares(model.W_E[:model.cfg.p].detach().float().cpu())
-    return shares, key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
-
-
 def fourier_setup(model, X: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
     """Key frequencies, their planes in activation space, and the random directions of the baselines."""
     p = model.cfg.p
-    keys = embedding_spectrum(model)[1]
+    keys = embedding_spectrum(model.W_E[:p])[1]
     planes = {k: plane for k in keys if (plane := frequency_plane(X, p, model.cfg.op, k)) is not None}
     random_rows = unit_rows(random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"]))
     return FourierSetup(p, keys, planes, random_rows)
@@ -622,9 +613,6 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
         try:
             tensors, meta = load_sae(path)
             config, provenance = meta["config"], meta["provenance"]
-            arch = config["arch"]
-            if arch not in SPARSITY_PARAMETER:
-                raise HusaiError(f"{path}: unknown architecture {arch!r}")
             d, m = tensors["W_enc"].shape
             if tensors["W_dec"].shape != (m, d) or config["width"] != m or config["d_in"] != d:
                 raise HusaiError(f"{path}: W_enc {list(tensors['W_enc'].shape)}, W_dec {list(tensors['W_dec'].shape)} "
@@ -639,7 +627,7 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
 
 def sparsity(config: dict) -> tuple[str, float]:
     """(parameter name, value): k for TopK and BatchTopK, the penalty coefficient for ReLU and JumpReLU."""
-    name = SPARSITY_PARAMETER[config["arch"]]
+    name = ARCHITECTURES[config["arch"]].sparsity
     return name, float(config[name])
 
 
@@ -717,14 +705,9 @@ def load_source(group: Group, cache: dict) -> Source:
             raise HusaiError(f"the {kind} file {path} named in the SAEs' provenance does not exist")
         if file_sha256(path) != sha:
             raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
-        if kind == "acts":
-            cache[key] = Source(read_acts_file(path), None, None, path)
-        else:
-            model, _ = load_transformer(path, checkpoint)
-            tokens, _ = make_dataset(model.cfg)
-            transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
-            X = collect_activations(model, tokens, hook, position="eq").float()
-            cache[key] = Source(X, model, transformer_id, path)
+        data = activations_from(provenance)
+        transformer_id = None if kind == "acts" else path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
+        cache[key] = Source(data.acts, data.model, transformer_id, path)
     return cache[key]
 
 
@@ -734,7 +717,7 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
     try:
         loaded = []
         for f in files:
-            path = f.path.with_name(f"seed{f.seed}.snapshots.safetensors")
+            path = f.path.with_name(snapshot_file_name(f.seed))
             tensors, meta = load_tensors(path, SNAPSHOT_FORMAT, SAE_VERSION, required=("step0.W_enc", "step0.W_dec"))
             loaded.append((tensors, dict(zip(meta["steps"], meta["fvu"], strict=True))))
         steps = sorted(set.intersection(*(set(fvu) for _, fvu in loaded)))
@@ -876,7 +859,7 @@ def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], ba
         "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op,
         "key_frequencies": fourier.keys,
         "key_frequency_rule": f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} "
-                              "(train_transformer.key_frequencies)",
+                              "(sae_core.embedding_spectrum)",
         "plane_variance_share": {k: share for k, (_, share) in planes.items()},
         "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
         "frac_pure_key": mean_and_ci([r["frac_pure_key"] for r in recovery]),
@@ -1095,7 +1078,7 @@ def plot_transformers(sources: dict, folder: Path) -> dict[str, dict]:
     out = {}
     for i, (transformer_id, source) in enumerate(sorted(sources.items())):
         model = source.model
-        shares, keys = embedding_spectrum(model)
+        shares, keys = embedding_spectrum(model.W_E[:model.cfg.p])
         entry = {"key_frequencies": keys, "embedding_frequency_shares": [round(float(s), 6) for s in shares],
                  "figures": {}}
         log_path = Path(source.path).parent / "log.jsonl"
@@ -1162,7 +1145,7 @@ CHOICES = [
     ("hook and position", "those recorded in each SAE's provenance; activations are recomputed at the `=` position"),
     ("activation normalisation", "none here: saved weights are in raw activation units and cosines ignore scale; "
                                  "the training-time setting (`normalize`) is listed per group"),
-    ("key frequencies K", f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} (train_transformer.key_frequencies), "
+    ("key frequencies K", f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} (sae_core.embedding_spectrum), "
                           "recomputed from the embedding of the exact checkpoint analysed"),
     ("tau", "shared-fraction threshold; the curve over tau is in report.json and the stability figures"),
     ("number of seeds", f"{RECOMMENDED_SEEDS} or more recommended; confidence intervals resample seeds "

@@ -17,14 +17,16 @@ import os
 import random
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+import kernels
 
 # --------------------------------------------------------------------------------------------------
 # Part 1: plumbing
@@ -146,8 +148,32 @@ def load_tensors(path: str | Path, fmt: str, version: int, required: tuple[str, 
     return tensors, metadata
 
 
+def read_acts_file(path: str | Path) -> torch.Tensor:
+    """An [N, d] float tensor from a safetensors file holding one tensor (or one named `acts`): the
+    activations of any model, for train_sae.py --acts and for analyze.py."""
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise HusaiError(f"--acts {path}: no such file")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise HusaiError(f"--acts {path}: not a readable safetensors file ({e})")
+    if len(tensors) != 1 and "acts" not in tensors:
+        raise HusaiError(f"--acts {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); name one `acts`")
+    acts = tensors["acts"] if "acts" in tensors else next(iter(tensors.values()))
+    if acts.ndim != 2 or not acts.is_floating_point():
+        raise HusaiError(f"--acts {path}: need a 2-D float tensor [N, d], got {acts.dtype} {list(acts.shape)}")
+    if acts.shape[0] < 2 or acts.shape[1] < 1:
+        raise HusaiError(f"--acts {path}: the tensor is empty ({list(acts.shape)}); need at least 2 rows")
+    if not torch.isfinite(acts).all():
+        raise HusaiError(f"--acts {path}: contains NaN or Inf values")
+    return acts.float()
+
+
 # --------------------------------------------------------------------------------------------------
 # Part 2: measurement
+
+KEY_FREQUENCY_MIN_SHARE = 0.05   # rule for key frequencies: >= 5% of the embedding's non-constant Fourier energy
+PURE_NEURON_THRESHOLD = 0.85     # a neuron is "explained by frequency k" at this purity or above
 
 
 def fourier_basis(p: int) -> tuple[torch.Tensor, list[tuple[str, int]]]:
@@ -192,6 +218,29 @@ def key_frequencies(shares: torch.Tensor, min_share: float) -> list[int]:
     return [int(i) + 1 for i in order if shares[i] >= min_share]
 
 
+def embedding_spectrum(token_embedding: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """A [p, d] token embedding's share of Fourier energy per frequency, and its key frequencies by the
+    rule (share >= KEY_FREQUENCY_MIN_SHARE). Stage 1 reports them; analyze.py recomputes them from the
+    very model (or checkpoint) an SAE was trained on."""
+    shares = embedding_frequency_shares(token_embedding.detach().float().cpu())
+    return shares, key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
+
+
+def sum_frequency_directions(p: int, op: str, freqs: list[int]) -> torch.Tensor | None:
+    """Orthonormal columns [p^2, 2 len(freqs)]: cos and sin of w_k (a + b) (a - b for sub) over the
+    input grid, in the order a * p + b. None for mul, whose Fourier structure lives in discrete logarithms."""
+    if op == "mul" or not freqs:
+        return None
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    combined = (a + b if op == "add" else a - b).double()
+    columns = []
+    for k in freqs:
+        angle = 2 * math.pi * k * combined / p
+        columns += [torch.cos(angle), torch.sin(angle)]
+    directions = torch.stack(columns, dim=1)
+    return (directions / directions.norm(dim=0)).float()
+
+
 def fourier_purity(acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fourier purity of units (neurons or SAE latents) from their activations on every input (a, b).
 
@@ -223,59 +272,50 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     variance = (x - x.mean(dim=-2, keepdim=True)).double().pow(2).sum(dim=(-2, -1))
     return (residual / variance).float()
 
-
 # --------------------------------------------------------------------------------------------------
 # Part 3: sparse autoencoders
 #
-# Notation (sae.md): x [d] an activation, m latents. Pre-activation z = (x - b_dec) W_enc + b_enc,
-# latents f = sigma(z), reconstruction x_hat = f W_dec + b_dec; W_enc [d, m], W_dec [m, d].
-# Training keeps S seeds as one ensemble: every parameter has a leading seed dimension (W_enc [S, d, m]),
-# each seed draws its initialisation from its own generator and has its own loss, and Adam is
-# elementwise, so a seed trains identically alone or among others.
+# Notation: x [d] an activation, m latents. Pre-activation z = (x - b_dec) W_enc + b_enc, latents
+# f = sigma(z), reconstruction x_hat = f W_dec + b_dec; W_enc [d, m], W_dec [m, d] (SAELens's names and
+# orientations). Training keeps S seeds as one ensemble: every parameter has a leading seed dimension
+# (W_enc [S, d, m]), each seed draws its initialisation from its own generator and has its own loss, and
+# Adam is elementwise, so a seed trains identically alone or among others.
+#
+# An architecture is one subclass of SAEEnsemble, registered by name in ARCHITECTURES. It declares its
+# settings (which become SAEConfig fields and train_sae.py flags), the setting that sets its sparsity,
+# its extra saved tensors and whether it uses AuxK, and defines its training forward, its penalty and
+# its inference. Nothing else names an architecture.
 
-import kernels  # noqa: E402  (after Part 1 so the kernels package can be imported without the SAE code)
-
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 SAE_FORMAT, SAE_VERSION = "husai.sae", 1
 SNAPSHOT_FORMAT = "husai.sae_snapshots"
 
 
-@dataclass
-class SAEConfig:
-    arch: str = "topk"
-    d_in: int = 128
-    width: int = 512
-    k: int = 32                   # topk: latents kept per input; batchtopk: kept per input on average
-    l1: float = 0.7               # relu: coefficient of sum_i f_i ||W_dec[i]|| (after activation normalisation);
-                                  # 0.7 gives L0 33.5 on the grokked model's residual stream, next to TopK's k = 32
-    l1_warmup_steps: int = 500    # relu: the L1 coefficient ramps up linearly from 0 over these steps
-    l0: float = 0.05              # jumprelu: coefficient of the L0 norm (the number of active latents)
-    threshold_init: float = 0.5   # jumprelu: initial per-latent threshold (normalised units)
-    bandwidth: float = 0.1        # jumprelu: width of the rectangle kernel of the straight-through estimator
-    threshold_momentum: float = 0.99  # batchtopk: running average of the smallest kept activation
-    auxk: bool = True             # topk, batchtopk: AuxK loss that revives dead latents (Gao et al.)
-    auxk_coeff: float = 1 / 32
-    k_aux: int = 64               # AuxK: dead latents used to reconstruct the residual
-    dead_window: int = 50_000     # a latent that has not fired on this many training inputs is dead
-    unit_norm_decoder: bool = True  # project W_dec's gradient tangent to unit rows, renormalise after steps
-    tied_init: bool = True        # initialise W_enc as W_dec^T
-    b_dec_init: str = "median"    # median (geometric, Weiszfeld), mean, or zero
-    normalize: bool = True        # train on x * c with E||c x|| = sqrt(d); c is folded back into saved weights
+def sae_file_name(seed: int) -> str:
+    """One seed's SAE, in its configuration's folder."""
+    return f"seed{seed}.safetensors"
 
-    def __post_init__(self):
-        if self.arch not in ARCHITECTURES:
-            raise HusaiError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
-        if self.width < 1:
-            raise HusaiError(f"width {self.width}: must be at least 1")
-        if self.arch in ("topk", "batchtopk") and not 1 <= self.k <= self.width:
-            raise HusaiError(f"k {self.k}: must lie between 1 and the width ({self.width})")
-        if self.b_dec_init not in ("median", "mean", "zero"):
-            raise HusaiError(f"b_dec init {self.b_dec_init!r}: valid are median, mean, zero")
 
-    @property
-    def sparsity_name(self) -> str:
-        """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
-        return {"relu": f"l1_{self.l1:g}", "jumprelu": f"l0_{self.l0:g}"}.get(self.arch, f"k{self.k}")
+def snapshot_file_name(seed: int) -> str:
+    """The SNAPSHOT_FORMAT file beside a seed's SAE: its weights at log-spaced steps, with full-data FVU."""
+    return f"seed{seed}.snapshots.safetensors"
+
+
+class Rule(NamedTuple):
+    """A condition a setting's value must meet, and how an error states it."""
+    holds: Callable[[object], bool]
+    says: str
+
+
+POSITIVE = Rule(lambda v: v > 0, "must be positive")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
+AT_LEAST_ONE = Rule(lambda v: v >= 1, "must be at least 1")
+BELOW_ONE = Rule(lambda v: 0 <= v < 1, "must lie in [0, 1)")
+
+
+def setting(default, help: str, rule: Rule | None = None, choices: tuple | None = None, flag: str | None = None):
+    """A field of SAEConfig: its default, its --help text, the rule its value must meet, its allowed
+    values, and (rarely) a flag name other than the field's. train_sae.py makes one flag of each."""
+    return field(default=default, metadata={"help": help, "rule": rule, "choices": choices, "flag": flag})
 
 
 def width_scaled_lr(width: int) -> float:
@@ -376,7 +416,7 @@ class JumpReLU(torch.autograd.Function):
         return grad * (z > theta), grad_theta.sum(dim=1, keepdim=True), None
 
 
-class Step(torch.autograd.Function):
+class StraightThroughStep(torch.autograd.Function):
     """H(z - theta), whose gradient would be zero almost everywhere: the STE gives theta the
     pseudo-derivative -(1 / eps) K((z - theta) / eps), and z none. This is what lets an L0 penalty train."""
 
@@ -402,8 +442,31 @@ def geometric_median(x: torch.Tensor, iterations: int = 100) -> torch.Tensor:
     return median
 
 
+
+
+class Codes(NamedTuple):
+    """What a training forward passes to the losses: dense latents f and pre-activations z [S, B, m], or,
+    for TopK, only the kept values and their latent indices [S, B, k]."""
+    latents: torch.Tensor | None = None
+    pre: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+
 class SAEEnsemble(torch.nn.Module):
-    """S sparse autoencoders of one configuration, one per seed, trained as one batched model."""
+    """S sparse autoencoders of one configuration, one per seed, trained as one batched model.
+
+    This class holds what every architecture shares: W_enc, W_dec, b_enc, b_dec and their initialisation,
+    activation normalisation, AuxK, and the export in raw activation units. Each architecture is a
+    subclass that sets the class attributes below and defines `activate` (or its own `forward`), and
+    where it has them `penalty`, `observe` and `extra_exports`; `infer` is what a saved SAE computes."""
+
+    name: ClassVar[str]
+    settings: ClassVar[dict] = {}            # its own SAEConfig fields, each made with setting()
+    sparsity: ClassVar[str]                  # the setting that sets its sparsity: names folders, groups analyses
+    sparsity_format: ClassVar[str] = "{name}_{value:g}"   # how that setting reads in a folder name
+    extra_tensors: ClassVar[tuple[str, ...]] = ()         # saved beside W_enc, W_dec, b_enc, b_dec
+    uses_auxk: ClassVar[bool] = False
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
         super().__init__()
@@ -421,12 +484,17 @@ class SAEEnsemble(torch.nn.Module):
         self.W_dec = torch.nn.Parameter(torch.stack(W_dec))
         self.b_enc = torch.nn.Parameter(torch.zeros(S, cfg.width))
         self.b_dec = torch.nn.Parameter(torch.zeros(S, cfg.d_in))
-        if cfg.arch == "jumprelu":
-            self.log_threshold = torch.nn.Parameter(torch.full((S, cfg.width), math.log(cfg.threshold_init)))
-        if cfg.arch == "batchtopk":   # the global inference threshold, a running average (NaN until step 1)
-            self.register_buffer("batch_threshold", torch.full((S,), float("nan")))
         # inputs are multiplied by input_scale before encoding (activation normalisation)
         self.register_buffer("input_scale", torch.ones(()))
+
+    @classmethod
+    def check(cls, cfg: SAEConfig) -> None:
+        """Raise HusaiError for settings this architecture cannot train with (beyond each field's own rule)."""
+
+    @classmethod
+    def sparsity_label(cls, cfg: SAEConfig) -> str:
+        """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
+        return cls.sparsity_format.format(name=cls.sparsity, value=getattr(cfg, cls.sparsity))
 
     @torch.no_grad()
     def init_from_data(self, acts: torch.Tensor) -> None:
@@ -438,28 +506,34 @@ class SAEEnsemble(torch.nn.Module):
                   "zero": lambda s: torch.zeros(s.shape[1], device=s.device)}[self.cfg.b_dec_init](sample)
         self.b_dec.copy_(centre.expand_as(self.b_dec))
 
-    def forward(self, x: torch.Tensor, use_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Training forward on a batch x [B, d] or [S, B, d] (raw units). Returns the normalised
-        input, the reconstruction x_hat [S, B, d], and what the losses need (latents or their indices)."""
-        cfg = self.cfg
-        x = x * self.input_scale
-        if cfg.arch == "topk" and kernels.use_triton(self.W_enc, use_kernels):
-            # the fused path: the dense [S, B, m] pre-activation is never materialised
-            values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
-            x_hat = kernels.sparse_decode(values, indices, self.W_dec, self.b_dec)
-            return x, x_hat, {"values": values, "indices": indices}
+    def forward(self, acts: torch.Tensor, triton: bool = False) -> tuple[torch.Tensor, torch.Tensor, Codes]:
+        """Training forward on a batch acts [B, d] or [S, B, d] in raw units. Returns the normalised
+        input, the reconstruction x_hat [S, B, d], and the codes the losses need. `triton` is the
+        trainer's choice of kernels; only an architecture with kernels (TopK) reads it."""
+        x = acts * self.input_scale
         z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
-        if cfg.arch == "topk":
-            values, indices = topk_kept(z, cfg.k)
-            f = scatter_latents(values, indices, z)
-            return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), {"values": values, "indices": indices}
-        if cfg.arch == "relu":
-            f = relu_latents(z)
-        elif cfg.arch == "batchtopk":
-            f = batchtopk_latents(z, cfg.k)
-        else:
-            f = JumpReLU.apply(z, self.log_threshold.exp()[:, None], cfg.bandwidth)
-        return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), {"latents": f, "pre": z}
+        f = self.activate(z)
+        return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), Codes(latents=f, pre=z)
+
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """Training latents f [S, B, m] from pre-activations z [S, B, m]."""
+        raise NotImplementedError
+
+    def penalty(self, codes: Codes, step: int) -> torch.Tensor | None:
+        """The sparsity penalty per seed [S] at this step, added to the reconstruction loss (None: none)."""
+        return None
+
+    def observe(self, codes: Codes) -> None:
+        """Update running statistics from a training batch's codes (after the losses are computed)."""
+
+    def extra_exports(self, s: int) -> dict[str, torch.Tensor]:
+        """Seed s's `extra_tensors`, in raw activation units."""
+        return {}
+
+    @staticmethod
+    def infer(z: torch.Tensor, tensors: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
+        """What a saved SAE computes at inference: latents f [N, m] from pre-activations z [N, m]."""
+        raise NotImplementedError
 
     def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al.): the top k_aux dead latents reconstruct the residual e = x - x_hat (without
@@ -487,23 +561,208 @@ class SAEEnsemble(torch.nn.Module):
         on raw inputs, with W_dec's rows still unit norm."""
         c = self.input_scale
         tensors = {"W_enc": self.W_enc[s], "W_dec": self.W_dec[s], "b_enc": self.b_enc[s] / c, "b_dec": self.b_dec[s] / c}
-        if self.cfg.arch == "jumprelu":
-            tensors["threshold"] = self.log_threshold[s].exp() / c
-        if self.cfg.arch == "batchtopk":
-            tensors["threshold"] = torch.full((self.cfg.width,), float(self.batch_threshold[s])) / c
+        tensors.update(self.extra_exports(s))
         return {name: t.detach().float().cpu().clone() for name, t in tensors.items()}
+
+
+K = setting(32, "topk: latents kept per input; batchtopk: kept per input on average over the batch")
+AUXK = {
+    "auxk": setting(True, "AuxK loss that revives dead latents (Gao et al.)"),
+    "auxk_coeff": setting(1 / 32, "AuxK: weight of its loss", NON_NEGATIVE),
+    "k_aux": setting(64, "AuxK: dead latents used to reconstruct the residual", AT_LEAST_ONE),
+}
+
+
+def check_k(cfg: SAEConfig) -> None:
+    if not 1 <= cfg.k <= cfg.width:
+        raise HusaiError(f"k {cfg.k}: must lie between 1 and the width ({cfg.width})")
+
+
+class ReLUSAE(SAEEnsemble):
+    """ReLU SAE: f = ReLU(z); penalty lambda * sum_i f_i ||W_dec[i]||, lambda ramped up from 0."""
+    name = "relu"
+    settings = {
+        "l1": setting(0.7, "L1 coefficient, decoder-norm weighted, in normalised units (0.7: L0 33.5 on the "
+                           "grokked model's residual stream, next to TopK's k = 32)", NON_NEGATIVE),
+        "l1_warmup_steps": setting(500, "the L1 coefficient ramps up linearly from 0 over these steps", NON_NEGATIVE),
+    }
+    sparsity = "l1"
+
+    def activate(self, z):
+        return torch.relu(z)
+
+    def penalty(self, codes, step):
+        ramp = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup_steps))
+        return self.cfg.l1 * ramp * (codes.latents * self.W_dec.norm(dim=-1)[:, None]).sum(-1).mean(-1)
+
+    @staticmethod
+    def infer(z, tensors, config):
+        return torch.relu(z)
+
+
+class TopKSAE(SAEEnsemble):
+    """TopK (Gao et al. 2024): the k largest pre-activations of each input, ReLU'd; AuxK revives dead
+    latents. On a GPU (or under the Triton interpreter) training runs the fused kernels."""
+    name = "topk"
+    settings = {"k": K, **AUXK}
+    sparsity = "k"
+    sparsity_format = "k{value}"
+    uses_auxk = True
+
+    @classmethod
+    def check(cls, cfg):
+        check_k(cfg)
+        if cfg.k > kernels.MAX_K:
+            raise HusaiError(f"k {cfg.k}: the fused TopK kernel keeps at most {kernels.MAX_K} latents per input; "
+                             f"use a smaller --k, or --arch batchtopk")
+
+    def forward(self, acts, triton=False):
+        x = acts * self.input_scale
+        if triton:   # the fused path: the dense [S, B, m] pre-activation is never materialised
+            values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, triton=True)
+            x_hat = kernels.sparse_decode(values, indices, self.W_dec, self.b_dec, triton=True)
+            return x, x_hat, Codes(values=values, indices=indices)
+        z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
+        values, indices = topk_kept(z, self.cfg.k)
+        x_hat = SeedwiseLinear.apply(scatter_latents(values, indices, z), self.W_dec, self.b_dec)
+        return x, x_hat, Codes(values=values, indices=indices)
+
+    @staticmethod
+    def infer(z, tensors, config):
+        return topk_latents(z, config["k"])
+
+
+class BatchTopKSAE(SAEEnsemble):
+    """BatchTopK (Bussmann et al. 2024): the B*k largest pre-activations of each seed's batch in training;
+    at inference one global threshold, a running average of the smallest kept activation."""
+    name = "batchtopk"
+    settings = {"k": K, **AUXK, "threshold_momentum": setting(
+        0.99, "running average of the smallest kept activation, the inference threshold", BELOW_ONE)}
+    sparsity = "k"
+    sparsity_format = "k{value}"
+    extra_tensors = ("threshold",)
+    uses_auxk = True
+
+    def __init__(self, cfg, seeds):
+        super().__init__(cfg, seeds)
+        self.register_buffer("batch_threshold", torch.full((len(self.seeds),), float("nan")))   # NaN until step 1
+
+    @classmethod
+    def check(cls, cfg):
+        check_k(cfg)
+
+    def activate(self, z):
+        return batchtopk_latents(z, self.cfg.k)
+
+    @torch.no_grad()
+    def observe(self, codes):
+        """theta <- running average of the smallest positive kept activation in each seed's batch."""
+        smallest = torch.where(codes.latents > 0, codes.latents, float("inf")).flatten(1).min(dim=1).values
+        theta, momentum = self.batch_threshold, self.cfg.threshold_momentum
+        theta.copy_(torch.where(theta.isnan(), smallest, momentum * theta + (1 - momentum) * smallest))
+
+    def extra_exports(self, s):
+        return {"threshold": torch.full((self.cfg.width,), float(self.batch_threshold[s])) / self.input_scale}
+
+    @staticmethod
+    def infer(z, tensors, config):
+        return threshold_latents(z, tensors["threshold"])
+
+
+class JumpReLUSAE(SAEEnsemble):
+    """JumpReLU (Rajamanoharan et al. 2024): f = z * H(z - theta) with learned per-latent thresholds;
+    penalty lambda * L0, trained through straight-through estimators."""
+    name = "jumprelu"
+    settings = {
+        "l0": setting(0.05, "coefficient of the L0 norm (the number of active latents)", NON_NEGATIVE),
+        "threshold_init": setting(0.5, "initial per-latent threshold (normalised units)", POSITIVE),
+        "bandwidth": setting(0.1, "width of the straight-through estimator's rectangle kernel", POSITIVE),
+    }
+    sparsity = "l0"
+    extra_tensors = ("threshold",)
+
+    def __init__(self, cfg, seeds):
+        super().__init__(cfg, seeds)
+        self.log_threshold = torch.nn.Parameter(torch.full((len(self.seeds), cfg.width), math.log(cfg.threshold_init)))
+
+    def activate(self, z):
+        return JumpReLU.apply(z, self.log_threshold.exp()[:, None], self.cfg.bandwidth)
+
+    def penalty(self, codes, step):
+        l0 = StraightThroughStep.apply(codes.pre, self.log_threshold.exp()[:, None], self.cfg.bandwidth)
+        return self.cfg.l0 * l0.sum(-1).mean(-1)
+
+    def extra_exports(self, s):
+        return {"threshold": self.log_threshold[s].exp() / self.input_scale}
+
+    @staticmethod
+    def infer(z, tensors, config):
+        return threshold_latents(z, tensors["threshold"])
+
+
+ARCHITECTURES: dict[str, type[SAEEnsemble]] = {cls.name: cls for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+
+
+@dataclass
+class CoreSettings:
+    """The settings every architecture has. SAEConfig is these plus every architecture's own settings."""
+    arch: str = setting("topk", "architecture", choices=tuple(ARCHITECTURES))
+    d_in: int = setting(128, "activation dimension d (read from the data)", AT_LEAST_ONE, flag="")
+    width: int = setting(512, "latents m", AT_LEAST_ONE, flag="")
+    dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead", AT_LEAST_ONE)
+    unit_norm_decoder: bool = setting(True, "unit-norm decoder rows: project W_dec's gradient tangent to the rows "
+                                            "and renormalise after each step", flag="unit-norm")
+    tied_init: bool = setting(True, "initialise W_enc as W_dec^T")
+    b_dec_init: str = setting("median", "b_dec's start, from a sample of the data (median: geometric, by Weiszfeld)",
+                              choices=("median", "mean", "zero"))
+    normalize: bool = setting(True, "train on x * c with E||c x|| = sqrt(d); c is folded back into the saved weights")
+
+    def __post_init__(self):
+        if self.arch not in ARCHITECTURES:
+            raise HusaiError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        for f in fields(self):
+            value, rule, choices = getattr(self, f.name), f.metadata["rule"], f.metadata["choices"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HusaiError(f"{f.name} {value}: must be a finite number")
+            if rule is not None and not rule.holds(value):
+                raise HusaiError(f"{f.name} {value}: {rule.says}")
+            if choices is not None and value not in choices:
+                raise HusaiError(f"{f.name} {value!r}: valid are {', '.join(choices)}")
+        ARCHITECTURES[self.arch].check(self)
+
+    @property
+    def sparsity_name(self) -> str:
+        """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
+        return ARCHITECTURES[self.arch].sparsity_label(self)
+
+
+def architecture_settings() -> list[tuple[str, type, Field]]:
+    """Every architecture's own settings, once each, in the order of ARCHITECTURES (a setting shared by
+    several architectures, like k, is one field)."""
+    merged: dict[str, Field] = {}
+    for cls in ARCHITECTURES.values():
+        for name, spec in cls.settings.items():
+            if merged.setdefault(name, spec) is not spec:
+                raise TypeError(f"{cls.__name__} declares its own {name!r}; share the one setting instead")
+    return [(name, type(spec.default), spec) for name, spec in merged.items()]
+
+
+SAEConfig = make_dataclass("SAEConfig", architecture_settings(), bases=(CoreSettings,))
+SAEConfig.__module__ = __name__
+SAEConfig.__doc__ = ("One SAE configuration: CoreSettings plus each architecture's settings (see ARCHITECTURES). "
+                     "Every field carries its --help text in field.metadata['help'].")
+
+
+def build_sae(cfg: SAEConfig, seeds: list[int]) -> SAEEnsemble:
+    """The ensemble of cfg's architecture for these seeds."""
+    return ARCHITECTURES[cfg.arch](cfg, seeds)
 
 
 def sae_latents(tensors: dict[str, torch.Tensor], config: dict, x: torch.Tensor) -> torch.Tensor:
     """What a saved SAE computes at inference: latents f [N, m] for raw activations x [N, d].
     BatchTopK infers with its learned global threshold, never with batch-level top-k."""
     z = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
-    arch = config["arch"]
-    if arch == "relu":
-        return relu_latents(z)
-    if arch == "topk":
-        return topk_latents(z, config["k"])
-    return threshold_latents(z, tensors["threshold"])
+    return ARCHITECTURES[config["arch"]].infer(z, tensors, config)
 
 
 def sae_reconstruct(tensors: dict[str, torch.Tensor], config: dict, x: torch.Tensor) -> torch.Tensor:
@@ -513,8 +772,12 @@ def sae_reconstruct(tensors: dict[str, torch.Tensor], config: dict, x: torch.Ten
 def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, meta = load_tensors(path, SAE_FORMAT, SAE_VERSION, required=("W_enc", "W_dec", "b_enc", "b_dec"),
                                  hint="python train_sae.py --arch topk --seed 42")
-    if meta["config"]["arch"] in ("batchtopk", "jumprelu") and "threshold" not in tensors:
-        raise HusaiError(f"{path}: missing tensor threshold")
+    arch = meta.get("config", {}).get("arch")
+    if arch not in ARCHITECTURES:
+        raise HusaiError(f"{path}: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
+    missing = [name for name in ARCHITECTURES[arch].extra_tensors if name not in tensors]
+    if missing:
+        raise HusaiError(f"{path}: missing tensor {', '.join(missing)}")
     return tensors, meta
 
 
@@ -530,62 +793,51 @@ def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts:
 
 class SAETrainer:
     """One optimiser step at a time for an SAEEnsemble: losses, the decoder constraint, Adam with
-    warm-up and linear decay, dead-latent tracking, and the BatchTopK threshold."""
+    warm-up and linear decay, and dead-latent tracking. Whether the Triton kernels run is decided once,
+    here, from the device and `use_kernels` (`--no-kernels`)."""
 
     def __init__(self, sae: SAEEnsemble, lr: float, steps: int, warmup_steps: int, decay_steps: int,
                  use_kernels: bool = True):
-        self.sae, self.steps, self.use_kernels = sae, steps, use_kernels
+        self.sae, self.steps = sae, steps
+        self.triton = kernels.use_triton(sae.W_dec.device, use_kernels)
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
         self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.W_dec.device)
         self.step_count = 0
 
-    def losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def losses(self, acts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
         sae, cfg = self.sae, self.sae.cfg
-        x, x_hat, out = sae(x, self.use_kernels)
+        x, x_hat, codes = sae(acts, self.triton)
         x = x.expand_as(x_hat)
         reconstruction = (x_hat - x).pow(2).sum(-1).mean(-1)
-        if "latents" in out:
-            active = out["latents"] > 0
+        if codes.latents is not None:
+            active = codes.latents > 0
             l0, fired = active.sum(-1).float().mean(-1), active.any(dim=1)
         else:   # TopK: read firing from the kept indices, not from a dense [S, B, m] tensor
-            kept = out["values"] > 0
-            hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, out["indices"].flatten(1),
+            kept = codes.values > 0
+            hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, codes.indices.flatten(1),
                                                                           kept.flatten(1).float())
             l0, fired = kept.sum(-1).float().mean(-1), hits > 0   # integer counts: exact in any order
         loss = reconstruction
-        if cfg.arch == "relu":
-            ramp = min(1.0, (self.step_count + 1) / max(1, cfg.l1_warmup_steps))
-            penalty = (out["latents"] * sae.W_dec.norm(dim=-1)[:, None]).sum(-1).mean(-1)
-            loss = loss + cfg.l1 * ramp * penalty
-        if cfg.arch == "jumprelu":
-            l0 = Step.apply(out["pre"], sae.log_threshold.exp()[:, None], cfg.bandwidth).sum(-1).mean(-1)
-            loss = loss + cfg.l0 * l0
+        penalty = sae.penalty(codes, self.step_count)
+        if penalty is not None:
+            loss = loss + penalty
         dead = self.inputs_since_fired >= cfg.dead_window
-        if cfg.arch in ("topk", "batchtopk") and cfg.auxk:
+        if sae.uses_auxk and cfg.auxk:
             loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
         variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
         metrics = {"loss": loss.detach(), "fvu": (reconstruction / variance).detach(),
                    "l0": l0, "dead": dead.float().mean(-1)}
         self.inputs_since_fired = torch.where(fired, 0, self.inputs_since_fired + x.shape[1])
-        if cfg.arch == "batchtopk":
-            self.update_batch_threshold(out["latents"])
+        sae.observe(codes)
         return loss, metrics
 
-    @torch.no_grad()
-    def update_batch_threshold(self, f: torch.Tensor) -> None:
-        """theta <- running average of the smallest positive kept activation in each seed's batch."""
-        smallest = torch.where(f > 0, f, float("inf")).flatten(1).min(dim=1).values
-        theta = self.sae.batch_threshold
-        momentum = self.sae.cfg.threshold_momentum
-        theta.copy_(torch.where(theta.isnan(), smallest, momentum * theta + (1 - momentum) * smallest))
-
-    def step(self, x: torch.Tensor) -> dict:
-        """One optimiser step on batch x. Raises FloatingPointError naming the step (parameters left
-        untouched) when a seed's loss is not finite."""
-        loss, metrics = self.losses(x)
+    def step(self, acts: torch.Tensor) -> dict:
+        """One optimiser step on a batch of activations. Raises FloatingPointError naming the step
+        (parameters left untouched) when a seed's loss is not finite."""
+        loss, metrics = self.losses(acts)
         if not torch.isfinite(loss).all():
             bad = [seed for seed, ok in zip(self.sae.seeds, torch.isfinite(loss).tolist()) if not ok]
             raise FloatingPointError(f"loss is not finite at step {self.step_count} (seeds {bad})")
@@ -593,10 +845,10 @@ class SAETrainer:
         loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
         W_dec = self.sae.W_dec
         if self.sae.cfg.unit_norm_decoder:
-            kernels.remove_parallel_grad_(W_dec.detach(), W_dec.grad, enabled=self.use_kernels)
+            kernels.remove_parallel_grad_(W_dec.detach(), W_dec.grad, triton=self.triton)
         self.optimizer.step()
         self.schedule.step()
         if self.sae.cfg.unit_norm_decoder:
-            kernels.normalize_rows_(W_dec.data, enabled=self.use_kernels)
+            kernels.normalize_rows_(W_dec.data, triton=self.triton)
         self.step_count += 1
         return metrics

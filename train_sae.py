@@ -18,21 +18,38 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+import argparse
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from sae_core import (ARCHITECTURES, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, SAEConfig,
-                      SAEEnsemble, SAETrainer, atomic_write, file_sha256, pick_device, prepare_output,
-                      reconstruction_metrics, run_cli, sae_reconstruct, save_tensors, width_scaled_lr)
-from train_transformer import collect_activations, load_transformer, make_dataset, run_with_replacement
+from sae_core import (SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, SAEConfig, SAETrainer,
+                      atomic_write, build_sae, file_sha256, pick_device, prepare_output, reconstruction_metrics,
+                      run_cli, sae_file_name, sae_reconstruct, save_tensors, snapshot_file_name, width_scaled_lr)
+from train_transformer import activations_from, run_with_replacement
 
-DEFAULTS = SAEConfig()
+
+def flagged_settings() -> list:
+    """The SAEConfig fields that are flags of this stage: all but those whose flag is "" (d_in comes from
+    the data, width from --width or --expansion)."""
+    return [f for f in fields(SAEConfig) if f.metadata["flag"] != ""]
+
+
+def add_config_flags(parser: CliParser) -> None:
+    """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, or for a
+    switch `--name` / `--no-name`."""
+    for f in flagged_settings():
+        flag = f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:   # allowed values are checked by SAEConfig itself, with its one-line errors
+            choices = f.metadata["choices"]
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                                help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else ""))
 
 
 def build_parser() -> CliParser:
@@ -43,18 +60,10 @@ def build_parser() -> CliParser:
     add("--checkpoint", type=int, default=None, help="train on this epoch's checkpoint instead of the final model")
     add("--hook", default=None, help="hook site, e.g. blocks.0.mlp_post (default: last block's resid_post)")
     add("--acts", default=None, help="train on an [N, d] float tensor from this safetensors file instead")
-    # the SAE
-    add("--arch", default="topk", help=f"architecture: {', '.join(ARCHITECTURES)}")
+    # the SAE: its width, then every SAEConfig setting (architecture, sparsity, training tricks)
     add("--width", type=int, default=None, help="latents m (default: --expansion times d)")
     add("--expansion", type=float, default=4.0, help="width as a multiple of the activation dimension d")
-    add("--k", type=int, default=DEFAULTS.k, help="topk, batchtopk: active latents per input")
-    add("--l1", type=float, default=DEFAULTS.l1, help="relu: L1 coefficient (decoder-norm weighted)")
-    add("--l0", type=float, default=DEFAULTS.l0, help="jumprelu: L0 coefficient")
-    add("--no-auxk", action="store_true", help="topk, batchtopk: no AuxK loss for dead latents")
-    add("--no-unit-norm", action="store_true", help="let decoder rows change norm (no gradient projection)")
-    add("--no-tied-init", action="store_true", help="initialise W_enc independently of W_dec")
-    add("--b-dec-init", choices=["median", "mean", "zero"], default=DEFAULTS.b_dec_init, help="b_dec from the data")
-    add("--no-normalize", action="store_true", help="train on raw activations (no E||x|| = sqrt(d) scaling)")
+    add_config_flags(parser)
     # seeds and data order
     add("--seed", type=int, default=42, help="one seed (ignored when --seeds is given)")
     add("--seeds", type=int, nargs="+", default=None, help="several seeds, trained together as one ensemble")
@@ -74,26 +83,6 @@ def build_parser() -> CliParser:
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="overwrite existing files for these seeds")
     return parser
-
-
-def read_acts_file(path: str) -> torch.Tensor:
-    """An [N, d] float tensor from a safetensors file holding one tensor (or one named `acts`)."""
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise HusaiError(f"--acts {path}: no such file")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise HusaiError(f"--acts {path}: not a readable safetensors file ({e})")
-    if len(tensors) != 1 and "acts" not in tensors:
-        raise HusaiError(f"--acts {path}: holds {len(tensors)} tensors ({', '.join(tensors)}); name one `acts`")
-    acts = tensors["acts"] if "acts" in tensors else next(iter(tensors.values()))
-    if acts.ndim != 2 or not acts.is_floating_point():
-        raise HusaiError(f"--acts {path}: need a 2-D float tensor [N, d], got {acts.dtype} {list(acts.shape)}")
-    if acts.shape[0] < 2 or acts.shape[1] < 1:
-        raise HusaiError(f"--acts {path}: the tensor is empty ({list(acts.shape)}); need at least 2 rows")
-    if not torch.isfinite(acts).all():
-        raise HusaiError(f"--acts {path}: contains NaN or Inf values")
-    return acts.float()
 
 
 def batch_order(n: int, batch_size: int, generator: torch.Generator):
@@ -140,32 +129,22 @@ def main() -> None:
             raise HusaiError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
 
     # ---- activations -----------------------------------------------------------------------------
-    model = None
     if args.acts:
-        acts = read_acts_file(args.acts)
-        provenance = {"source": "acts", "acts": args.acts, "acts_sha256": file_sha256(args.acts), "transformer": None,
-                      "transformer_sha256": None, "hook": None, "position": None, "checkpoint": None}
+        provenance = {"source": "acts", "acts": args.acts, "transformer": None, "transformer_sha256": None,
+                      "hook": None, "position": None, "checkpoint": None}
     else:
-        if not Path(args.transformer).is_file():
-            raise HusaiError(f"{args.transformer}: no transformer file; create it with `python train_transformer.py`")
-        model, meta = load_transformer(args.transformer, args.checkpoint, device)
-        tokens, labels = make_dataset(model.cfg)
-        tokens, labels = tokens.to(device), labels.to(device)
-        hook = args.hook or f"blocks.{model.cfg.n_layers - 1}.resid_post"
-        if hook not in model.cfg.hook_names():
-            raise HusaiError(f"--hook {hook}: no such hook site; valid: {', '.join(model.cfg.hook_names())}")
-        acts = collect_activations(model, tokens, hook, position="eq")
-        provenance = {"source": "transformer", "transformer": args.transformer,
-                      "transformer_sha256": file_sha256(args.transformer), "hook": hook, "position": "eq",
+        provenance = {"source": "transformer", "transformer": args.transformer, "hook": args.hook, "position": "eq",
                       "checkpoint": args.checkpoint, "acts": None, "acts_sha256": None}
-    acts = acts.to(device)
+    acts, model, tokens, labels, hook = activations_from(provenance, device)
+    if args.acts:
+        provenance["acts_sha256"] = file_sha256(args.acts)
+    else:
+        provenance.update(hook=hook, transformer_sha256=file_sha256(args.transformer))
     n, d = acts.shape
 
     # ---- the ensemble and where it goes ----------------------------------------------------------
     width = args.width if args.width is not None else round(args.expansion * d)
-    cfg = SAEConfig(arch=args.arch, d_in=d, width=width, k=args.k, l1=args.l1, l0=args.l0, auxk=not args.no_auxk,
-                    unit_norm_decoder=not args.no_unit_norm, tied_init=not args.no_tied_init,
-                    b_dec_init=args.b_dec_init, normalize=not args.no_normalize)
+    cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
     if args.batch_size > n:
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
@@ -175,7 +154,7 @@ def main() -> None:
     elif args.hook or args.checkpoint is not None:
         name += f"-{provenance['hook']}" + (f"-epoch{args.checkpoint}" if args.checkpoint is not None else "")
     out_dir = Path(args.out or Path("runs/sae") / name)
-    outputs = {seed: out_dir / f"seed{seed}.safetensors" for seed in seeds}
+    outputs = {seed: out_dir / sae_file_name(seed) for seed in seeds}
     for path in outputs.values():
         prepare_output(path, args.force)
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
@@ -183,7 +162,7 @@ def main() -> None:
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
                   torch=torch.__version__)
 
-    sae = SAEEnsemble(cfg, seeds).to(device)
+    sae = build_sae(cfg, seeds).to(device)
     sae.init_from_data(acts)
     trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                          use_kernels=not args.no_kernels)
@@ -246,7 +225,7 @@ def main() -> None:
         metrics["train_seconds"] = round(seconds, 1)
         save_tensors(outputs[seed], tensors, SAE_FORMAT, SAE_VERSION,
                      {"config": seed_config, "metrics": metrics, "provenance": provenance})
-        save_tensors(out_dir / f"seed{seed}.snapshots.safetensors", snapshots[seed], SNAPSHOT_FORMAT, SAE_VERSION,
+        save_tensors(out_dir / snapshot_file_name(seed), snapshots[seed], SNAPSHOT_FORMAT, SAE_VERSION,
                      {"steps": snapshot_steps, "fvu": snapshot_fvu[seed], "config": seed_config})
         log_text = "".join(json.dumps(row) + "\n" for row in logs[seed])
         atomic_write(out_dir / f"seed{seed}.log.jsonl", lambda tmp: tmp.write_text(log_text))

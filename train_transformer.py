@@ -12,33 +12,31 @@ generalise by learning a handful of Fourier frequencies. Outputs, in --out's fol
     curves.png, fourier.png
 
 This file is also the library for the model: later stages import make_dataset, load_transformer,
-collect_activations and run_with_replacement from here.
+activations_from and run_with_replacement from here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F_nn
-from einops import einsum, rearrange
+from einops import rearrange
 
-from sae_core import (CliParser, HusaiError, embedding_frequency_shares, fourier_purity, key_frequencies,
-                      load_tensors, pick_device, prepare_output, run_cli, save_tensors, seed_everything)
+from sae_core import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, embedding_spectrum,
+                      fourier_purity, load_tensors, pick_device, prepare_output, read_acts_file, run_cli, save_tensors,
+                      seed_everything, sum_frequency_directions)
 
 FORMAT = "husai.transformer"
 VERSION = 1
 OPERATIONS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
               "mul": lambda a, b, p: (a * b) % p}
 HOOK_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post")
-KEY_FREQUENCY_MIN_SHARE = 0.05   # rule for key frequencies: >= 5% of the embedding's Fourier energy
-PURE_NEURON_THRESHOLD = 0.85     # a neuron is "explained by frequency k" at this purity or above
 
 
 def build_parser() -> CliParser:
@@ -219,23 +217,41 @@ class Transformer(torch.nn.Module):
 # Reading and replacing activations (what stages 2 and 3 use)
 
 
-def collect_activations(model: Transformer, tokens: torch.Tensor, hook: str, position: str = "eq",
-                        batch_size: int = 4096) -> torch.Tensor:
-    """Activations at `hook` for every row of tokens: [N, d] at the `=` position ("eq"), or
-    [N, n_ctx, d] at all positions ("all"; only for sites that have them, i.e. not after attention
-    in the last block)."""
+def collect_activations(model: Transformer, tokens: torch.Tensor, hook: str, batch_size: int = 4096) -> torch.Tensor:
+    """Activations [N, d] at `hook` at the `=` position, for every row of tokens."""
     chunks = []
     with torch.no_grad():
         for start in range(0, len(tokens), batch_size):
             cache = {hook: None}
             model(tokens[start:start + batch_size], cache=cache)
-            chunks.append(cache[hook])
-    acts = torch.cat(chunks)
-    if position == "eq":
-        return acts[:, -1]
-    if acts.shape[1] != model.cfg.n_ctx:
-        raise HusaiError(f"hook {hook} exists only at the `=` position in the last block; use position eq")
-    return acts
+            chunks.append(cache[hook][:, -1])
+    return torch.cat(chunks)
+
+
+class Activations(NamedTuple):
+    """Activations named by a provenance, with the model behind them when there is one."""
+    acts: torch.Tensor                 # [N, d]; from a transformer, N = p^2 in the order a * p + b
+    model: Transformer | None
+    tokens: torch.Tensor | None        # every input, and its answer
+    labels: torch.Tensor | None
+    hook: str | None
+
+
+def activations_from(provenance: dict, device: str | torch.device = "cpu") -> Activations:
+    """The activations a provenance names: the activation file (`source` "acts"), or the transformer (at
+    its checkpoint) run on every input and read at its hook (default: the last block's resid_post) at `=`.
+    train_sae.py trains on these and analyze.py recomputes them from the SAE files, with this one function."""
+    if provenance["source"] == "acts":
+        return Activations(read_acts_file(provenance["acts"]).to(device), None, None, None, None)
+    path = provenance["transformer"]
+    if not Path(path).is_file():
+        raise HusaiError(f"{path}: no transformer file; create it with `python train_transformer.py`")
+    model, _ = load_transformer(path, provenance["checkpoint"], device)
+    hook = provenance["hook"] or f"blocks.{model.cfg.n_layers - 1}.resid_post"
+    if hook not in model.cfg.hook_names():
+        raise HusaiError(f"--hook {hook}: no such hook site; valid: {', '.join(model.cfg.hook_names())}")
+    tokens, labels = (t.to(device) for t in make_dataset(model.cfg))
+    return Activations(collect_activations(model, tokens, hook).float(), model, tokens, labels, hook)
 
 
 def run_with_replacement(model: Transformer, tokens: torch.Tensor, hook: str,
@@ -282,29 +298,13 @@ def list_checkpoints(model_path: str | Path) -> list[int]:
 # Progress measures (Nanda et al. 2023)
 
 
-def sum_frequency_directions(p: int, op: str, freqs: list[int]) -> torch.Tensor | None:
-    """Orthonormal columns [p^2, 2 len(freqs)]: cos and sin of w_k (a + b) (a - b for sub) over the
-    input grid. None for mul, whose Fourier structure lives in discrete logarithms."""
-    if op == "mul" or not freqs:
-        return None
-    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
-    combined = (a + b if op == "add" else a - b).double()
-    columns = []
-    for k in freqs:
-        angle = 2 * math.pi * k * combined / p
-        columns += [torch.cos(angle), torch.sin(angle)]
-    directions = torch.stack(columns, dim=1)
-    return (directions / directions.norm(dim=0)).float()
-
-
 def progress_measures(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor,
                       train_idx: torch.Tensor) -> dict:
     """Key frequencies (from the embedding), per-layer fraction of MLP neurons explained by one
     frequency, and the restricted / excluded losses."""
     cfg = model.cfg
     with torch.no_grad():
-        shares = embedding_frequency_shares(model.W_E[: cfg.p].float().cpu())
-        keys = key_frequencies(shares, KEY_FREQUENCY_MIN_SHARE)
+        shares, keys = embedding_spectrum(model.W_E[: cfg.p])
         cache = {f"blocks.{layer}.mlp_post": None for layer in range(cfg.n_layers)}
         logits = model(tokens, cache=cache).double()
     neurons = {}

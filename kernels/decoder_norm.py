@@ -8,8 +8,8 @@ held in registers (float32) between the reduction and the update.
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 from .sparse_decoder import check_float_operands, check_int32_offsets, check_shape
 

@@ -16,8 +16,8 @@ module also holds that reduction and the operand checks that all kernel launcher
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 

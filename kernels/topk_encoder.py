@@ -26,8 +26,8 @@ The scatter is sparse_decoder's deterministic segmented reduction (no float atom
 """
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton
 
 from .sparse_decoder import (
     block_size,

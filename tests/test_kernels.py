@@ -130,9 +130,9 @@ def test_topk_encode_gradients_match_reference(n_seeds, shared_x, k, bias_shift)
     x = make_x(n_seeds, n_rows, d, shared=shared_x)
     upstream = torch.randn(n_seeds, n_rows, k, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     grads = []
-    for enabled in (True, False):
+    for use_kernel in (True, False):
         q = with_grad(p)
-        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, enabled=enabled)
+        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, triton=use_kernel)
         (values * upstream).sum().backward()
         grads.append((values.detach(), indices, q["W_enc"].grad, q["b_enc"].grad, q["b_dec"].grad))
     (values, indices, *kernel_grads), (_, ref_indices, *ref_grads) = grads
@@ -153,9 +153,9 @@ def test_sparse_decode_and_gradients_match_reference(n_seeds, k, d):
     values = torch.relu(torch.randn(n_seeds, n_rows, k, generator=gen)).to(DEVICE)
     upstream = torch.randn(n_seeds, n_rows, d, generator=gen).to(DEVICE)
     results = []
-    for enabled in (True, False):
+    for use_kernel in (True, False):
         q = with_grad({"values": values, "W_dec": p["W_dec"], "b_dec": p["b_dec"]})
-        x_hat = kernels.sparse_decode(q["values"], indices, q["W_dec"], q["b_dec"], enabled=enabled)
+        x_hat = kernels.sparse_decode(q["values"], indices, q["W_dec"], q["b_dec"], triton=use_kernel)
         (x_hat * upstream).sum().backward()
         results.append((x_hat.detach(), q["values"].grad, q["W_dec"].grad, q["b_dec"].grad))
     for got, want in zip(*results):
@@ -209,33 +209,33 @@ def test_decoder_norm_matches_reference(n_seeds, m, d):
     w_kernel, g_kernel, w_ref, g_ref = W_dec.clone(), grad.clone(), W_dec.clone(), grad.clone()
 
     kernels.remove_parallel_grad_(w_kernel, g_kernel)
-    kernels.remove_parallel_grad_(w_ref, g_ref, enabled=False)
+    kernels.remove_parallel_grad_(w_ref, g_ref, triton=False)
     torch.testing.assert_close(g_kernel, g_ref, atol=ATOL, rtol=RTOL)
     assert torch.equal(w_kernel, W_dec), "the projection must not touch W_dec"
     unit = torch.nn.functional.normalize(W_dec, dim=-1)
     assert (g_kernel * unit).sum(-1).abs().max() < 1e-5, "projected gradient not orthogonal to its row"
 
     kernels.normalize_rows_(w_kernel)
-    kernels.normalize_rows_(w_ref, enabled=False)
+    kernels.normalize_rows_(w_ref, triton=False)
     torch.testing.assert_close(w_kernel, w_ref, atol=ATOL, rtol=RTOL)
     norms = w_kernel.norm(dim=-1)
     assert torch.equal(norms[0, 0], torch.tensor(0.0, device=DEVICE))
     torch.testing.assert_close(norms.flatten()[1:], torch.ones_like(norms.flatten()[1:]), atol=1e-6, rtol=0)
 
 
-def train_topk_sae(p: dict, x: torch.Tensor, k: int, steps: int, *, enabled: bool) -> dict:
+def train_topk_sae(p: dict, x: torch.Tensor, k: int, steps: int, *, use_kernel: bool) -> dict:
     """A few Adam steps of a TopK SAE: encode, decode, MSE, project decoder grads, step, renormalise."""
     q = with_grad(p)
     optimiser = torch.optim.Adam(q.values(), lr=1e-3)
     for _ in range(steps):
-        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, enabled=enabled)
-        x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"], enabled=enabled)
+        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, triton=use_kernel)
+        x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"], triton=use_kernel)
         loss = ((x_hat - x) ** 2).sum(-1).mean()
         optimiser.zero_grad()
         loss.backward()
-        kernels.remove_parallel_grad_(q["W_dec"], q["W_dec"].grad, enabled=enabled)
+        kernels.remove_parallel_grad_(q["W_dec"], q["W_dec"].grad, triton=use_kernel)
         optimiser.step()
-        kernels.normalize_rows_(q["W_dec"], enabled=enabled)
+        kernels.normalize_rows_(q["W_dec"], triton=use_kernel)
     return {name: t.detach() for name, t in q.items()}
 
 
@@ -243,8 +243,8 @@ def test_topk_sae_training_matches_reference():
     n_seeds, n_rows, d, m, k = 2, 48, 24, 96, 8
     p = make_sae(n_seeds, d, m)
     x = make_x(n_seeds, n_rows, d, shared=True)
-    with_kernels = train_topk_sae(p, x, k, steps=5, enabled=True)
-    with_reference = train_topk_sae(p, x, k, steps=5, enabled=False)
+    with_kernels = train_topk_sae(p, x, k, steps=5, use_kernel=True)
+    with_reference = train_topk_sae(p, x, k, steps=5, triton=False)
     for name in p:
         assert not torch.equal(with_kernels[name], p[name]), f"{name} did not train"
         torch.testing.assert_close(with_kernels[name], with_reference[name], atol=1e-4, rtol=1e-4)
@@ -299,10 +299,10 @@ def test_bfloat16_matches_reference(n_seeds, shared_x, k):
     p = make_sae(n_seeds, d, m, dtype=torch.bfloat16, bias_shift=-1.0)
     x = make_x(n_seeds, n_rows, d, shared=shared_x, dtype=torch.bfloat16)
     runs = []
-    for enabled in (True, False):
+    for use_kernel in (True, False):
         q = with_grad(p)
-        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, enabled=enabled)
-        x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"], enabled=enabled)
+        values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, triton=use_kernel)
+        x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"], triton=use_kernel)
         ((x_hat.float() - x.float()) ** 2).sum().backward()
         runs.append((values, indices, x_hat, q))
     (values, indices, x_hat, q), (_, ref_indices, ref_x_hat, ref_q) = runs
@@ -315,9 +315,9 @@ def test_bfloat16_matches_reference(n_seeds, shared_x, k):
     W_dec, grad = 2 * p["W_dec"], torch.randn_like(p["W_dec"])
     w_kernel, g_kernel, w_ref, g_ref = W_dec.clone(), grad.clone(), W_dec.clone(), grad.clone()
     kernels.remove_parallel_grad_(w_kernel, g_kernel)
-    kernels.remove_parallel_grad_(w_ref, g_ref, enabled=False)
+    kernels.remove_parallel_grad_(w_ref, g_ref, triton=False)
     kernels.normalize_rows_(w_kernel)
-    kernels.normalize_rows_(w_ref, enabled=False)
+    kernels.normalize_rows_(w_ref, triton=False)
     torch.testing.assert_close(g_kernel, g_ref, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(w_kernel, w_ref, atol=1e-2, rtol=1e-2)
 
@@ -388,3 +388,28 @@ def test_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_kernels_import_and_fall_back_to_torch_without_triton():
+    """A torch-only install (no Triton): the package imports, use_triton is False everywhere, and a TopK SAE
+    trains through the references."""
+    script = """
+import builtins
+real_import = builtins.__import__
+def without_triton(name, *args, **kwargs):
+    if name == "triton" or name.startswith("triton."):
+        raise ImportError("No module named 'triton'")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = without_triton
+import torch, kernels, sae_core
+assert not kernels.TRITON_AVAILABLE and not kernels.use_triton("cpu") and not kernels.use_triton("cuda")
+sae = sae_core.build_sae(sae_core.SAEConfig(d_in=8, width=16, k=2), [0])
+trainer = sae_core.SAETrainer(sae, lr=1e-3, steps=3, warmup_steps=1, decay_steps=1)
+for _ in range(3):
+    trainer.step(torch.randn(64, 8, generator=torch.Generator().manual_seed(0)))
+print("trained without triton")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, env=env)
+    assert result.returncode == 0 and "trained without triton" in result.stdout, result.stderr

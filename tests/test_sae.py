@@ -4,6 +4,7 @@ planted features are recovered, and a seed trains the same alone or in an ensemb
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import kernels
-from sae_core import (ARCHITECTURES, HusaiError, JumpReLU, SAEConfig, SAEEnsemble, SAETrainer, Step, batchtopk_latents,
-                      load_sae, topk_latents)
+from sae_core import (ARCHITECTURES, HusaiError, JumpReLU, SAEConfig, SAETrainer, StraightThroughStep, batchtopk_latents,
+                      build_sae, load_sae, topk_latents)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,14 +42,14 @@ def test_jumprelu_threshold_gets_a_gradient_through_the_ste():
     assert torch.allclose(theta.grad, torch.tensor([[[-5.0, -5.0, 0.0]]]))
     assert torch.equal(z.grad, torch.tensor([[[0.0, 1.0, 1.0]]]))
     theta.grad = None
-    Step.apply(z, theta, 0.1).sum().backward()
+    StraightThroughStep.apply(z, theta, 0.1).sum().backward()
     assert torch.allclose(theta.grad, torch.tensor([[[-10.0, -10.0, 0.0]]])), "the L0 term trains theta"
 
 
 def test_relu_penalty_is_weighted_by_decoder_norms():
     cfg = SAEConfig(arch="relu", d_in=4, width=3, l1=1.0, l1_warmup_steps=0, unit_norm_decoder=False, normalize=False,
                     b_dec_init="zero")
-    sae = SAEEnsemble(cfg, [0])
+    sae = build_sae(cfg, [0])
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
     trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
     with torch.no_grad():
@@ -62,7 +63,7 @@ def test_relu_penalty_is_weighted_by_decoder_norms():
 
 def test_decoder_rows_stay_unit_norm_and_the_gradient_projection_leaves_no_parallel_part():
     cfg = SAEConfig(arch="topk", d_in=16, width=40, k=4)
-    sae = SAEEnsemble(cfg, [0, 1])
+    sae = build_sae(cfg, [0, 1])
     acts = torch.randn(512, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
     sae.init_from_data(acts)
     trainer = SAETrainer(sae, lr=1e-2, steps=20, warmup_steps=1, decay_steps=1, use_kernels=False)
@@ -79,7 +80,7 @@ def test_auxk_changes_encoder_gradients_when_latents_are_dead():
     acts = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     grads = {}
     for auxk in (False, True):
-        sae = SAEEnsemble(SAEConfig(**{**vars(cfg), "auxk": auxk}), [0])
+        sae = build_sae(SAEConfig(**{**vars(cfg), "auxk": auxk}), [0])
         sae.init_from_data(acts)
         trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
         trainer.inputs_since_fired.fill_(10)          # every latent counts as dead
@@ -108,7 +109,7 @@ def test_planted_features_are_recovered(arch):
     d, m_true, steps = 32, 64, 2000
     acts, D = planted_data(16384, d, m_true, active=3)
     cfg = SAEConfig(arch=arch, d_in=d, width=m_true, l1_warmup_steps=200, **PLANTED[arch])
-    sae = SAEEnsemble(cfg, [0])
+    sae = build_sae(cfg, [0])
     sae.init_from_data(acts)
     trainer = SAETrainer(sae, lr=3e-3, steps=steps, warmup_steps=50, decay_steps=400, use_kernels=False)
     order = torch.Generator().manual_seed(1)
@@ -124,7 +125,7 @@ def assert_seed_42_trains_the_same_alone_and_among_others(cfg: SAEConfig, acts: 
     """Train seed 42 alone and as the second of five seeds on the same batches; compare bit for bit."""
     runs = {}
     for seeds in ([42], [0, 42, 1, 2, 3]):
-        sae = SAEEnsemble(cfg, seeds).to(acts.device)
+        sae = build_sae(cfg, seeds).to(acts.device)
         sae.init_from_data(acts)
         runs[len(seeds)] = (sae, seeds.index(42))
     (alone, _), (ensemble, here) = runs[1], runs[5]
@@ -154,7 +155,7 @@ def test_seed_trains_bit_for_bit_the_same_alone_and_inside_an_ensemble(arch):
     assert_seed_42_trains_the_same_alone_and_among_others(cfg, acts, steps=100, batch_size=512, use_kernels=False)
 
 
-@pytest.mark.skipif(not kernels.use_triton(torch.zeros(1)) and not torch.cuda.is_available(),
+@pytest.mark.skipif(not kernels.use_triton("cpu") and not torch.cuda.is_available(),
                     reason="needs a GPU or the Triton interpreter (tests/conftest.py sets it without a GPU)")
 def test_seed_trains_bit_for_bit_the_same_alone_and_inside_an_ensemble_with_the_kernels():
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -192,6 +193,20 @@ def test_trains_on_an_acts_file_and_round_trips(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_every_setting_is_a_flag_with_its_help_text():
+    """train_sae.py's flags are generated from SAEConfig: each field the stage does not set itself appears
+    in --help with the help text its field declares."""
+    result = run_sae_stage("--help")
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    for f in fields(SAEConfig):
+        assert f.metadata["help"], f"{f.name} has no help text"
+        if f.metadata["flag"] == "":
+            continue
+        flag = f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
+        assert flag in help_text and " ".join(f.metadata["help"].split()) in help_text, flag
+
+
 BAD_ACTS = {
     "missing": None,
     "corrupt": b"not a safetensors file",
@@ -206,6 +221,10 @@ BAD_ACTS = {
     (["--k", "0"], "k 0: must lie between 1 and the width"),
     (["--k", "65", "--width", "64"], "k 65: must lie between 1 and the width (64)"),
     (["--width", "0"], "width 0: must be at least 1"),
+    (["--k", "300", "--width", "512"], "k 300: the fused TopK kernel keeps at most 256 latents per input"),
+    (["--k-aux", "0"], "k_aux 0: must be at least 1"),
+    (["--arch", "jumprelu", "--bandwidth", "nan"], "bandwidth nan: must be a finite number"),
+    (["--b-dec-init", "mode"], "b_dec_init 'mode': valid are median, mean, zero"),
     (["--acts", "missing"], "no such file"),
     (["--acts", "corrupt"], "not a readable safetensors file"),
     (["--acts", "not2d"], "need a 2-D float tensor"),
@@ -241,7 +260,7 @@ def test_bad_file_formats_are_refused(tmp_path):
     assert result.returncode == 2 and "format is None, expected 'husai.transformer'" in result.stderr
 
 
-@pytest.mark.skipif(not kernels.use_triton(torch.zeros(1)) and not torch.cuda.is_available(),
+@pytest.mark.skipif(not kernels.use_triton("cpu") and not torch.cuda.is_available(),
                     reason="needs a GPU or the Triton interpreter (tests/conftest.py sets it without a GPU)")
 def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -250,7 +269,7 @@ def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
     cfg = SAEConfig(arch="topk", d_in=24, width=96, k=8, k_aux=16, dead_window=64)
     trained = {}
     for use_kernels in (True, False):
-        sae = SAEEnsemble(cfg, [0, 1]).to(device)
+        sae = build_sae(cfg, [0, 1]).to(device)
         sae.init_from_data(acts)
         trainer = SAETrainer(sae, lr=3e-3, steps=6, warmup_steps=1, decay_steps=2, use_kernels=use_kernels)
         trainer.inputs_since_fired[:, ::3] = 64          # a third of the latents start dead: AuxK is on
@@ -262,7 +281,7 @@ def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_leaves_the_weights_untouched():
-    sae = SAEEnsemble(SAEConfig(arch="topk", d_in=8, width=16, k=2), [0, 1])
+    sae = build_sae(SAEConfig(arch="topk", d_in=8, width=16, k=2), [0, 1])
     trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
     trainer.step(x)
