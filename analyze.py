@@ -1307,7 +1307,7 @@ def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Pa
     """The figures, then report.json, then report.md from report.json's numbers."""
     figures = out / "figures"
     for result, plots in zip(analysis.results, analysis.plots):
-        result["figures"] = plot_group(result, plots, figures)
+        result["figures"] = plot_group(result, plots, tau, figures)
     report = {
         "command": command,
         "settings": {"tau": tau, "tau_grid": list(TAU_GRID), "pure_latent": PURE_LATENT,
@@ -1345,13 +1345,13 @@ def finish(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
+def plot_group(result: dict, plots: dict, tau: float, folder: Path) -> dict[str, str]:
     """The group's figures: stability (with two seeds or more), purity (with a transformer), dynamics
     (with snapshots); returns {what: file name}."""
     names = {}
     if "heatmaps" in plots:
         names["stability"] = f"{result['name']}-stability.png"
-        plot_stability(result, plots["heatmaps"], folder / names["stability"])
+        plot_stability(result, plots["heatmaps"], tau, folder / names["stability"])
     if "purity" in plots:
         names["purity"] = f"{result['name']}-purity.png"
         plot_purity(plots["purity"], plots.get("latent_match"), folder / names["purity"])
@@ -1361,7 +1361,7 @@ def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
     return names
 
 
-def plot_stability(result: dict, heatmaps: dict[str, np.ndarray], path: Path) -> None:
+def plot_stability(result: dict, heatmaps: dict[str, np.ndarray], tau: float, path: Path) -> None:
     """Decoder cosines of the first two dictionaries, trained and subspace baseline, as heat maps; then
     each curve over tau (trained solid, baselines dashed)."""
     curved = [score for score in SCORES if score.curve]
@@ -1377,7 +1377,7 @@ def plot_stability(result: dict, heatmaps: dict[str, np.ndarray], path: Path) ->
             curve = summary[PRIMARY_VARIANT][score.curve]
             if curve is not None:
                 ax.plot(TAU_GRID, curve, "-" if label == "trained" else "--", label=label)
-        ax.axvline(SHARED_TAU, color="k", lw=0.8, ls=":")
+        ax.axvline(tau, color="k", lw=0.8, ls=":")   # the --tau of this report
         ax.set(xlabel="tau", ylabel=score.short, ylim=(0, 1.02), title=f"{score.short} vs tau ({PRIMARY_VARIANT})")
         ax.legend()
     finish(fig, path)

@@ -282,7 +282,8 @@ def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
 def inputs(tmp_path_factory):
     """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
     transformer, one whose d_in does not match its transformer's activations, an exact copy of a seed
-    already in a group and a slightly different file of another (reruns of one seed), a group trained on an activation file (one snapshot file missing), and a corrupt file."""
+    already in a group and a slightly different file of another (reruns of one seed), a group trained on
+    an activation file (one snapshot file missing), and a corrupt file."""
     root = tmp_path_factory.mktemp("analysis")
     first = write_transformer(root / "transformer" / "model.safetensors")
     second = write_transformer(root / "other" / "model.safetensors", seed=1)
