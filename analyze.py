@@ -16,8 +16,12 @@ The same files give the same report byte for byte: nothing reads the clock, ever
 recorded fixed seed, and files, groups and seeds are visited in sorted order (the report is the same with
 any number of threads; on a CPU that other jobs keep busy, OMP_NUM_THREADS=1 is the faster setting).
 
-Definitions are those in README.md (stage 3) and in report.md itself. Every metric is one function here (or in sae_core:
-Fourier basis, purity, FVU, SAE inference), used by the trained SAEs and by their baselines alike.
+The file reads top to bottom as the run goes: settings and the table of stability scores (SCORES), then
+what is computed, then how the inputs are loaded, then how the report and figures are rendered, then
+main(). A stability score is one function plus one entry in SCORES; the report's tables, definitions,
+comparison, dynamics and figures all read that table. The other metrics are one function each, here or
+in sae_core (Fourier basis, purity, FVU, SAE inference), used by the trained SAEs and by their baselines
+alike.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ RECOMMENDED_SEEDS = 5
 FIGURE_LATENTS = 128             # latents shown in a similarity heat map
 # Fixed generator seeds; replicate i of a baseline uses seed + 2i (decoder) and seed + 2i + 1 (encoder).
 GENERATOR_SEEDS = {"bootstrap": 0, "isotropic": 1000, "covariance": 2000, "subspace": 3000, "random_latents": 4000}
+KEY_FREQUENCY_RULE = (f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} "
+                      f"({embedding_spectrum.__module__}.{embedding_spectrum.__name__})")
 
 BASELINES = {
     "isotropic": "unit vectors from N(0, I_d): pure geometry, depends only on d and m",
@@ -85,23 +91,101 @@ class Variant(NamedTuple):
 
 VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive latents": Variant(False, True, True),
             "|cos|, all latents": Variant(True, False, False)}
-PRIMARY = "signed, all latents"
-HEADLINES = {"decoder.pwmcc": "PWMCC", "decoder.hungarian": "Hungarian mean cosine",
-             "shared_fraction": "shared fraction"}
-SCORES = {  # name in report.json -> what report.md calls it
-    "decoder.pwmcc": "PWMCC (max-based), decoder rows",
-    "decoder.hungarian": "Hungarian mean cosine (one-to-one), decoder rows",
-    "encoder.pwmcc": "PWMCC (max-based), encoder columns",
-    "encoder.hungarian": "Hungarian mean cosine (one-to-one), encoder columns",
-    "shared_fraction": "shared fraction at tau (Hungarian, decoder AND encoder)",
-}
-# MMCS is directional, so it is kept as a per-pair matrix: averaged over both directions it is PWMCC
-DIRECTIONAL = ("decoder.mmcs", "encoder.mmcs")
+PRIMARY_VARIANT = "signed, all latents"
 TRAINING_SETTINGS = ("steps", "batch_size", "lr", "normalize", "data_seed", "vary_data_order")   # shown per group
 DOWNSTREAM = ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")   # as train_sae.py recorded
 SAE_FILE = re.compile(r"seed(\d+)\.safetensors")   # not seedN.snapshots.safetensors, not last-good-*
 DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
 TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
+
+# --------------------------------------------------------------------------------------------------
+# The stability scores of a pair of dictionaries. A new score is its function (in the next part, beside
+# the others) plus one entry in SCORES: the entry alone puts it in report.json and in every table,
+# sentence and figure that its fields name.
+
+VIEWS = {"decoder": "decoder rows", "encoder": "encoder columns"}   # each dictionary is compared both ways
+PRIMARY_VIEW = "decoder"   # the view of the headline, the comparison across groups and the trends figure
+SECTIONS = {
+    "headline": "the group's verdict: one sentence against the subspace baseline (primary view)",
+    "dynamics": "stability at every snapshot step: table, figure and report.json (scores without matching)",
+    "trends": "the figure of stability against width, k and penalty (primary view; its comparison statistics "
+              "must include trained, subspace and isotropic)",
+}
+COMPARISON_STATISTICS = ("trained", *BASELINES, "normalised")   # a baseline's statistic is its mean score
+
+
+class Score(NamedTuple):
+    """One stability score and where the report shows it. Every score that is not directional is also in
+    the group's stability table (each variant, beside its baselines, normalised), in the reruns table, and
+    in report.json's summaries; every score's per-pair matrix is in report.json."""
+    key: str                # report.json name, after "decoder." or "encoder." for a score of one view
+    label: str              # report.md name; "{tau}" stands for the threshold
+    short: str              # shorter name: headline, comparison, dynamics and figures
+    digits: int             # decimals in report.md
+    definition: str         # its line in report.md's definitions ("{tau}" allowed)
+    compute: Callable       # (PairMatches, view or None, tau) -> the score; tau may be an array (then a curve)
+    views: tuple[str, ...] = tuple(VIEWS)   # (): one number that reads both views
+    one_to_one: bool = False                # needs the Hungarian matchings (none for |cos| or above the limit)
+    directional: bool = False               # compute returns (A -> B, B -> A): a per-pair matrix, shown seed by seed
+    sections: frozenset[str] = frozenset()  # among SECTIONS
+    comparison: tuple[str, ...] = ()        # among COMPARISON_STATISTICS: columns of the comparison across groups
+    curve: str | None = None                # report.json name of its curve over TAU_GRID, drawn in the stability figure
+
+
+SCORES = (
+    Score("mmcs", "MMCS", "MMCS", 3,
+          "**MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022), reported both ways.",
+          lambda pair, view, tau: (mmcs(pair.best[view].best_a), mmcs(pair.best[view].best_b)), directional=True),
+    Score("pwmcc", "PWMCC (max-based)", "PWMCC", 3,
+          "**PWMCC** (max-based) = (MMCS(A -> B) + MMCS(B -> A)) / 2. A latent may be matched more than once, so "
+          "PWMCC >= the Hungarian score.",
+          lambda pair, view, tau: pwmcc(pair.best[view]),
+          sections=frozenset({"headline", "dynamics", "trends"}),
+          comparison=("trained", "subspace", "isotropic", "normalised")),
+    Score("hungarian", "Hungarian mean cosine (one-to-one)", "Hungarian mean cosine", 3,
+          "**Hungarian mean cosine** (one-to-one): the assignment maximising the total cosine, mean cosine over "
+          "matched pairs. (Song et al. 2025 call this PW-MCC; it is kept apart from PWMCC here.)",
+          lambda pair, view, tau: hungarian_mean_cosine(pair.matchings[view]),
+          one_to_one=True, sections=frozenset({"headline"}), comparison=("normalised",)),
+    Score("shared_fraction", "shared fraction at tau = {tau} (Hungarian, decoder AND encoder)", "shared fraction", 3,
+          "**Shared fraction at tau = {tau}** (Paulo & Belrose 2025): a latent is shared when its Hungarian partner "
+          "has cosine > tau under both the decoder and the encoder matching (two separate matchings).",
+          lambda pair, view, tau: shared_fraction(pair.matchings["decoder"], pair.matchings["encoder"], tau),
+          views=(), one_to_one=True, sections=frozenset({"headline"}), comparison=("trained",),
+          curve="shared_curve"),
+)
+PARETO_SCORE = "pwmcc"   # its normalised value (primary view) is the stability axis of the Pareto frontier
+
+
+class ScoreName(NamedTuple):
+    """One number of a score: the score for one view (or for both, when it reads both)."""
+    name: str               # report.json key: "decoder.pwmcc", "shared_fraction"
+    score: Score
+    view: str | None
+
+
+def places(score: Score) -> set[str]:
+    """Where a score appears: "directional" or "group" (the stability table, reruns and summaries), its
+    SECTIONS, and "comparison" when it has comparison statistics."""
+    return ({"directional" if score.directional else "group"} | set(score.sections)
+            | ({"comparison"} if score.comparison else set()))
+
+
+def score_names(where: str) -> list[ScoreName]:
+    """The numbers shown `where` (a place of places(), or "all": the group's scores, then the directional
+    ones), in a fixed order: view by view, then the scores that read both views. The headline, the
+    comparison and the trends figure show the primary view only."""
+    if where == "all":
+        return score_names("group") + score_names("directional")
+    views = [PRIMARY_VIEW] if where in ("headline", "comparison", "trends") else list(VIEWS)
+    chosen = [score for score in SCORES if where in places(score)]
+    return ([ScoreName(f"{view}.{score.key}", score, view) for view in views for score in chosen if view in score.views]
+            + [ScoreName(score.key, score, None) for score in chosen if not score.views])
+
+
+def comparison_key(score: Score, statistic: str) -> str:
+    """The comparison row's key for one statistic of a score: "pwmcc", "pwmcc_subspace", ..."""
+    return score.key if statistic == "trained" else f"{score.key}_{statistic}"
 
 
 def build_parser() -> CliParser:
@@ -117,6 +201,8 @@ def build_parser() -> CliParser:
     return parser
 
 
+# ==================================================================================================
+# COMPUTE
 # --------------------------------------------------------------------------------------------------
 # Stability: how alike two dictionaries are. A dictionary is m latent directions in activation space.
 
@@ -129,24 +215,26 @@ class Dictionary(NamedTuple):
     alive: torch.Tensor
 
 
-def unit_rows(W: torch.Tensor) -> torch.Tensor:
-    """Rows of W [m, d] scaled to unit length (cosines are then plain dot products)."""
-    W = W.float()
-    return W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def read_dictionary(f: "SAEFile", X: torch.Tensor, device: torch.device) -> tuple[Dictionary, torch.Tensor, dict]:
-    """One SAE file's dictionary (alive = fires on some row of X), its latents on X [N, m] and its weights
-    on the device."""
-    weights = {name: t.to(device) for name, t in f.tensors.items()}
-    with torch.no_grad():
-        latents = sae_latents(weights, f.config, X)
-    return make_dictionary(f.tensors["W_dec"], f.tensors["W_enc"], (latents > 0).any(dim=0)), latents, weights
+def unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows [m, d] scaled to unit length (cosines are then plain dot products)."""
+    rows = rows.float()
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def make_dictionary(W_dec: torch.Tensor, W_enc: torch.Tensor, alive: torch.Tensor) -> Dictionary:
     """From SAELens-shaped weights W_dec [m, d] and W_enc [d, m]."""
     return Dictionary(unit_rows(W_dec), unit_rows(W_enc.T), alive.bool().cpu())
+
+
+def read_dictionary(sae_file: SAEFile, acts: torch.Tensor, device: torch.device) -> tuple[Dictionary, torch.Tensor,
+                                                                                           dict]:
+    """One SAE file's dictionary (alive = fires on some row of acts [N, d]), its latents on acts [N, m] and
+    its weights on the device."""
+    weights = {name: t.to(device) for name, t in sae_file.tensors.items()}
+    with torch.no_grad():
+        latents = sae_latents(weights, sae_file.config, acts)
+    dictionary = make_dictionary(sae_file.tensors["W_dec"], sae_file.tensors["W_enc"], (latents > 0).any(dim=0))
+    return dictionary, latents, weights
 
 
 class MaxCosine(NamedTuple):
@@ -229,49 +317,52 @@ def shared_fraction(decoder: Matching, encoder: Matching, tau: float | np.ndarra
     return (fraction(decoder.cos_a, encoder.cos_a) + fraction(decoder.cos_b, encoder.cos_b)) / 2
 
 
+class PairMatches(NamedTuple):
+    """What every score of one pair of dictionaries is computed from, per view."""
+    best: dict[str, MaxCosine]        # view -> the best cosines both ways
+    matchings: dict[str, Matching]    # view -> the one-to-one matching; empty when none was made
+
+
 def compare_pair(a: Dictionary, b: Dictionary, variant: Variant, device: torch.device,
                  tau: float) -> tuple[dict, MaxCosine | None]:
-    """Every stability number for one pair of SAEs: per view (decoder rows, encoder columns) MMCS both
-    ways, PWMCC and the Hungarian mean cosine; the shared fraction at tau and over TAU_GRID. Returns
-    (scores, the decoder MaxCosine); a score is absent where the pair has no latents to compare, the
-    variant has no matching, or m is too large for Hungarian. MMCS is a pair (A -> B, B -> A)."""
+    """Every score of SCORES for one pair of SAEs, under its report.json name, and the curves over TAU_GRID
+    of the scores that have one. Returns (scores, the decoder MaxCosine); a score is absent where the pair
+    has no latents to compare, or where it needs the one-to-one matching and the variant has none or m is
+    too large for Hungarian."""
     if variant.alive_only:
         a = Dictionary(a.decoder[a.alive], a.encoder[a.alive], a.alive[a.alive])
         b = Dictionary(b.decoder[b.alive], b.encoder[b.alive], b.alive[b.alive])
     if not len(a.alive) or not len(b.alive):
         return {}, None
-    do_hungarian = variant.hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
-    scores, matchings, decoder_best = {}, {}, None
-    for view in ("decoder", "encoder"):
-        A, B = getattr(a, view), getattr(b, view)
-        best = max_cosine(A, B, variant.absolute, device)
-        if view == "decoder":
-            decoder_best = best
-        scores[f"{view}.mmcs"] = (mmcs(best.best_a), mmcs(best.best_b))
-        scores[f"{view}.pwmcc"] = pwmcc(best)
-        if do_hungarian:
-            matchings[view] = hungarian_match(A, B, variant.absolute)
-            scores[f"{view}.hungarian"] = hungarian_mean_cosine(matchings[view])
-    if do_hungarian:
-        scores["shared_fraction"] = float(shared_fraction(matchings["decoder"], matchings["encoder"], tau))
-        scores["shared_curve"] = shared_fraction(matchings["decoder"], matchings["encoder"], np.array(TAU_GRID))
-    return scores, decoder_best
+    one_to_one = variant.hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
+    best = {view: max_cosine(getattr(a, view), getattr(b, view), variant.absolute, device) for view in VIEWS}
+    matchings = ({view: hungarian_match(getattr(a, view), getattr(b, view), variant.absolute) for view in VIEWS}
+                 if one_to_one else {})
+    pair = PairMatches(best, matchings)
+    scores = {name: score.compute(pair, view, tau) for name, score, view in score_names("all")
+              if one_to_one or not score.one_to_one}
+    for score in SCORES:
+        if score.curve and (one_to_one or not score.one_to_one):
+            scores[score.curve] = score.compute(pair, PRIMARY_VIEW if score.views else None, np.array(TAU_GRID))
+    return scores, best["decoder"]
 
 
 def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
               variants: dict[str, Variant] = VARIANTS) -> dict:
     """compare_pair on every pair of seeds (i < j), for each variant, pairs side by side on the CPU's
     threads (scipy's matching releases the GIL; the results do not depend on the order). Returns
-        scores[variant][score]  [S, S] matrix (MMCS: entry (i, j) = MMCS(i -> j); the others symmetric;
-                                shared_curve: [S, S, len(TAU_GRID)]); the diagonal is NaN
+        scores[variant][name]   [S, S] matrix per score name (directional: entry (i, j) is i -> j; the others
+                                symmetric), [S, S, len(TAU_GRID)] per curve; the diagonal is NaN
         latent_match            per seed [m]: each latent's best decoder cosine in another seed (signed, all
                                 latents), averaged over the other seeds
         first_pair              the decoder MaxCosine of seeds 0 and 1 (signed, all latents), for a heat map
     Variants that coincide (alive-only when no latent is dead) are computed once."""
     S = len(dictionaries)
-    everything_alive = all(bool(d.alive.all()) for d in dictionaries)
+    everything_alive = all(bool(dictionary.alive.all()) for dictionary in dictionaries)
+    directional = {name for name, _, _ in score_names("directional")}
+    curves = [score.curve for score in SCORES if score.curve]
     computed, scores = {}, {}
-    latent_match = [torch.zeros(len(d.alive), dtype=torch.float64) for d in dictionaries]
+    latent_match = [torch.zeros(len(dictionary.alive), dtype=torch.float64) for dictionary in dictionaries]
     first_pair = None
     pairs = list(combinations(range(S), 2))
     for name_of_variant, variant in variants.items():
@@ -279,8 +370,8 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
         if effective in computed:
             scores[name_of_variant] = computed[effective]
             continue
-        matrices = defaultdict(lambda: np.full((S, S), np.nan))
-        curve = np.full((S, S, len(TAU_GRID)), np.nan)
+        matrices = ({name: np.full((S, S), np.nan) for name, _, _ in score_names("all")}
+                    | {curve: np.full((S, S, len(TAU_GRID)), np.nan) for curve in curves})
         threads = torch.get_num_threads()
         torch.set_num_threads(1)   # one thread per pair instead of a team per pair: no oversubscribed cores
         try:
@@ -291,9 +382,7 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
             torch.set_num_threads(threads)
         for (i, j), (pair, best) in zip(pairs, outcomes):
             for name, value in pair.items():
-                if name == "shared_curve":
-                    curve[i, j] = curve[j, i] = value
-                elif isinstance(value, tuple):
+                if name in directional:
                     matrices[name][i, j], matrices[name][j, i] = value
                 else:
                     matrices[name][i, j] = matrices[name][j, i] = value
@@ -302,8 +391,7 @@ def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
                 latent_match[j] += best.best_b.double()
                 if (i, j) == (0, 1):
                     first_pair = best
-        computed[effective] = scores[name_of_variant] = ({name: matrices[name] for name in (*SCORES, *DIRECTIONAL)}
-                                                         | {"shared_curve": curve})
+        computed[effective] = scores[name_of_variant] = matrices
     return {"scores": scores, "latent_match": [m / max(1, S - 1) for m in latent_match], "first_pair": first_pair}
 
 
@@ -335,6 +423,14 @@ def mean_and_ci(values: np.ndarray) -> dict | None:
     return {"mean": float(mean), "ci": [float(lo), float(hi)]}
 
 
+def mean_curve(curve: np.ndarray) -> list[float] | None:
+    """A curve's mean over the pairs of seeds, from [S, S, len(TAU_GRID)]; None when a pair lacks it."""
+    off_diagonal = ~np.eye(len(curve), dtype=bool)
+    if np.isnan(curve[off_diagonal]).any() or not off_diagonal.any():
+        return None
+    return curve[off_diagonal].mean(axis=0).tolist()
+
+
 def normalised(score: dict | None, baseline: dict | None) -> float | None:
     """(S - S_rand) / (1 - S_rand): 0 at the baseline, 1 at perfect agreement."""
     if score is None or baseline is None or baseline["mean"] >= 1:
@@ -343,14 +439,11 @@ def normalised(score: dict | None, baseline: dict | None) -> float | None:
 
 
 def summarise(result: dict) -> dict:
-    """stability()'s matrices -> {variant: {score: mean and CI}, shared_curve: mean per tau}."""
+    """stability()'s matrices -> {variant: {score name: mean and CI, curve name: mean per tau}}."""
     summary = {}
     for variant, matrices in result["scores"].items():
-        summary[variant] = {name: mean_and_ci(matrices[name]) for name in SCORES}
-        curve = matrices["shared_curve"]
-        off_diagonal = ~np.eye(len(curve), dtype=bool)
-        summary[variant]["shared_curve"] = (None if np.isnan(curve[off_diagonal]).any() or not off_diagonal.any()
-                                            else curve[off_diagonal].mean(axis=0).tolist())
+        summary[variant] = {name: mean_and_ci(matrices[name]) for name, _, _ in score_names("group")}
+        summary[variant] |= {score.curve: mean_curve(matrices[score.curve]) for score in SCORES if score.curve}
     return summary
 
 
@@ -365,11 +458,11 @@ class ActivationGeometry(NamedTuple):
     rank: int                   # principal directions holding SUBSPACE_VARIANCE of the variance
 
 
-def activation_geometry(X: torch.Tensor) -> ActivationGeometry:
-    """Covariance spectrum and the SUBSPACE_VARIANCE rank of activations X [N, d]."""
-    X = X.double()
-    mean = X.mean(dim=0)
-    eigenvalues, eigenvectors = torch.linalg.eigh((X - mean).T @ (X - mean) / len(X))
+def activation_geometry(acts: torch.Tensor) -> ActivationGeometry:
+    """Covariance spectrum and the SUBSPACE_VARIANCE rank of activations acts [N, d]."""
+    acts = acts.double()
+    mean = acts.mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh((acts - mean).T @ (acts - mean) / len(acts))
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
     share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
     rank = int((share < SUBSPACE_VARIANCE - 1e-12).sum()) + 1
@@ -421,25 +514,26 @@ def baseline_dictionaries(kind: str, trained: list[Dictionary], geometry: Activa
 # Ground truth: the transformer's Fourier features, mapped into the latents' space through activations.
 
 
-def latent_purity(f: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fourier purity and best frequency of every latent from its activations f [p*p, m] on all inputs
-    (row a*p + b): sae_core.fourier_purity on the [p, p] grid, PURITY_CHUNK latents at a time."""
-    grid = f.reshape(p, p, -1)
-    parts = [fourier_purity(grid[:, :, start:start + PURITY_CHUNK]) for start in range(0, f.shape[1], PURITY_CHUNK)]
+def latent_purity(latents: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fourier purity and best frequency of every latent from its activations latents [p*p, m] on all
+    inputs (row a*p + b): sae_core.fourier_purity on the [p, p] grid, PURITY_CHUNK latents at a time."""
+    grid = latents.reshape(p, p, -1)
+    parts = [fourier_purity(grid[:, :, start:start + PURITY_CHUNK])
+             for start in range(0, latents.shape[1], PURITY_CHUNK)]
     if not parts:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
     return torch.cat([purity for purity, _ in parts]), torch.cat([best for _, best in parts])
 
 
-def frequency_plane(X: torch.Tensor, p: int, op: str, k: int) -> tuple[torch.Tensor, float] | None:
+def frequency_plane(acts: torch.Tensor, p: int, op: str, k: int) -> tuple[torch.Tensor, float] | None:
     """The plane in activation space that carries frequency k of (a + b) (a - b for sub): the centred
-    activations X [p*p, d] projected on the unit input patterns cos(w_k (a+b)) and sin(w_k (a+b)) give two
-    vectors in activation space. Returns (orthonormal basis [d, 2], share of the activations' variance
+    activations acts [p*p, d] projected on the unit input patterns cos(w_k (a+b)) and sin(w_k (a+b)) give
+    two vectors in activation space. Returns (orthonormal basis [d, 2], share of the activations' variance
     in those two patterns), or None where the operation has no such plane (mul)."""
     patterns = sum_frequency_directions(p, op, [k])
     if patterns is None:
         return None
-    centred = (X - X.mean(dim=0)).double()
+    centred = (acts - acts.mean(dim=0)).double()
     vectors = centred.T @ patterns.double()                        # [d, 2]
     basis, _ = torch.linalg.qr(vectors)
     return basis, float(vectors.pow(2).sum() / centred.pow(2).sum())
@@ -472,25 +566,25 @@ class FourierSetup(NamedTuple):
     random_rows: torch.Tensor    # [m, d] unit random directions of the subspace baseline
 
 
-def fourier_setup(model, X: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
+def fourier_setup(model, acts: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
     """Key frequencies, their planes in activation space, and the random directions of the baselines."""
     p = model.cfg.p
     keys = embedding_spectrum(model.W_E[:p])[1]
-    planes = {k: plane for k in keys if (plane := frequency_plane(X, p, model.cfg.op, k)) is not None}
+    planes = {k: plane for k in keys if (plane := frequency_plane(acts, p, model.cfg.op, k)) is not None}
     random_rows = unit_rows(random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"]))
     return FourierSetup(p, keys, planes, random_rows)
 
 
-def fourier_recovery(f: torch.Tensor, decoder: torch.Tensor, fourier: FourierSetup) -> dict:
-    """Ground-truth numbers for one dictionary: latents f [p*p, m] on all inputs, decoder rows [m, d].
+def fourier_recovery(latents: torch.Tensor, decoder: torch.Tensor, fourier: FourierSetup) -> dict:
+    """Ground-truth numbers for one dictionary: latents [p*p, m] on all inputs, decoder rows [m, d].
     Per alive latent, its purity and best frequency; the fraction of alive latents that are pure
     (>= PURE_LATENT) and the fraction pure AND on a key frequency; per key frequency k, the principal-angle
     cosines between k's plane and the span of the decoder rows of the alive latents whose best
     frequency is k, their coverage, and the coverage of as many of the random directions (the baseline:
     a span grows with its number of vectors)."""
-    alive = (f > 0).any(dim=0)
-    purity, best = torch.zeros(f.shape[1]), torch.zeros(f.shape[1], dtype=torch.long)
-    alive_purity, alive_best = latent_purity(f[:, alive], fourier.p)
+    alive = (latents > 0).any(dim=0)
+    purity, best = torch.zeros(latents.shape[1]), torch.zeros(latents.shape[1], dtype=torch.long)
+    alive_purity, alive_best = latent_purity(latents[:, alive], fourier.p)
     alive = alive.cpu()
     purity[alive], best[alive] = alive_purity.cpu(), alive_best.cpu()
     pure = alive & (purity >= PURE_LATENT)
@@ -510,31 +604,335 @@ def fourier_recovery(f: torch.Tensor, decoder: torch.Tensor, fourier: FourierSet
             "coverage": float(np.mean([v["coverage"] for v in per_frequency.values()])) if per_frequency else None}
 
 
-def random_direction_latents(X: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """The baseline's latents: f = relu((x - mean x) . r) for unit random directions r [m, d] -> [N, m],
-    a readout that fires on half the inputs, like a latent with its bias at the mean."""
-    return torch.relu((X - X.mean(dim=0)) @ unit_rows(directions).T)
+def random_direction_latents(acts: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """The baseline's latents: relu((x - mean x) . r) for each row x of acts [N, d] and unit random
+    directions r [m, d] -> [N, m], a readout that fires on half the inputs, like a latent with its bias at
+    the mean."""
+    return torch.relu((acts - acts.mean(dim=0)) @ unit_rows(directions).T)
 
 
-def match_purity_correlation(match: list[torch.Tensor], recovery: list[dict], tau: float) -> dict:
+def match_purity_correlation(latent_match: list[torch.Tensor], recovery: list[dict], tau: float) -> dict:
     """Are the stable latents the Fourier-pure ones? Over the alive latents of all seeds of a group:
     Spearman correlation between a latent's cross-seed match (stability()'s latent_match) and its
     purity, and the fraction pure among latents with match > tau vs <= tau."""
     alive = torch.cat([r["alive"] for r in recovery])
-    x = torch.cat(match)[alive].numpy()
-    y = torch.cat([r["purity"] for r in recovery])[alive].double().numpy()
+    match = torch.cat(latent_match)[alive].numpy()
+    purity = torch.cat([r["purity"] for r in recovery])[alive].double().numpy()
     result = {"latents": int(alive.sum()), "spearman": None, "p_value": None}
-    if len(x) > 2 and np.ptp(x) > 0 and np.ptp(y) > 0:
-        rho, p_value = spearmanr(x, y)
+    if len(match) > 2 and np.ptp(match) > 0 and np.ptp(purity) > 0:
+        rho, p_value = spearmanr(match, purity)
         result.update(spearman=float(rho), p_value=float(p_value))
-    for name, chosen in (("frac_pure_if_stable", x > tau), ("frac_pure_if_unstable", x <= tau)):
-        result[name] = float((y[chosen] >= PURE_LATENT).mean()) if chosen.any() else None
+    for name, chosen in (("frac_pure_if_stable", match > tau), ("frac_pure_if_unstable", match <= tau)):
+        result[name] = float((purity[chosen] >= PURE_LATENT).mean()) if chosen.any() else None
         result[name.replace("frac_pure", "latents")] = int(chosen.sum())
     return result
 
 
+def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], baseline: dict,
+                 latent_match: list[torch.Tensor] | None, tau: float) -> tuple[dict, dict]:
+    """The group's Fourier numbers from each seed's fourier_recovery: means over seeds with CIs beside the
+    random-direction baseline, per key frequency, and the match-purity correlation. Returns (numbers for
+    report.json, data for the purity figure)."""
+    planes, m = fourier.planes, len(fourier.random_rows)
+    result = {
+        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op,
+        "key_frequencies": fourier.keys,
+        "key_frequency_rule": KEY_FREQUENCY_RULE,
+        "plane_variance_share": {k: share for k, (_, share) in planes.items()},
+        "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
+        "frac_pure_key": mean_and_ci([r["frac_pure_key"] for r in recovery]),
+        "coverage": mean_and_ci([r["coverage"] for r in recovery]) if planes else None,
+        "per_frequency": {k: {"latents": mean_and_ci([r["per_frequency"][k]["latents"] for r in recovery]),
+                              "coverage": mean_and_ci([r["per_frequency"][k]["coverage"] for r in recovery]),
+                              "cosines_per_seed": [r["per_frequency"][k]["cosines"] for r in recovery],
+                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"]
+                                                                for r in recovery])}
+                          for k in planes},
+        "per_seed": [{"frac_pure": r["frac_pure"], "frac_pure_key": r["frac_pure_key"], "coverage": r["coverage"]}
+                     for r in recovery],
+        "baseline": {"what": f"{m} random directions r from the subspace baseline; purity of the latents "
+                             "f = relu((x - mean) . r); coverage of as many of them as the SAE assigns to k",
+                     "generator_seed": GENERATOR_SEEDS["random_latents"], "frac_pure": baseline["frac_pure"],
+                     "frac_pure_key": baseline["frac_pure_key"],
+                     "coverage": mean_and_ci([np.mean([v["random_coverage"] for v in r["per_frequency"].values()])
+                                              for r in recovery]) if planes else None},
+        "match_vs_purity": match_purity_correlation(latent_match, recovery, tau) if latent_match else None,
+    }
+    plots = {"purity": [r["purity"][r["alive"]] for r in recovery],
+             "baseline_purity": baseline["purity"][baseline["alive"]], "alive": [r["alive"] for r in recovery],
+             "spearman": result["match_vs_purity"]}
+    return result, plots
+
+
 # --------------------------------------------------------------------------------------------------
-# Inputs: find the SAE files, read them, group them by configuration, and get their activations.
+# The analysis of one group, section by section
+
+
+def analyse_group(group: Group, source: Source, device: torch.device, tau: float) -> tuple[dict, dict]:
+    """Everything about one configuration. Returns (numbers for report.json, data for the figures)."""
+    result = describe_group(group)
+    geometry = activation_geometry(source.acts)
+    fourier = (fourier_setup(source.model, source.acts, geometry, group.key.width)
+               if source.model is not None else None)
+    acts = source.acts.to(device)
+    dictionaries, result["per_seed"], recovery = analyse_seeds(group.files, acts, device, fourier)
+    result["reconstruction"] = summarise_reconstruction(result["per_seed"])
+    result["activations"] = summarise_activations(source.acts, geometry, dictionaries)
+    snapshots, snapshot_problem = load_snapshots(group.files)
+    if snapshot_problem:
+        result["notes"].append(f"{snapshot_problem}; no init baseline and no dynamics")
+
+    plots, latent_match = {}, None
+    if len(group.files) < 2:
+        result["stability"] = None
+        result["notes"].append(f"only one seed ({group.first.seed}): stability needs at least two seeds of one "
+                               "configuration")
+    else:
+        result["notes"] += stability_notes(group)
+        initial = snapshots["weights"][0] if snapshots else None
+        numbers, plots = analyse_stability(dictionaries, geometry, initial, device, tau)
+        result |= numbers
+        latent_match = plots["latent_match"]
+
+    result["reruns"] = [rerun_similarity(a, b, acts, device, tau) for a, b in group.reruns]
+
+    if fourier is None:
+        result["ground_truth"] = None
+        result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: "
+                               "no Fourier analysis")
+    else:
+        baseline = fourier_recovery(random_direction_latents(acts, fourier.random_rows.to(device)),
+                                    fourier.random_rows, fourier)
+        result["ground_truth"], plots["purity"] = ground_truth(source, fourier, recovery, baseline, latent_match, tau)
+
+    result["latents"] = latent_table(group.files, dictionaries, latent_match, recovery)
+    result["dynamics"] = dynamics(snapshots, device, tau) if snapshots is not None and len(group.files) > 1 else None
+    return result, plots
+
+
+def describe_group(group: Group) -> dict:
+    """What the group is: its configuration, source, seeds, files, notes so far and training settings."""
+    config, provenance = group.first.config, group.first.provenance
+    return {"name": group.name, "arch": config["arch"], "width": config["width"], "d_in": config["d_in"],
+            "sparsity": dict([sparsity(config)]), "hook": provenance.get("hook"),
+            "checkpoint": provenance.get("checkpoint"), "source": source_of(provenance)[1],
+            "source_sha256": group.key.sha256, "seeds": [sae_file.seed for sae_file in group.files],
+            "files": [str(sae_file.path) for sae_file in group.files], "notes": list(group.notes),
+            "settings": settings_of(group.files)}
+
+
+def settings_of(files: list[SAEFile]) -> dict:
+    """The training settings shared by all seeds of a group, and those that differ between seeds."""
+    keys = sorted(set().union(*(sae_file.config for sae_file in files)) - {"seed"})
+    shared, varying = {}, {}
+    for key in keys:
+        values = [sae_file.config.get(key) for sae_file in files]
+        if all(v == values[0] for v in values):
+            shared[key] = values[0]
+        else:
+            varying[key] = values
+    return {"shared": shared, "varying": varying}
+
+
+def analyse_seeds(files: list[SAEFile], acts: torch.Tensor, device: torch.device,
+                  fourier: FourierSetup | None) -> tuple[list[Dictionary], list[dict], list[dict]]:
+    """Per seed, on every input acts [N, d]: its dictionary (which latents fire), reconstruction and the
+    downstream numbers train_sae.py recorded, and (with a transformer) the latents' Fourier structure.
+    One seed's latents [N, m] at a time: at m = 65,536 they take 3 GiB each."""
+    dictionaries, per_seed, recovery = [], [], []
+    for sae_file in files:
+        dictionary, latents, weights = read_dictionary(sae_file, acts, device)
+        dictionaries.append(dictionary)
+        downstream = {k: sae_file.metrics.get(k) for k in DOWNSTREAM}
+        per_seed.append({"seed": sae_file.seed, **reconstruction_metrics(weights, sae_file.config, acts),
+                         **downstream})
+        if fourier is not None:
+            recovery.append(fourier_recovery(latents, dictionary.decoder, fourier))
+        del latents   # freed before the next seed's are made
+    return dictionaries, per_seed, recovery
+
+
+def summarise_reconstruction(per_seed: list[dict]) -> dict:
+    """Mean and CI over seeds of each per-seed number; None where a seed lacks it."""
+    return {name: mean_and_ci(values) if None not in values else None
+            for name in per_seed[0] if name != "seed"
+            for values in [[row[name] for row in per_seed]]}
+
+
+def summarise_activations(acts: torch.Tensor, geometry: ActivationGeometry, dictionaries: list[Dictionary]) -> dict:
+    """The activations' size and principal rank, and how much of each view's unit rows lies in that subspace."""
+    return {"n": len(acts), "d": acts.shape[1], "subspace_rank": geometry.rank,
+            **{f"{view}_in_subspace": mean_and_ci([subspace_share(getattr(dictionary, view), geometry)
+                                                   for dictionary in dictionaries])
+               for view in VIEWS}}
+
+
+def stability_notes(group: Group) -> list[str]:
+    """What limits a group's stability numbers: too few seeds, or too many latents for matching."""
+    notes, seeds, width = [], len(group.files), group.key.width
+    if seeds < RECOMMENDED_SEEDS:
+        notes.append(f"{seeds} seeds: confidence intervals from fewer than {RECOMMENDED_SEEDS} seeds are rough")
+    if width > HUNGARIAN_MAX_LATENTS:
+        skipped = ", ".join(score.short for score in SCORES if score.one_to_one)
+        notes.append(f"width {width} > HUNGARIAN_MAX_LATENTS = {HUNGARIAN_MAX_LATENTS}: Hungarian matching and the "
+                     f"scores that need it ({skipped}) are skipped (the dense [m, m] cost matrix would not fit); "
+                     "max-based scores are still reported")
+    return notes
+
+
+def analyse_stability(dictionaries: list[Dictionary], geometry: ActivationGeometry, initial: list[dict] | None,
+                      device: torch.device, tau: float) -> tuple[dict, dict]:
+    """Stability of the trained dictionaries and of each baseline's (init only with snapshots), and the
+    trained scores normalised against the subspace baseline. Returns (numbers for report.json, data for
+    the figures: the heat maps and each latent's cross-seed match)."""
+    trained = stability(dictionaries, device, tau)
+    numbers = {"stability": summarise(trained),
+               "pair_matrices": {variant: {name: matrices[name].tolist() for name, _, _ in score_names("all")}
+                                 for variant, matrices in trained["scores"].items()},
+               "baselines": {}, "baseline_generator_seeds": {}}
+    heatmaps = {"trained": heatmap_matrix(dictionaries[0], dictionaries[1], trained["first_pair"])}
+    for kind in BASELINES:
+        if kind == "init" and initial is None:
+            continue
+        baseline, generator_seeds = baseline_dictionaries(kind, dictionaries, geometry, initial)
+        scores = stability(baseline, device, tau)
+        numbers["baselines"][kind] = summarise(scores)
+        numbers["baseline_generator_seeds"][kind] = generator_seeds
+        if kind == "subspace":
+            heatmaps["subspace baseline"] = heatmap_matrix(baseline[0], baseline[1], scores["first_pair"])
+    numbers["normalised"] = {variant: {name: normalised(summary[name], numbers["baselines"]["subspace"][variant][name])
+                                       for name, _, _ in score_names("group")}
+                             for variant, summary in numbers["stability"].items()}
+    return numbers, {"heatmaps": heatmaps, "latent_match": trained["latent_match"]}
+
+
+def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
+    """FIGURE_LATENTS latents of A, evenly spaced in the order of their best cosine in B (best first),
+    against their best partners in B: decoder cosines [n, n] whose diagonal holds each latent's max cosine."""
+    order = torch.argsort(best.best_a, descending=True, stable=True)
+    chosen = order[torch.linspace(0, len(order) - 1, min(FIGURE_LATENTS, len(order))).long()]
+    return (a.decoder[chosen] @ b.decoder[best.index_a[chosen]].T).numpy()
+
+
+def rerun_similarity(a: SAEFile, b: SAEFile, acts: torch.Tensor, device: torch.device, tau: float) -> dict:
+    """Two files of one seed and configuration. Identical bits, or how far apart rounding alone (another
+    thread count, machine or library version) carried one training run: the ceiling that no cross-seed
+    stability can be read above. Scores as for a pair of seeds (signed, all latents)."""
+    scores, _ = compare_pair(read_dictionary(a, acts, device)[0], read_dictionary(b, acts, device)[0],
+                             VARIANTS[PRIMARY_VARIANT], device, tau)
+    identical = a.tensors.keys() == b.tensors.keys() and all(torch.equal(t, b.tensors[n]) for n, t in a.tensors.items())
+    return {"seed": a.seed, "files": [str(a.path), str(b.path)], "identical": identical,
+            **{name: scores.get(name) for name, _, _ in score_names("group")}}
+
+
+def latent_table(files: list[SAEFile], dictionaries: list[Dictionary], latent_match: list[torch.Tensor] | None,
+                 recovery: list[dict]) -> list[dict]:
+    """Per seed and latent: the numbers behind the histograms and the correlation."""
+    return [{"seed": sae_file.seed, "alive": dictionary.alive.int().tolist(),
+             "match": latent_match[i].tolist() if latent_match else None,
+             "purity": recovery[i]["purity"].tolist() if recovery else None,
+             "best_frequency": recovery[i]["best"].tolist() if recovery else None}
+            for i, (sae_file, dictionary) in enumerate(zip(files, dictionaries))]
+
+
+def dynamics(snapshots: dict, device: torch.device, tau: float) -> dict:
+    """Stability across seeds at each snapshot step (the scores of the "dynamics" section, signed, all
+    latents, without matching: they need no m x m matrix) beside the full-dataset FVU at that step."""
+    names = score_names("dynamics")
+    variant = {PRIMARY_VARIANT: VARIANTS[PRIMARY_VARIANT]._replace(hungarian=False)}
+    rows = []
+    for step, weights in snapshots["weights"].items():
+        dictionaries = [make_dictionary(w["W_dec"], w["W_enc"], torch.ones(len(w["W_dec"]), dtype=torch.bool))
+                        for w in weights]
+        matrices = stability(dictionaries, device, tau, variants=variant)["scores"][PRIMARY_VARIANT]
+        rows.append({"step": step, **{name: mean_and_ci(matrices[name]) for name, _, _ in names},
+                     "fvu": mean_and_ci(snapshots["fvu"][step])})
+    scores = " and ".join(dict.fromkeys(score.short for _, score, _ in names))
+    return {"what": f"{scores} ({PRIMARY_VARIANT}) and FVU at each snapshot step; step 0 is the initialisation",
+            "steps": rows}
+
+
+# --------------------------------------------------------------------------------------------------
+# Across groups
+
+
+def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
+    """Every group that could be loaded, the comparison across them, and each transformer's spectrum."""
+    results, plots = [], []
+    for group, source in inputs.groups:
+        print(f"group {group.name}: {len(group.files)} seed(s)")
+        result, group_plots = analyse_group(group, source, device, tau)
+        results.append(result)
+        plots.append(group_plots)
+    rows, pareto = comparison(results)
+    transformers = {s.transformer_id: s for s in inputs.sources.values() if s.model is not None}
+    spectra = {transformer_id: describe_transformer(source) for transformer_id, source in sorted(transformers.items())}
+    return Analysis(results, plots, rows, pareto, spectra)
+
+
+def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
+    """One row per group, and the names of the groups on the Pareto frontier of stability (PARETO_SCORE
+    normalised, primary view, signed, all latents: higher is better) against FVU (lower is better)."""
+    rows = [comparison_row(result) for result in results]
+    stability_key = comparison_key(next(s for s in SCORES if s.key == PARETO_SCORE), "normalised")
+    candidates = [row for row in rows if row[stability_key] is not None]
+    pareto = [row["name"] for row in candidates
+              if not any(o[stability_key] >= row[stability_key] and o["fvu"] <= row["fvu"]
+                         and (o[stability_key] > row[stability_key] or o["fvu"] < row["fvu"])
+                         for o in candidates)]
+    return rows, pareto
+
+
+def comparison_row(result: dict) -> dict:
+    """A group in one row: configuration, reconstruction, each comparison score's statistics (primary view,
+    signed, all latents; None with one seed), and Fourier recovery beside its baseline."""
+    rec, gt = result["reconstruction"], result["ground_truth"]
+    row = {"name": result["name"], "arch": result["arch"], "width": result["width"],
+           "sparsity": ", ".join(f"{k}={v:g}" for k, v in result["sparsity"].items()),
+           "sparsity_parameter": next(iter(result["sparsity"])),
+           "sparsity_value": next(iter(result["sparsity"].values())),
+           "seeds": len(result["seeds"]), "fvu": rec["fvu"]["mean"], "l0": rec["l0"]["mean"],
+           "dead_frac": rec["dead_frac"]["mean"], "acc_sae": rec["acc_sae"]["mean"] if rec.get("acc_sae") else None}
+    for name, score, _ in score_names("comparison"):
+        for statistic in score.comparison:
+            row[comparison_key(score, statistic)] = (comparison_statistic(result, name, statistic)
+                                                     if result["stability"] else None)
+    row |= {"frac_pure_key": gt["frac_pure_key"]["mean"] if gt else None,
+            "frac_pure_key_baseline": gt["baseline"]["frac_pure_key"] if gt else None,
+            "coverage": gt["coverage"]["mean"] if gt and gt["coverage"] else None,
+            "coverage_baseline": gt["baseline"]["coverage"]["mean"] if gt and gt["coverage"] else None}
+    return row
+
+
+def comparison_statistic(result: dict, name: str, statistic: str) -> float | None:
+    """One statistic of a score of a group with two or more seeds: the trained mean, a baseline's mean or
+    the normalised score (signed, all latents); None where it was not computed."""
+    if statistic == "normalised":
+        return result["normalised"][PRIMARY_VARIANT][name]
+    summary = result["stability"] if statistic == "trained" else result["baselines"].get(statistic)
+    return (summary[PRIMARY_VARIANT][name] or {}).get("mean") if summary else None
+
+
+def describe_transformer(source: Source) -> dict:
+    """A transformer's embedding spectrum, key frequencies and last logged epoch (None without a log)."""
+    shares, keys = embedding_spectrum(source.model.W_E[:source.model.cfg.p])
+    final = ({k: source.log[-1][k] for k in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
+              if k in source.log[-1]} if source.log else None)
+    return {"key_frequencies": keys, "embedding_frequency_shares": [round(float(s), 6) for s in shares],
+            "final": final, "log": source.log, "op": source.model.cfg.op, "p": source.model.cfg.p}
+
+
+class Analysis(NamedTuple):
+    """Everything compute produces, for render."""
+    results: list[dict]             # per group, for report.json
+    plots: list[dict]               # per group, the data of its figures
+    comparison: list[dict]          # one row per group
+    pareto: list[str]               # names of the groups on the frontier
+    transformers: dict[str, dict]   # per transformer: spectrum, key frequencies, log
+
+
+# ==================================================================================================
+# LOAD: find the SAE files, read them, group them by configuration, and get their activations.
 
 
 @dataclass
@@ -580,6 +978,50 @@ class Group:
     @property
     def first(self) -> SAEFile:
         return self.files[0]
+
+
+class Source(NamedTuple):
+    """The activations a group's SAEs were trained on, and the model behind them when there is one."""
+    acts: torch.Tensor            # [N, d]; with a transformer, N = p^2 in the order a*p + b
+    model: object | None
+    transformer_id: str | None    # its path, and the epoch for a checkpoint
+    path: str
+    log: list[dict] | None        # the transformer's training log (log.jsonl beside it), when there is one
+
+
+class Inputs(NamedTuple):
+    """Everything load produces, for compute and render."""
+    skipped: list[dict]                     # files that could not be read, with the reason
+    refused: list[str]                      # comparisons not made, and why
+    groups: list[tuple[Group, Source]]      # the groups that can be analysed, with their activations
+    failed: list[dict]                      # groups that cannot, with the reason
+    sources: dict                           # every source loaded, by what identifies it
+
+
+def load_inputs(paths: list[Path]) -> Inputs:
+    """Read the SAE files, group them, and load each group's activations; what cannot be read is listed
+    with the reason, and the rest go on. A HusaiError when nothing at all can be analysed."""
+    files, skipped = read_sae_files(paths)
+    for s in skipped:
+        print(f"skipped: {s['reason']}")
+    if not files:
+        raise HusaiError(f"none of the {len(skipped)} SAE file(s) could be read: {skipped[0]['reason']}")
+    groups, refused = group_files(files)
+    sources, loaded, failed = {}, [], []
+    for group in groups:
+        try:
+            source = load_source(group, sources)
+            if source.acts.shape[1] != group.key.d_in:
+                raise HusaiError(f"the SAEs have d_in {group.key.d_in} but the activations have "
+                                 f"d = {source.acts.shape[1]}")
+        except HusaiError as e:
+            failed.append({"name": group.name, "reason": str(e)})
+            print(f"group {group.name}: not analysed: {e}")
+            continue
+        loaded.append((group, source))
+    if not loaded:
+        raise HusaiError(f"no group could be analysed: {failed[0]['name']}: {failed[0]['reason']}")
+    return Inputs(skipped, refused, loaded, failed, sources)
 
 
 def find_sae_files(inputs: list[str]) -> list[Path]:
@@ -641,12 +1083,13 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     """Group by configuration; within a group one file per seed. Returns (groups sorted by
     architecture, width, sparsity, ...; refusals: comparisons not made, and why)."""
     by_key = defaultdict(list)
-    for f in files:
-        kind, _, sha = source_of(f.provenance)
-        checkpoint = f.provenance.get("checkpoint")
-        key = GroupKey(f.config["arch"], f.config["width"], *sparsity(f.config), str(f.provenance.get("hook")),
-                       -1 if checkpoint is None else int(checkpoint), kind, sha, f.config["d_in"])
-        by_key[key].append(f)
+    for sae_file in files:
+        kind, _, sha = source_of(sae_file.provenance)
+        checkpoint = sae_file.provenance.get("checkpoint")
+        key = GroupKey(sae_file.config["arch"], sae_file.config["width"], *sparsity(sae_file.config),
+                       str(sae_file.provenance.get("hook")), -1 if checkpoint is None else int(checkpoint), kind, sha,
+                       sae_file.config["d_in"])
+        by_key[key].append(sae_file)
     refused = []
     by_configuration = defaultdict(list)
     for key in sorted(by_key):
@@ -663,31 +1106,23 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
         group = Group(key, [])
         # a seed found twice: keep the file whose folder holds most of the group
         folder_size = defaultdict(int)
-        for f in by_key[key]:
-            folder_size[f.path.parent] += 1
-        for f in sorted(by_key[key], key=lambda f: (f.seed, -folder_size[f.path.parent], str(f.path))):
-            if f.seed in seen:
-                group.notes.append(f"{f.path}: seed {f.seed} again (as {seen[f.seed].path}); compared with it as "
-                                   "a rerun of one seed, never as another seed")
-                group.reruns.append((seen[f.seed], f))
+        for sae_file in by_key[key]:
+            folder_size[sae_file.path.parent] += 1
+        for sae_file in sorted(by_key[key], key=lambda f: (f.seed, -folder_size[f.path.parent], str(f.path))):
+            if sae_file.seed in seen:
+                group.notes.append(f"{sae_file.path}: seed {sae_file.seed} again (as {seen[sae_file.seed].path}); "
+                                   "compared with it as a rerun of one seed, never as another seed")
+                group.reruns.append((seen[sae_file.seed], sae_file))
                 continue
-            seen[f.seed] = f
-            group.files.append(f)
+            seen[sae_file.seed] = sae_file
+            group.files.append(sae_file)
         groups.append(group)
-    names = [" + ".join(sorted({f.path.parent.name for f in g.files})) for g in groups]
+    names = [" + ".join(sorted({sae_file.path.parent.name for sae_file in g.files})) for g in groups]
     for group, name in zip(groups, names):
         unique = names.count(name) == 1
         group.name = re.sub(r"[^A-Za-z0-9._+-]+", "_",
                             name if unique else f"{name}-{group.key.sha256[:8]}-d{group.key.d_in}")
     return groups, refused
-
-
-class Source(NamedTuple):
-    """The activations a group's SAEs were trained on, and the model behind them when there is one."""
-    X: torch.Tensor               # [N, d]; with a transformer, N = p^2 in the order a*p + b
-    model: object | None
-    transformer_id: str | None    # its path, and the epoch for a checkpoint
-    path: str
 
 
 def load_source(group: Group, cache: dict) -> Source:
@@ -706,9 +1141,20 @@ def load_source(group: Group, cache: dict) -> Source:
         if file_sha256(path) != sha:
             raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
         data = activations_from(provenance)
-        transformer_id = None if kind == "acts" else path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
-        cache[key] = Source(data.acts, data.model, transformer_id, path)
+        if kind == "acts":
+            cache[key] = Source(data.acts, None, None, path, None)
+        else:
+            transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
+            cache[key] = Source(data.acts, data.model, transformer_id, path,
+                                read_training_log(Path(path).parent / "log.jsonl"))
     return cache[key]
+
+
+def read_training_log(path: Path) -> list[dict] | None:
+    """Stage 1's log.jsonl (one JSON object per logged epoch), or None where there is none."""
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
@@ -716,8 +1162,8 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
     seed]}, "fvu": {step: [FVU per seed]}}, None), step 0 being the initialisation; or (None, why not)."""
     try:
         loaded = []
-        for f in files:
-            path = f.path.with_name(snapshot_file_name(f.seed))
+        for sae_file in files:
+            path = sae_file.path.with_name(snapshot_file_name(sae_file.seed))
             tensors, meta = load_tensors(path, SNAPSHOT_FORMAT, SAE_VERSION, required=("step0.W_enc", "step0.W_dec"))
             loaded.append((tensors, dict(zip(meta["steps"], meta["fvu"], strict=True))))
         steps = sorted(set.intersection(*(set(fvu) for _, fvu in loaded)))
@@ -733,226 +1179,142 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
     return snapshots, None
 
 
+# ==================================================================================================
+# RENDER: report.json, report.md and the figures, every file written atomically.
 # --------------------------------------------------------------------------------------------------
-# The analysis of one group
+# Numbers as text, and tables from column specs
 
 
-def analyse_group(group: Group, source: Source, device: torch.device, tau: float) -> tuple[dict, dict]:
-    """Everything about one configuration. Returns (numbers for report.json, data for the figures)."""
-    X = source.X
-    seeds = [f.seed for f in group.files]
-    config = group.first.config
-    result = {"name": group.name, "arch": config["arch"], "width": config["width"], "d_in": config["d_in"],
-              "sparsity": dict([sparsity(config)]), "hook": group.first.provenance.get("hook"),
-              "checkpoint": group.first.provenance.get("checkpoint"), "source": source_of(group.first.provenance)[1],
-              "source_sha256": group.key.sha256, "seeds": seeds, "files": [str(f.path) for f in group.files],
-              "notes": list(group.notes), "settings": settings_of(group.files)}
-    plots = {}
-
-    geometry = activation_geometry(X)
-    fourier = fourier_setup(source.model, X, geometry, config["width"]) if source.model is not None else None
-
-    # per seed, on every input: which latents fire, reconstruction, and the latents' Fourier structure. One
-    # seed's latents [N, m] at a time: at m = 65,536 they take 3 GiB each.
-    X_device = X.to(device)
-    dictionaries, per_seed, recovery = [], [], []
-    for f in group.files:
-        dictionary, latents, weights = read_dictionary(f, X_device, device)
-        dictionaries.append(dictionary)
-        downstream = {k: f.metrics.get(k) for k in DOWNSTREAM}
-        per_seed.append({"seed": f.seed, **reconstruction_metrics(weights, f.config, X_device), **downstream})
-        if fourier is not None:
-            recovery.append(fourier_recovery(latents, dictionaries[-1].decoder, fourier))
-        del latents
-    result["per_seed"] = per_seed
-    result["reconstruction"] = {name: mean_and_ci(values) if None not in values else None
-                                for name in per_seed[0] if name != "seed"
-                                for values in [[s[name] for s in per_seed]]}
-
-    result["activations"] = {"n": len(X), "d": X.shape[1], "subspace_rank": geometry.rank,
-                             **{f"{view}_in_subspace": mean_and_ci([subspace_share(getattr(d, view), geometry)
-                                                                    for d in dictionaries])
-                                for view in ("decoder", "encoder")}}
-    snapshots, snapshot_problem = load_snapshots(group.files)
-    initial = snapshots["weights"][0] if snapshots else None
-    if snapshot_problem:
-        result["notes"].append(f"{snapshot_problem}; no init baseline and no dynamics")
-
-    # stability and its baselines
-    latent_match = None
-    if len(group.files) < 2:
-        result["stability"] = None
-        result["notes"].append(f"only one seed ({seeds[0]}): stability needs at least two seeds of one configuration")
-    else:
-        if len(group.files) < RECOMMENDED_SEEDS:
-            result["notes"].append(f"{len(group.files)} seeds: confidence intervals from fewer than "
-                                   f"{RECOMMENDED_SEEDS} seeds are rough")
-        if config["width"] > HUNGARIAN_MAX_LATENTS:
-            result["notes"].append(f"width {config['width']} > HUNGARIAN_MAX_LATENTS = {HUNGARIAN_MAX_LATENTS}: "
-                                   "Hungarian matching and the shared fraction are skipped (the dense [m, m] "
-                                   "cost matrix would not fit); max-based scores are still reported")
-        trained = stability(dictionaries, device, tau)
-        result["stability"] = summarise(trained)
-        result["pair_matrices"] = {variant: {name: matrix.tolist() for name, matrix in matrices.items()
-                                             if name != "shared_curve"}
-                                   for variant, matrices in trained["scores"].items()}
-        result["baselines"], result["baseline_generator_seeds"], baseline_pairs = {}, {}, {}
-        for kind in BASELINES:
-            if kind == "init" and initial is None:
-                continue
-            dicts, generator_seeds = baseline_dictionaries(kind, dictionaries, geometry, initial)
-            scores = stability(dicts, device, tau)
-            result["baselines"][kind] = summarise(scores)
-            result["baseline_generator_seeds"][kind] = generator_seeds
-            baseline_pairs[kind] = (dicts[0], dicts[1], scores["first_pair"])
-        result["normalised"] = {variant: {name: normalised(scores[name], result["baselines"]["subspace"][variant][name])
-                                          for name in SCORES}
-                                for variant, scores in result["stability"].items()}
-        plots["heatmaps"] = {"trained": (dictionaries[0], dictionaries[1], trained["first_pair"]),
-                             "subspace baseline": baseline_pairs["subspace"]}
-        plots["latent_match"] = latent_match = trained["latent_match"]
-
-    result["reruns"] = [rerun_similarity(a, b, X_device, device, tau) for a, b in group.reruns]
-
-    # ground truth: only with the transformer's full (a, b) grid
-    if fourier is None:
-        result["ground_truth"] = None
-        result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: "
-                               "no Fourier analysis")
-    else:
-        baseline = fourier_recovery(random_direction_latents(X_device, fourier.random_rows.to(device)),
-                                    fourier.random_rows, fourier)
-        result["ground_truth"], plots["purity"] = ground_truth(source, fourier, recovery, baseline, latent_match, tau)
-
-    # per seed and latent: the numbers behind the histograms and the correlation
-    result["latents"] = [{"seed": f.seed, "alive": d.alive.int().tolist(),
-                          "match": latent_match[i].tolist() if latent_match else None,
-                          "purity": recovery[i]["purity"].tolist() if recovery else None,
-                          "best_frequency": recovery[i]["best"].tolist() if recovery else None}
-                         for i, (f, d) in enumerate(zip(group.files, dictionaries))]
-
-    # training dynamics from the snapshots
-    if snapshots is not None and len(group.files) > 1:
-        result["dynamics"] = dynamics(snapshots, device, tau)
-    else:
-        result["dynamics"] = None
-    return result, plots
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def rerun_similarity(a: SAEFile, b: SAEFile, X: torch.Tensor, device: torch.device, tau: float) -> dict:
-    """Two files of one seed and configuration. Identical bits, or how far apart rounding alone (another
-    thread count, machine or library version) carried one training run: the ceiling that no cross-seed
-    stability can be read above. Scores as for a pair of seeds (signed, all latents)."""
-    scores, _ = compare_pair(read_dictionary(a, X, device)[0], read_dictionary(b, X, device)[0], VARIANTS[PRIMARY],
-                             device, tau)
-    identical = a.tensors.keys() == b.tensors.keys() and all(torch.equal(t, b.tensors[n]) for n, t in a.tensors.items())
-    return {"seed": a.seed, "files": [str(a.path), str(b.path)], "identical": identical,
-            **{name: scores.get(name) for name in SCORES}}
+def fmt_ci(stat: dict | None, digits: int = 3) -> str:
+    if stat is None:
+        return "n/a"
+    return f"{stat['mean']:.{digits}f} [{stat['ci'][0]:.{digits}f}, {stat['ci'][1]:.{digits}f}]"
 
 
-def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], baseline: dict,
-                 latent_match: list[torch.Tensor] | None, tau: float) -> tuple[dict, dict]:
-    """The group's Fourier numbers from each seed's fourier_recovery: means over seeds with CIs beside the
-    random-direction baseline, per key frequency, and the match-purity correlation."""
-    planes, m = fourier.planes, len(fourier.random_rows)
-    result = {
-        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op,
-        "key_frequencies": fourier.keys,
-        "key_frequency_rule": f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} "
-                              "(sae_core.embedding_spectrum)",
-        "plane_variance_share": {k: share for k, (_, share) in planes.items()},
-        "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
-        "frac_pure_key": mean_and_ci([r["frac_pure_key"] for r in recovery]),
-        "coverage": mean_and_ci([r["coverage"] for r in recovery]) if planes else None,
-        "per_frequency": {k: {"latents": mean_and_ci([r["per_frequency"][k]["latents"] for r in recovery]),
-                              "coverage": mean_and_ci([r["per_frequency"][k]["coverage"] for r in recovery]),
-                              "cosines_per_seed": [r["per_frequency"][k]["cosines"] for r in recovery],
-                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"]
-                                                                for r in recovery])}
-                          for k in planes},
-        "per_seed": [{"frac_pure": r["frac_pure"], "frac_pure_key": r["frac_pure_key"], "coverage": r["coverage"]}
-                     for r in recovery],
-        "baseline": {"what": f"{m} random directions r from the subspace baseline; purity of the latents "
-                             "f = relu((x - mean) . r); coverage of as many of them as the SAE assigns to k",
-                     "generator_seed": GENERATOR_SEEDS["random_latents"], "frac_pure": baseline["frac_pure"],
-                     "frac_pure_key": baseline["frac_pure_key"],
-                     "coverage": mean_and_ci([np.mean([v["random_coverage"] for v in r["per_frequency"].values()])
-                                              for r in recovery]) if planes else None},
-        "match_vs_purity": match_purity_correlation(latent_match, recovery, tau) if latent_match else None,
+def fixed(digits: int) -> Callable[[float | None], str]:
+    """A cell format: the number with `digits` decimals."""
+    return lambda value: fmt(value, digits)
+
+
+def with_ci(digits: int) -> Callable[[dict | None], str]:
+    """A cell format: `mean [low, high]` with `digits` decimals."""
+    return lambda stat: fmt_ci(stat, digits)
+
+
+def estimate(value: dict | float | None) -> str:
+    """A cell format for a column that holds plain numbers and means with CIs alike."""
+    return fmt_ci(value) if isinstance(value, dict) else fmt(value)
+
+
+def beside_baseline(value: float | None, baseline: float | None) -> str:
+    """A cell format: the number, its baseline in brackets."""
+    return f"{fmt(value)} ({fmt(baseline)})"
+
+
+class Column(NamedTuple):
+    """One column of a report.md table: its header, the row key it reads (or several), and the format
+    that turns their values into the cell's text."""
+    header: str
+    key: str | tuple[str, ...]
+    format: Callable[..., str]
+
+
+def table(columns: list[Column], rows: list[dict]) -> list[str]:
+    """A markdown table, one line per row (a dict), each cell column.format(row[key], ...)."""
+    def cell(column: Column, row: dict) -> str:
+        keys = (column.key,) if isinstance(column.key, str) else column.key
+        return column.format(*(row[k] for k in keys))
+    return (["| " + " | ".join(column.header for column in columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(cell(column, row) for column in columns) + " |" for row in rows])
+
+
+def score_label(score: Score, view: str | None, tau: float) -> str:
+    """A score's full name in report.md: "PWMCC (max-based), decoder rows"."""
+    label = score.label.format(tau=tau)
+    return f"{label}, {VIEWS[view]}" if view else label
+
+
+def score_short(score: Score, view: str | None) -> str:
+    """A score's short name with its view: "decoder PWMCC"."""
+    return f"{view} {score.short}" if view else score.short
+
+
+RECONSTRUCTION_COLUMNS = [
+    Column("seed", "seed", str), Column("FVU", "fvu", fixed(4)), Column("L0", "l0", fixed(1)),
+    Column("dead", "dead_frac", fixed(3)), Column("acc clean", "acc_clean", fixed(4)),
+    Column("acc SAE", "acc_sae", fixed(4)), Column("loss recovered (zero)", "loss_recovered_zero", fixed(3)),
+    Column("(mean)", "loss_recovered_mean", fixed(3))]
+COMPARISON_COLUMNS = [
+    Column("group", "name", str), Column("arch", "arch", str), Column("width", "width", str),
+    Column("sparsity", "sparsity", str), Column("seeds", "seeds", str), Column("FVU", "fvu", fixed(4)),
+    Column("L0", "l0", fixed(1)), Column("dead", "dead_frac", fixed(3)), Column("acc (SAE)", "acc_sae", fixed(4))]
+FOURIER_COMPARISON_COLUMNS = [
+    Column("pure & key (baseline)", ("frac_pure_key", "frac_pure_key_baseline"), beside_baseline),
+    Column("coverage (baseline)", ("coverage", "coverage_baseline"), beside_baseline)]
+FOURIER_COLUMNS = [
+    Column("quantity", "quantity", str), Column("trained (mean over seeds [CI])", "trained", with_ci(3)),
+    Column("random directions", "random", estimate)]
+FREQUENCY_COLUMNS = [
+    Column("k", "k", str), Column("variance share of its plane", "variance_share", fixed(3)),
+    Column("latents assigned", "latents", with_ci(1)), Column("coverage", "coverage", with_ci(3)),
+    Column("as many random directions: coverage", "baseline_coverage", with_ci(3))]
+
+
+def rounded(value):
+    """JSON-ready: floats to 6 decimals (so float noise below that never changes the file), NaN -> null."""
+    if isinstance(value, dict):
+        return {str(k): rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The outputs
+
+
+def prepare_report_folder(out: Path, force: bool) -> Path:
+    """Refuse to overwrite an existing report without --force, before any work; returns the figures folder."""
+    for name in ("report.md", "report.json"):
+        prepare_output(out / name, force)
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    return figures
+
+
+def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Path) -> None:
+    """The figures, then report.json, then report.md from report.json's numbers."""
+    figures = out / "figures"
+    for result, plots in zip(analysis.results, analysis.plots):
+        result["figures"] = plot_group(result, plots, tau, figures)
+    report = {
+        "command": command,
+        "settings": {"tau": tau, "tau_grid": list(TAU_GRID), "pure_latent": PURE_LATENT,
+                     "subspace_variance": SUBSPACE_VARIANCE, "hungarian_max_latents": HUNGARIAN_MAX_LATENTS,
+                     "baseline_dictionaries": BASELINE_DICTIONARIES, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+                     "ci_level": CI_LEVEL, "generator_seeds": GENERATOR_SEEDS},
+        "choices": dict(CHOICES), "skipped_files": inputs.skipped, "refused": inputs.refused,
+        "failed_groups": inputs.failed,
+        "transformers": plot_transformers(analysis.transformers, figures),
+        "groups": analysis.results, "comparison": analysis.comparison, "pareto": analysis.pareto,
+        "comparison_figure": plot_comparison(analysis.comparison, figures),
     }
-    plots = {"purity": [r["purity"][r["alive"]] for r in recovery],
-             "baseline_purity": baseline["purity"][baseline["alive"]], "alive": [r["alive"] for r in recovery],
-             "spearman": result["match_vs_purity"]}
-    return result, plots
-
-
-def dynamics(snapshots: dict, device: torch.device, tau: float) -> dict:
-    """Stability across seeds at each snapshot step (PWMCC, decoder and encoder, signed, all latents:
-    the max-based scores, which need no m x m matrix) beside the full-dataset FVU at that step."""
-    rows = []
-    for step, weights in snapshots["weights"].items():
-        dictionaries = [make_dictionary(w["W_dec"], w["W_enc"], torch.ones(len(w["W_dec"]), dtype=torch.bool))
-                        for w in weights]
-        scores = stability(dictionaries, device, tau, variants={PRIMARY: VARIANTS[PRIMARY]._replace(hungarian=False)})
-        matrices = scores["scores"][PRIMARY]
-        rows.append({"step": step, "decoder.pwmcc": mean_and_ci(matrices["decoder.pwmcc"]),
-                     "encoder.pwmcc": mean_and_ci(matrices["encoder.pwmcc"]),
-                     "fvu": mean_and_ci(snapshots["fvu"][step])})
-    return {"what": "PWMCC (signed, all latents) and FVU at each snapshot step; step 0 is the initialisation",
-            "steps": rows}
-
-
-def settings_of(files: list[SAEFile]) -> dict:
-    """The training settings shared by all seeds of a group, and those that differ between seeds."""
-    keys = sorted(set().union(*(f.config for f in files)) - {"seed"})
-    shared, varying = {}, {}
-    for key in keys:
-        values = [f.config.get(key) for f in files]
-        if all(v == values[0] for v in values):
-            shared[key] = values[0]
-        else:
-            varying[key] = values
-    return {"shared": shared, "varying": varying}
+    report = rounded(report)
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+    write_report(report, out / "report.md")
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures in {figures}")
 
 
 # --------------------------------------------------------------------------------------------------
-# Across groups
-
-
-def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
-    """One row per group, and the names of the groups on the Pareto frontier of stability (normalised
-    PWMCC, decoder, signed, all latents: higher is better) against FVU (lower is better)."""
-    rows = []
-    for r in results:
-        stab, gt = r.get("stability"), r.get("ground_truth")
-        rec = r["reconstruction"]
-        rows.append({
-            "name": r["name"], "arch": r["arch"], "width": r["width"],
-            "sparsity": ", ".join(f"{k}={v:g}" for k, v in r["sparsity"].items()),
-            "sparsity_parameter": next(iter(r["sparsity"])), "sparsity_value": next(iter(r["sparsity"].values())),
-            "seeds": len(r["seeds"]), "fvu": rec["fvu"]["mean"], "l0": rec["l0"]["mean"],
-            "dead_frac": rec["dead_frac"]["mean"], "acc_sae": rec["acc_sae"]["mean"] if rec.get("acc_sae") else None,
-            "pwmcc": stab[PRIMARY]["decoder.pwmcc"]["mean"] if stab else None,
-            "pwmcc_subspace": r["baselines"]["subspace"][PRIMARY]["decoder.pwmcc"]["mean"] if stab else None,
-            "pwmcc_isotropic": r["baselines"]["isotropic"][PRIMARY]["decoder.pwmcc"]["mean"] if stab else None,
-            "pwmcc_normalised": r["normalised"][PRIMARY]["decoder.pwmcc"] if stab else None,
-            "hungarian_normalised": r["normalised"][PRIMARY]["decoder.hungarian"] if stab else None,
-            "shared_fraction": (stab[PRIMARY]["shared_fraction"] or {}).get("mean") if stab else None,
-            "frac_pure_key": gt["frac_pure_key"]["mean"] if gt else None,
-            "frac_pure_key_baseline": gt["baseline"]["frac_pure_key"] if gt else None,
-            "coverage": gt["coverage"]["mean"] if gt and gt["coverage"] else None,
-            "coverage_baseline": gt["baseline"]["coverage"]["mean"] if gt and gt["coverage"] else None,
-        })
-    candidates = [row for row in rows if row["pwmcc_normalised"] is not None]
-    pareto = [row["name"] for row in candidates
-              if not any(o["pwmcc_normalised"] >= row["pwmcc_normalised"] and o["fvu"] <= row["fvu"]
-                         and (o["pwmcc_normalised"] > row["pwmcc_normalised"] or o["fvu"] < row["fvu"])
-                         for o in candidates)]
-    return rows, pareto
-
-
-# --------------------------------------------------------------------------------------------------
-# Figures (every one written atomically)
+# Figures
 
 
 def save_figure(path: Path, draw: Callable[[BinaryIO], None]) -> None:
@@ -970,163 +1332,148 @@ def finish(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
-    """FIGURE_LATENTS latents of A, evenly spaced in the order of their best cosine in B (best first),
-    against their best partners in B: the diagonal holds each latent's max cosine."""
-    order = torch.argsort(best.best_a, descending=True, stable=True)
-    chosen = order[torch.linspace(0, len(order) - 1, min(FIGURE_LATENTS, len(order))).long()]
-    return (a.decoder[chosen] @ b.decoder[best.index_a[chosen]].T).numpy()
-
-
-def plot_group(result: dict, plots: dict, folder: Path) -> dict[str, str]:
-    """The group's figures; returns {what: file name}."""
+def plot_group(result: dict, plots: dict, tau: float, folder: Path) -> dict[str, str]:
+    """The group's figures: stability (with two seeds or more), purity (with a transformer), dynamics
+    (with snapshots); returns {what: file name}."""
     names = {}
     if "heatmaps" in plots:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for ax, (label, (a, b, best)) in zip(axes, plots["heatmaps"].items()):
-            image = ax.imshow(heatmap_matrix(a, b, best), vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set(title=f"{label}: decoder cosines, first two dictionaries\n{FIGURE_LATENTS} latents sorted by "
-                         "best match, vs their best partners",
-                   xlabel="partner in dictionary 2", ylabel="latent of dictionary 1")
-            fig.colorbar(image, ax=ax, shrink=0.8)
-        ax = axes[2]
-        for label, summary in [("trained", result["stability"])] + list(result["baselines"].items()):
-            curve = summary[PRIMARY]["shared_curve"]
-            if curve is not None:
-                ax.plot(TAU_GRID, curve, "-" if label == "trained" else "--", label=label)
-        ax.axvline(SHARED_TAU, color="k", lw=0.8, ls=":")
-        ax.set(xlabel="tau", ylabel="shared fraction", ylim=(0, 1.02),
-               title="shared fraction vs tau (signed, all latents)")
-        ax.legend()
         names["stability"] = f"{result['name']}-stability.png"
-        finish(fig, folder / names["stability"])
+        plot_stability(result, plots["heatmaps"], tau, folder / names["stability"])
     if "purity" in plots:
-        data = plots["purity"]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-        bins = np.linspace(0, 1, 41)
-        axes[0].hist(torch.cat(data["purity"]).numpy(), bins=bins, density=True, alpha=0.7, label="trained (all seeds)")
-        axes[0].hist(data["baseline_purity"].numpy(), bins=bins, density=True, alpha=0.5, label="random directions")
-        axes[0].axvline(PURE_LATENT, color="k", ls=":", lw=0.8)
-        axes[0].set(xlabel="Fourier purity", ylabel="density", title="purity of alive latents")
-        axes[0].legend()
-        if "latent_match" in plots:
-            match = torch.cat([m[alive] for m, alive in zip(plots["latent_match"], data["alive"])]).numpy()
-            axes[1].scatter(match, torch.cat(data["purity"]).numpy(), s=4, alpha=0.4)
-            rho = data["spearman"]["spearman"]
-            axes[1].set(title=f"cross-seed match vs purity (Spearman {fmt(rho)})")
-        axes[1].set(xlabel="mean best decoder cosine in the other seeds", ylabel="Fourier purity")
         names["purity"] = f"{result['name']}-purity.png"
-        finish(fig, folder / names["purity"])
+        plot_purity(plots["purity"], plots.get("latent_match"), folder / names["purity"])
     if result.get("dynamics"):
-        rows = result["dynamics"]["steps"]
-        steps = [row["step"] for row in rows]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for view, color in (("decoder", "tab:blue"), ("encoder", "tab:green")):
-            values = [row[f"{view}.pwmcc"] for row in rows]
-            ax.plot(steps, [v["mean"] for v in values], "o-", color=color, label=f"PWMCC {view}")
-            ax.fill_between(steps, [v["ci"][0] for v in values], [v["ci"][1] for v in values], color=color, alpha=0.2)
-            for kind, style in (("subspace", "--"), ("isotropic", ":")):
-                ax.axhline(result["baselines"][kind][PRIMARY][f"{view}.pwmcc"]["mean"], color=color, ls=style, lw=1,
-                           label=f"{kind} baseline ({view})")
-        ax.set(xscale="symlog", xlabel="training step", ylabel="PWMCC across seeds", ylim=(0, 1.02))
-        twin = ax.twinx()
-        twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="tab:red", label="FVU")
-        twin.set(ylabel="FVU (full dataset)", yscale="log")
-        ax.legend(loc="lower left", fontsize=8)
-        twin.legend(loc="upper right", fontsize=8)
-        ax.set_title(f"{result['name']}: stability and FVU during training")
         names["dynamics"] = f"{result['name']}-dynamics.png"
-        finish(fig, folder / names["dynamics"])
+        plot_dynamics(result, folder / names["dynamics"])
     return names
 
 
+def plot_stability(result: dict, heatmaps: dict[str, np.ndarray], tau: float, path: Path) -> None:
+    """Decoder cosines of the first two dictionaries, trained and subspace baseline, as heat maps; then
+    each curve over tau (trained solid, baselines dashed)."""
+    curved = [score for score in SCORES if score.curve]
+    fig, axes = plt.subplots(1, len(heatmaps) + len(curved), figsize=(5 * (len(heatmaps) + len(curved)), 4.5))
+    for ax, (label, matrix) in zip(axes, heatmaps.items()):
+        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set(title=f"{label}: decoder cosines, first two dictionaries\n{FIGURE_LATENTS} latents sorted by "
+                     "best match, vs their best partners",
+               xlabel="partner in dictionary 2", ylabel="latent of dictionary 1")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    for ax, score in zip(axes[len(heatmaps):], curved):
+        for label, summary in [("trained", result["stability"])] + list(result["baselines"].items()):
+            curve = summary[PRIMARY_VARIANT][score.curve]
+            if curve is not None:
+                ax.plot(TAU_GRID, curve, "-" if label == "trained" else "--", label=label)
+        ax.axvline(tau, color="k", lw=0.8, ls=":")   # the --tau of this report
+        ax.set(xlabel="tau", ylabel=score.short, ylim=(0, 1.02), title=f"{score.short} vs tau ({PRIMARY_VARIANT})")
+        ax.legend()
+    finish(fig, path)
+
+
+def plot_purity(data: dict, latent_match: list | None, path: Path) -> None:
+    """Histogram of the purity of alive latents against random directions, and (with two seeds or more)
+    each latent's cross-seed match against its purity."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    bins = np.linspace(0, 1, 41)
+    axes[0].hist(torch.cat(data["purity"]).numpy(), bins=bins, density=True, alpha=0.7, label="trained (all seeds)")
+    axes[0].hist(data["baseline_purity"].numpy(), bins=bins, density=True, alpha=0.5, label="random directions")
+    axes[0].axvline(PURE_LATENT, color="k", ls=":", lw=0.8)
+    axes[0].set(xlabel="Fourier purity", ylabel="density", title="purity of alive latents")
+    axes[0].legend()
+    if latent_match is not None:
+        match = torch.cat([m[alive] for m, alive in zip(latent_match, data["alive"])]).numpy()
+        axes[1].scatter(match, torch.cat(data["purity"]).numpy(), s=4, alpha=0.4)
+        axes[1].set(title=f"cross-seed match vs purity (Spearman {fmt(data['spearman']['spearman'])})")
+    axes[1].set(xlabel="mean best decoder cosine in the other seeds", ylabel="Fourier purity")
+    finish(fig, path)
+
+
+DYNAMICS_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink")   # FVU is red
+
+
+def plot_dynamics(result: dict, path: Path) -> None:
+    """Each dynamics score (mean and CI band) against the training step, beside its subspace (dashed) and
+    isotropic (dotted) baselines, and FVU on a second axis."""
+    rows = result["dynamics"]["steps"]
+    steps = [row["step"] for row in rows]
+    names = score_names("dynamics")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (name, score, view), color in zip(names, DYNAMICS_COLORS):
+        values = [row[name] for row in rows]
+        ax.plot(steps, [v["mean"] for v in values], "o-", color=color, label=score_short(score, view))
+        ax.fill_between(steps, [v["ci"][0] for v in values], [v["ci"][1] for v in values], color=color, alpha=0.2)
+        for kind, style in (("subspace", "--"), ("isotropic", ":")):
+            ax.axhline(result["baselines"][kind][PRIMARY_VARIANT][name]["mean"], color=color, ls=style, lw=1,
+                       label=f"{kind} baseline ({score_short(score, view)})")
+    scores = " / ".join(dict.fromkeys(score.short for _, score, _ in names))
+    ax.set(xscale="symlog", xlabel="training step", ylabel=f"{scores} across seeds", ylim=(0, 1.02))
+    twin = ax.twinx()
+    twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="tab:red", label="FVU")
+    twin.set(ylabel="FVU (full dataset)", yscale="log")
+    ax.legend(loc="lower left", fontsize=8)
+    twin.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{result['name']}: stability and FVU during training")
+    finish(fig, path)
+
+
 def plot_comparison(rows: list[dict], folder: Path) -> str:
-    """Stability (decoder PWMCC, signed, all latents) vs width at fixed sparsity, vs k at fixed width, and vs
-    the penalty at fixed width, each with its subspace (dashed) and isotropic (dotted) baselines."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    """For each trends score (primary view, signed, all latents), one row of panels: stability vs width at
+    fixed sparsity, vs k at fixed width, and vs the penalty at fixed width, each with its subspace (dashed)
+    and isotropic (dotted) baselines."""
+    names = score_names("trends")
+    fig, axes = plt.subplots(len(names), 3, figsize=(16, 4.5 * len(names)), squeeze=False)
     def at_width(r): return f"{r['arch']} w{r['width']}"
     def sparsity_value(r): return r["sparsity_value"]
     panels = [("width", lambda r: f"{r['arch']} {r['sparsity']}", lambda r: r["width"], lambda r: True),
               ("k", at_width, sparsity_value, lambda r: r["sparsity_parameter"] == "k"),
               ("penalty (relu: l1, jumprelu: l0)", at_width, sparsity_value, lambda r: r["sparsity_parameter"] != "k")]
-    for ax, (x_name, series_of, x_of, keep) in zip(axes, panels):
-        series = defaultdict(list)
-        for row in rows:
-            if row["pwmcc"] is not None and keep(row):
-                series[series_of(row)].append(row)
-        for i, (label, members) in enumerate(sorted(series.items())):
-            members.sort(key=x_of)
-            x = [x_of(r) for r in members]
-            color = f"C{i % 10}"
-            ax.plot(x, [r["pwmcc"] for r in members], "o-", color=color, label=label)
-            ax.plot(x, [r["pwmcc_subspace"] for r in members], "x--", color=color, lw=1)
-            ax.plot(x, [r["pwmcc_isotropic"] for r in members], "+:", color=color, lw=1)
-        ax.set(xlabel=x_name, ylabel="decoder PWMCC", ylim=(0, 1.02),
-               title=f"stability vs {x_name.split()[0]}\n(x--: subspace baseline, +: isotropic baseline)")
-        if series:
-            ax.set_xscale("log")
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no groups", ha="center", transform=ax.transAxes)
+    for row_axes, (_, score, view) in zip(axes, names):
+        trained, subspace, isotropic = (comparison_key(score, s) for s in ("trained", "subspace", "isotropic"))
+        for ax, (x_name, series_of, x_of, keep) in zip(row_axes, panels):
+            series = defaultdict(list)
+            for row in rows:
+                if row[trained] is not None and keep(row):
+                    series[series_of(row)].append(row)
+            for i, (label, members) in enumerate(sorted(series.items())):
+                members.sort(key=x_of)
+                x = [x_of(r) for r in members]
+                color = f"C{i % 10}"
+                ax.plot(x, [r[trained] for r in members], "o-", color=color, label=label)
+                ax.plot(x, [r[subspace] for r in members], "x--", color=color, lw=1)
+                ax.plot(x, [r[isotropic] for r in members], "+:", color=color, lw=1)
+            ax.set(xlabel=x_name, ylabel=score_short(score, view), ylim=(0, 1.02),
+                   title=f"stability vs {x_name.split()[0]}\n(x--: subspace baseline, +: isotropic baseline)")
+            if series:
+                ax.set_xscale("log")
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "no groups", ha="center", transform=ax.transAxes)
     name = "stability-vs-width-k.png"
     finish(fig, folder / name)
     return name
 
 
-def plot_transformers(sources: dict, folder: Path) -> dict[str, dict]:
-    """Each transformer's grokking curve (from log.jsonl beside it) and embedding Fourier spectrum."""
+def plot_transformers(transformers: dict[str, dict], folder: Path) -> dict[str, dict]:
+    """Each transformer's grokking curve (when it has a log) and embedding Fourier spectrum; returns its
+    entry of report.json."""
     out = {}
-    for i, (transformer_id, source) in enumerate(sorted(sources.items())):
-        model = source.model
-        shares, keys = embedding_spectrum(model.W_E[:model.cfg.p])
-        entry = {"key_frequencies": keys, "embedding_frequency_shares": [round(float(s), 6) for s in shares],
-                 "figures": {}}
-        log_path = Path(source.path).parent / "log.jsonl"
-        if log_path.is_file():
-            log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            entry["final"] = {k: log[-1][k] for k in ("epoch", "train_acc", "test_acc", "train_loss", "test_loss")
-                              if k in log[-1]}
-            entry["figures"]["curves"] = f"transformer{i}-curves.png"
-            save_figure(folder / entry["figures"]["curves"],
-                        lambda handle: plot_training_curves(log, handle, title=f"{model.cfg.op} mod {model.cfg.p}"))
-        else:
-            entry["final"] = None
-        entry["figures"]["spectrum"] = f"transformer{i}-fourier.png"
-        save_figure(folder / entry["figures"]["spectrum"],
-                    lambda handle: plot_fourier_spectrum(entry["embedding_frequency_shares"], keys, handle))
-        out[transformer_id] = entry
+    for i, (transformer_id, t) in enumerate(transformers.items()):
+        figures = {}
+        if t["log"]:
+            figures["curves"] = f"transformer{i}-curves.png"
+            save_figure(folder / figures["curves"],
+                        lambda handle: plot_training_curves(t["log"], handle, title=f"{t['op']} mod {t['p']}"))
+        figures["spectrum"] = f"transformer{i}-fourier.png"
+        save_figure(folder / figures["spectrum"],
+                    lambda handle: plot_fourier_spectrum(t["embedding_frequency_shares"], t["key_frequencies"], handle))
+        out[transformer_id] = {"key_frequencies": t["key_frequencies"],
+                               "embedding_frequency_shares": t["embedding_frequency_shares"], "figures": figures,
+                               "final": t["final"]}
     return out
 
 
 # --------------------------------------------------------------------------------------------------
-# The report
-
-
-def fmt(value, digits: int = 3) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def fmt_ci(stat: dict | None, digits: int = 3) -> str:
-    if stat is None:
-        return "n/a"
-    return f"{stat['mean']:.{digits}f} [{stat['ci'][0]:.{digits}f}, {stat['ci'][1]:.{digits}f}]"
-
-
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def rounded(value):
-    """JSON-ready: floats to 6 decimals (so float noise below that never changes the file), NaN -> null."""
-    if isinstance(value, dict):
-        return {str(k): rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else round(float(value), 6)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+# report.md
 
 
 CHOICES = [
@@ -1145,8 +1492,7 @@ CHOICES = [
     ("hook and position", "those recorded in each SAE's provenance; activations are recomputed at the `=` position"),
     ("activation normalisation", "none here: saved weights are in raw activation units and cosines ignore scale; "
                                  "the training-time setting (`normalize`) is listed per group"),
-    ("key frequencies K", f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} (sae_core.embedding_spectrum), "
-                          "recomputed from the embedding of the exact checkpoint analysed"),
+    ("key frequencies K", f"{KEY_FREQUENCY_RULE}, recomputed from the embedding of the exact checkpoint analysed"),
     ("tau", "shared-fraction threshold; the curve over tau is in report.json and the stability figures"),
     ("number of seeds", f"{RECOMMENDED_SEEDS} or more recommended; confidence intervals resample seeds "
                         f"({BOOTSTRAP_RESAMPLES} resamples, {CI_LEVEL:.0%} percentile), never the list of pairs"),
@@ -1160,13 +1506,7 @@ DEFINITIONS = """## What the numbers are
 Cosines C = A B^T between the unit-normalised latent directions of two SAEs A and B (decoder rows; the
 same again on encoder columns). Scores are averaged over every pair of seeds of a configuration.
 
-- **MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022), reported both ways.
-- **PWMCC** (max-based) = (MMCS(A -> B) + MMCS(B -> A)) / 2. A latent may be matched more than once,
-  so PWMCC >= the Hungarian score.
-- **Hungarian mean cosine** (one-to-one): the assignment maximising the total cosine, mean cosine over
-  matched pairs. (Song et al. 2025 call this PW-MCC; it is kept apart from PWMCC here.)
-- **Shared fraction at tau = {tau}** (Paulo & Belrose 2025): a latent is shared when its Hungarian
-  partner has cosine > tau under both the decoder and the encoder matching (two separate matchings).
+{scores}
 - **Confidence intervals**: {ci} percentile intervals from {resamples} resamples of the seeds (the pair
   mean is recomputed over distinct resampled seeds; pairs share seeds, so they are not independent
   samples). Written `mean [low, high]`.
@@ -1193,26 +1533,43 @@ same again on encoder columns). Scores are averaged over every pair of seeds of 
 
 def write_report(report: dict, path: Path) -> None:
     """report.md: written from report.json's numbers only, so the two never disagree."""
-    s = report["settings"]
-    lines = ["# HUSAI analysis: cross-seed stability of SAE latents and the transformer's Fourier features", "",
-             f"Generated by `{report['command']}` from the files listed below; rerunning it on the same files "
-             "gives this report again, byte for byte.", ""]
+    tau = report["settings"]["tau"]
+    lines = (report_header(report) + definitions_section(report["settings"]) + choices_section(report["settings"])
+             + inputs_section(report) + transformers_section(report["transformers"]))
+    for g in report["groups"]:
+        lines += group_section(g, tau)
+    lines += comparison_section(report, tau)
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
-    lines += DEFINITIONS.format(tau=s["tau"], ci=f"{CI_LEVEL:.0%}", resamples=BOOTSTRAP_RESAMPLES,
-                                dictionaries=BASELINE_DICTIONARIES,
-                                pairs=BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2,
-                                baselines="\n".join(f"  - *{kind}*: {what}" for kind, what in BASELINES.items()),
-                                pure=PURE_LATENT).split("\n")
 
-    lines += ["## Choices that change the numbers", ""]
-    lines += table(["choice", "here"], [[c, w] for c, w in CHOICES])
-    listed = ", ".join(f"{k} = {v}" for k, v in s.items() if k not in ("generator_seeds", "tau_grid"))
-    lines += ["", "Settings: " + listed
-              + f"; generator seeds {s['generator_seeds']}.", ""]
+def report_header(report: dict) -> list[str]:
+    return ["# HUSAI analysis: cross-seed stability of SAE latents and the transformer's Fourier features", "",
+            f"Generated by `{report['command']}` from the files listed below; rerunning it on the same files "
+            "gives this report again, byte for byte.", ""]
 
-    lines += ["## Inputs", ""]
-    lines += [f"- {len(report['groups'])} configuration group(s) from {sum(len(g['files']) for g in report['groups'])} "
-              "SAE file(s)."]
+
+def definitions_section(settings: dict) -> list[str]:
+    """What every number is: one line per score of SCORES, then the statistics, baselines and the rest."""
+    scores = "\n".join(f"- {score.definition.format(tau=settings['tau'])}" for score in SCORES)
+    return DEFINITIONS.format(scores=scores, ci=f"{CI_LEVEL:.0%}", resamples=BOOTSTRAP_RESAMPLES,
+                              dictionaries=BASELINE_DICTIONARIES,
+                              pairs=BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2,
+                              baselines="\n".join(f"  - *{kind}*: {what}" for kind, what in BASELINES.items()),
+                              pure=PURE_LATENT).split("\n")
+
+
+def choices_section(settings: dict) -> list[str]:
+    lines = ["## Choices that change the numbers", ""]
+    lines += table([Column("choice", "choice", str), Column("here", "here", str)],
+                   [{"choice": choice, "here": here} for choice, here in CHOICES])
+    listed = ", ".join(f"{k} = {v}" for k, v in settings.items() if k not in ("generator_seeds", "tau_grid"))
+    return lines + ["", f"Settings: {listed}; generator seeds {settings['generator_seeds']}.", ""]
+
+
+def inputs_section(report: dict) -> list[str]:
+    lines = ["## Inputs", "",
+             f"- {len(report['groups'])} configuration group(s) from {sum(len(g['files']) for g in report['groups'])} "
+             "SAE file(s)."]
     if report["skipped_files"]:
         lines += ["- Skipped files (unreadable or incomplete):"]
         lines += [f"  - {skipped['reason']}" for skipped in report["skipped_files"]]
@@ -1221,13 +1578,15 @@ def write_report(report: dict, path: Path) -> None:
     if report["failed_groups"]:
         lines += ["- Groups that could not be analysed:"]
         lines += [f"  - {failed['name']}: {failed['reason']}" for failed in report["failed_groups"]]
-    lines += [""]
+    return lines + [""]
 
-    for transformer_id, t in report["transformers"].items():
+
+def transformers_section(transformers: dict) -> list[str]:
+    lines = []
+    for transformer_id, t in transformers.items():
         lines += [f"## Transformer {transformer_id}", "",
                   f"Key frequencies K = {t['key_frequencies']} (rule: embedding Fourier share >= "
-                  f"{KEY_FREQUENCY_MIN_SHARE}).",
-                  ""]
+                  f"{KEY_FREQUENCY_MIN_SHARE}).", ""]
         if t["final"]:
             final = t["final"]
             lines += [f"Last logged epoch {final.get('epoch')}: train accuracy {fmt(final.get('train_acc'), 4)}, "
@@ -1237,40 +1596,25 @@ def write_report(report: dict, path: Path) -> None:
         else:
             lines += ["No log.jsonl beside the model: no training curve.", ""]
         lines += [f"![Fourier spectrum](figures/{t['figures']['spectrum']})", ""]
-
-    for g in report["groups"]:
-        lines += group_section(g, s)
-
-    if report["comparison"]:
-        lines += ["## Comparison across configurations", "",
-                  "Stability = decoder PWMCC (signed, all latents), raw and normalised against the subspace baseline; "
-                  "Fourier recovery = fraction of alive latents that are pure and on a key frequency (random-direction "
-                  "baseline in brackets) and mean coverage of the key-frequency planes. Means over seeds.", ""]
-        lines += table(["group", "arch", "width", "sparsity", "seeds", "FVU", "L0", "dead", "acc (SAE)", "PWMCC",
-                        "subspace", "normalised", "Hungarian norm.", f"shared@{s['tau']}", "pure & key (baseline)",
-                        "coverage (baseline)"],
-                       [[r["name"], r["arch"], str(r["width"]), r["sparsity"],
-                         str(r["seeds"]), fmt(r["fvu"], 4), fmt(r["l0"], 1), fmt(r["dead_frac"]), fmt(r["acc_sae"], 4),
-                         fmt(r["pwmcc"]), fmt(r["pwmcc_subspace"]), fmt(r["pwmcc_normalised"]),
-                         fmt(r["hungarian_normalised"]), fmt(r["shared_fraction"]),
-                         f"{fmt(r['frac_pure_key'])} ({fmt(r['frac_pure_key_baseline'])})",
-                         f"{fmt(r['coverage'])} ({fmt(r['coverage_baseline'])})"]
-                        for r in report["comparison"]])
-        lines += ["", "Pareto frontier (normalised PWMCC higher, FVU lower; groups with two or more seeds): "
-                  + (", ".join(report["pareto"]) or "none (no group has two seeds)") + ".", "",
-                  f"![stability vs width and k](figures/{report['comparison_figure']})", ""]
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return lines
 
 
-def group_section(g: dict, s: dict) -> list[str]:
+def group_section(g: dict, tau: float) -> list[str]:
+    """One group: what it is, then reconstruction, stability, reruns, Fourier ground truth and dynamics,
+    each where there is something to show."""
+    return (group_header(g) + reconstruction_section(g) + stability_section(g, tau) + reruns_section(g, tau)
+            + fourier_section(g, tau) + dynamics_section(g))
+
+
+def group_header(g: dict) -> list[str]:
+    """Configuration, source and files; training settings; notes; the activations' principal subspace."""
     lines = [f"## Group {g['name']}", "",
              f"{g['arch']}, width {g['width']}, {', '.join(f'{k} = {v:g}' for k, v in g['sparsity'].items())}, "
              f"d_in {g['d_in']}, hook {g['hook'] or 'n/a'}, "
              f"checkpoint {g['checkpoint'] if g['checkpoint'] is not None else 'final'}, "
              f"source {g['source']} (sha256 {g['source_sha256'][:12]}). Seeds {g['seeds']}: "
              + ", ".join(g["files"]) + ".", ""]
-    shared = g["settings"]["shared"]
-    varying = g["settings"]["varying"]
+    shared, varying = g["settings"]["shared"], g["settings"]["varying"]
     lines += ["Training settings: " + ", ".join(f"{k} = {shared[k]}" for k in TRAINING_SETTINGS if k in shared)
               + ("; differing between seeds: " + ", ".join(f"{k} = {v}" for k, v in varying.items()) if varying else "")
               + ".", ""]
@@ -1282,161 +1626,169 @@ def group_section(g: dict, s: dict) -> list[str]:
               f"that subspace: {fmt_ci(acts['decoder_in_subspace'])}; of a unit encoder column's: "
               f"{fmt_ci(acts['encoder_in_subspace'])}; of an isotropic random direction: r / d = "
               f"{fmt(acts['subspace_rank'] / acts['d'])}.", ""]
-    lines += ["### Reconstruction", ""]
-    lines += table(["seed", "FVU", "L0", "dead", "acc clean", "acc SAE", "loss recovered (zero)", "(mean)"],
-                   [[str(r["seed"]), fmt(r["fvu"], 4), fmt(r["l0"], 1), fmt(r["dead_frac"]), fmt(r["acc_clean"], 4),
-                     fmt(r["acc_sae"], 4), fmt(r["loss_recovered_zero"]), fmt(r["loss_recovered_mean"])]
-                    for r in g["per_seed"]])
-    lines += [""]
-
-    if g["stability"]:
-        kinds = list(g["baselines"])
-        lines += ["### Stability across seeds", "",
-                  "Trained: mean over seed pairs [CI]. Baselines: means over their pairs. Normalised against the "
-                  "subspace baseline. MMCS, averaged over both directions, is PWMCC; each direction is in the matrix "
-                  "below (all variants and baselines' means in report.json).", ""]
-        rows = []
-        for variant, scores in g["stability"].items():
-            for name, label in SCORES.items():
-                if scores[name] is None and not VARIANTS[variant].hungarian:
-                    continue   # the |cos| check is max-based only
-                label = label.replace("at tau", f"at tau = {s['tau']}")
-                rows.append([label, variant, fmt_ci(scores[name])]
-                            + [fmt((g["baselines"][k][variant][name] or {}).get("mean")) for k in kinds]
-                            + [fmt(g["normalised"][variant][name])])
-        lines += table(["score", "variant", "trained"] + kinds + ["normalised"], rows)
-        seeds = g["seeds"]
-        matrix = g["pair_matrices"][PRIMARY]["decoder.mmcs"]
-        lines += ["", "MMCS(row seed -> column seed), decoder, signed, all latents:", ""]
-        lines += table(["seed"] + [str(x) for x in seeds],
-                       [[str(a)] + ["-" if i == j else fmt(matrix[i][j]) for j in range(len(seeds))]
-                        for i, a in enumerate(seeds)])
-        lines += ["", verdict(g), "", f"![stability](figures/{g['figures']['stability']})", ""]
-
-    if g["reruns"]:
-        lines += ["### One seed trained twice", "",
-                  "Files of the same seed and configuration found in different folders, compared the way a pair "
-                  "of seeds is (signed, all latents). Where their bits differ, rounding alone (another thread count, "
-                  "machine or library version) moved the run this far: no cross-seed score above can be read as "
-                  "more stable than this.", ""]
-        lines += table(["seed", "files", "identical bits"] + [SCORES[name] for name in SCORES],
-                       [[str(r["seed"]), " and ".join(r["files"]), "yes" if r["identical"] else "no"]
-                        + [fmt(r[name]) for name in SCORES] for r in g["reruns"]])
-        lines += [""]
-
-    gt = g["ground_truth"]
-    if gt:
-        lines += ["### Fourier ground truth", "",
-                  f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']}; rule: "
-                  f"{gt['key_frequency_rule']}.", ""]
-        b = gt["baseline"]
-        lines += table(["quantity", "trained (mean over seeds [CI])", "random directions"],
-                       [["alive latents that are Fourier-pure", fmt_ci(gt["frac_pure"]), fmt(b["frac_pure"])],
-                        ["alive latents pure AND on a key frequency", fmt_ci(gt["frac_pure_key"]),
-                         fmt(b["frac_pure_key"])],
-                        ["mean coverage of the key-frequency planes", fmt_ci(gt["coverage"]), fmt_ci(b["coverage"])]])
-        lines += ["", "Per key frequency (latents assigned = alive latents whose best frequency is k):", ""]
-        lines += table(["k", "variance share of its plane", "latents assigned", "coverage",
-                        "as many random directions: coverage"],
-                       [[str(k), fmt(gt["plane_variance_share"][k]), fmt_ci(v["latents"], 1), fmt_ci(v["coverage"]),
-                         fmt_ci(v["baseline_coverage"])] for k, v in gt["per_frequency"].items()])
-        c = gt["match_vs_purity"]
-        if c:
-            p_value = ("n/a" if c["p_value"] is None else f"{c['p_value']:.2g}" if c["p_value"] > 0
-                       else "< 1e-300")   # below float range: spearmanr returns 0
-            lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents "
-                      "(all seeds), Spearman correlation between a latent's cross-seed match (mean over the other "
-                      f"seeds of its best decoder cosine) and its purity: rho = {fmt(c['spearman'])} "
-                      f"(p = {p_value}). "
-                      f"Pure among latents with match > {s['tau']}: {fmt(c['frac_pure_if_stable'])} "
-                      f"({c['latents_if_stable']} latents); with match <= {s['tau']}: "
-                      f"{fmt(c['frac_pure_if_unstable'])} "
-                      f"({c['latents_if_unstable']} latents)."]
-        lines += ["", f"![purity](figures/{g['figures']['purity']})", ""]
-
-    if g["dynamics"]:
-        lines += ["### Training dynamics", "", g["dynamics"]["what"] + "; baselines (subspace / isotropic) do not "
-                  "depend on the step: decoder " + fmt(g["baselines"]["subspace"][PRIMARY]["decoder.pwmcc"]["mean"])
-                  + " / " + fmt(g["baselines"]["isotropic"][PRIMARY]["decoder.pwmcc"]["mean"]) + ".", ""]
-        lines += table(["step", "decoder PWMCC", "encoder PWMCC", "FVU"],
-                       [[str(r["step"]), fmt_ci(r["decoder.pwmcc"]), fmt_ci(r["encoder.pwmcc"]),
-                         fmt(r["fvu"]["mean"], 4)]
-                        for r in g["dynamics"]["steps"]])
-        lines += ["", f"![dynamics](figures/{g['figures']['dynamics']})", ""]
     return lines
+
+
+def reconstruction_section(g: dict) -> list[str]:
+    return ["### Reconstruction", ""] + table(RECONSTRUCTION_COLUMNS, g["per_seed"]) + [""]
+
+
+def stability_section(g: dict, tau: float) -> list[str]:
+    """Every score under every variant beside the baselines, the directional scores seed by seed, the
+    headline and the stability figure; nothing for a group of one seed."""
+    if not g["stability"]:
+        return []
+    kinds = list(g["baselines"])
+    directional = score_names("directional")
+    lines = ["### Stability across seeds", "",
+             "Trained: mean over seed pairs [CI]. Baselines: means over their pairs. Normalised against the "
+             "subspace baseline. " + " and ".join(dict.fromkeys(score.short for _, score, _ in directional))
+             + ": one number per direction, in the matrix below. All variants and baselines' means are in report.json.",
+             ""]
+    rows = [{"score": score_label(score, view, tau), "variant": variant, "digits": score.digits,
+             "trained": summary[name], "normalised": g["normalised"][variant][name],
+             **{kind: (g["baselines"][kind][variant][name] or {}).get("mean") for kind in kinds}}
+            for variant, summary in g["stability"].items()
+            for name, score, view in score_names("group")
+            if VARIANTS[variant].hungarian or not score.one_to_one]   # the |cos| check is max-based only
+    lines += table([Column("score", "score", str), Column("variant", "variant", str),
+                    Column("trained", ("trained", "digits"), fmt_ci)]
+                   + [Column(kind, (kind, "digits"), fmt) for kind in kinds]
+                   + [Column("normalised", ("normalised", "digits"), fmt)], rows)
+    seeds = g["seeds"]
+    for name, score, view in directional:
+        if view not in (PRIMARY_VIEW, None):
+            continue
+        matrix = g["pair_matrices"][PRIMARY_VARIANT][name]
+        lines += ["", f"{score.label}(row seed -> column seed), {view}, {PRIMARY_VARIANT}:", ""]
+        lines += table([Column("seed", "seed", str)] + [Column(str(b), str(b), str) for b in seeds],
+                       [{"seed": a, **{str(b): "-" if i == j else fmt(matrix[i][j], score.digits)
+                                       for j, b in enumerate(seeds)}}
+                        for i, a in enumerate(seeds)])
+    return lines + ["", verdict(g), "", f"![stability](figures/{g['figures']['stability']})", ""]
 
 
 def verdict(g: dict) -> str:
     """One sentence per headline score, each with its numbers: above the subspace baseline or not."""
     sentences = []
-    for name, label in HEADLINES.items():
-        score, base = g["stability"][PRIMARY][name], g["baselines"]["subspace"][PRIMARY][name]
-        if score is None or base is None:
+    for name, score, _ in score_names("headline"):
+        trained = g["stability"][PRIMARY_VARIANT][name]
+        base = g["baselines"]["subspace"][PRIMARY_VARIANT][name]
+        if trained is None or base is None:
             continue
-        above = score["ci"][0] > base["mean"]
-        sentences.append(f"{label}: {fmt_ci(score)} vs subspace baseline "
-                         f"{fmt(base['mean'])} -> {'above' if above else 'NOT above'} the baseline "
-                         f"(normalised {fmt(g['normalised'][PRIMARY][name])}).")
-    return "Headline (decoder, signed, all latents): " + " ".join(sentences)
+        above = trained["ci"][0] > base["mean"]
+        sentences.append(f"{score.short}: {fmt_ci(trained, score.digits)} vs subspace baseline "
+                         f"{fmt(base['mean'], score.digits)} -> {'above' if above else 'NOT above'} the baseline "
+                         f"(normalised {fmt(g['normalised'][PRIMARY_VARIANT][name], score.digits)}).")
+    return f"Headline ({PRIMARY_VIEW}, {PRIMARY_VARIANT}): " + " ".join(sentences)
 
 
-# --------------------------------------------------------------------------------------------------
+def reruns_section(g: dict, tau: float) -> list[str]:
+    if not g["reruns"]:
+        return []
+    lines = ["### One seed trained twice", "",
+             "Files of the same seed and configuration found in different folders, compared the way a pair "
+             "of seeds is (signed, all latents). Where their bits differ, rounding alone (another thread count, "
+             "machine or library version) moved the run this far: no cross-seed score above can be read as "
+             "more stable than this.", ""]
+    columns = ([Column("seed", "seed", str), Column("files", "files", " and ".join),
+                Column("identical bits", "identical", lambda identical: "yes" if identical else "no")]
+               + [Column(score_label(score, view, tau), name, fixed(score.digits))
+                  for name, score, view in score_names("group")])
+    return lines + table(columns, g["reruns"]) + [""]
 
 
-def main() -> None:
+def fourier_section(g: dict, tau: float) -> list[str]:
+    """Purity and plane coverage beside random directions, per key frequency, and whether the stable
+    latents are the pure ones; nothing without a transformer."""
+    gt = g["ground_truth"]
+    if not gt:
+        return []
+    b = gt["baseline"]
+    lines = ["### Fourier ground truth", "",
+             f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']}; rule: "
+             f"{gt['key_frequency_rule']}.", ""]
+    lines += table(FOURIER_COLUMNS,
+                   [{"quantity": "alive latents that are Fourier-pure", "trained": gt["frac_pure"],
+                     "random": b["frac_pure"]},
+                    {"quantity": "alive latents pure AND on a key frequency", "trained": gt["frac_pure_key"],
+                     "random": b["frac_pure_key"]},
+                    {"quantity": "mean coverage of the key-frequency planes", "trained": gt["coverage"],
+                     "random": b["coverage"]}])
+    lines += ["", "Per key frequency (latents assigned = alive latents whose best frequency is k):", ""]
+    lines += table(FREQUENCY_COLUMNS, [{"k": k, "variance_share": gt["plane_variance_share"][k], **v}
+                                       for k, v in gt["per_frequency"].items()])
+    c = gt["match_vs_purity"]
+    if c:
+        p_value = ("n/a" if c["p_value"] is None else f"{c['p_value']:.2g}" if c["p_value"] > 0
+                   else "< 1e-300")   # below float range: spearmanr returns 0
+        lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents "
+                  "(all seeds), Spearman correlation between a latent's cross-seed match (mean over the other "
+                  f"seeds of its best decoder cosine) and its purity: rho = {fmt(c['spearman'])} "
+                  f"(p = {p_value}). "
+                  f"Pure among latents with match > {tau}: {fmt(c['frac_pure_if_stable'])} "
+                  f"({c['latents_if_stable']} latents); with match <= {tau}: "
+                  f"{fmt(c['frac_pure_if_unstable'])} "
+                  f"({c['latents_if_unstable']} latents)."]
+    return lines + ["", f"![purity](figures/{g['figures']['purity']})", ""]
+
+
+def dynamics_section(g: dict) -> list[str]:
+    if not g["dynamics"]:
+        return []
+    names = score_names("dynamics")
+    baselines = "; ".join(f"{score_short(score, view)} "
+                          + " / ".join(fmt(g["baselines"][kind][PRIMARY_VARIANT][name]["mean"], score.digits)
+                                       for kind in ("subspace", "isotropic"))
+                          for name, score, view in names)
+    lines = ["### Training dynamics", "",
+             g["dynamics"]["what"] + f"; baselines (subspace / isotropic) do not depend on the step: {baselines}.", ""]
+    columns = ([Column("step", "step", str)]
+               + [Column(score_short(score, view), name, with_ci(score.digits)) for name, score, view in names]
+               + [Column("FVU", "fvu", lambda stat: fmt(stat["mean"], 4))])
+    return lines + table(columns, g["dynamics"]["steps"]) + ["", f"![dynamics](figures/{g['figures']['dynamics']})",
+                                                              ""]
+
+
+def comparison_section(report: dict, tau: float) -> list[str]:
+    """One row per group, the Pareto frontier and the trends figure."""
+    if not report["comparison"]:
+        return []
+    pareto = next(score for score in SCORES if score.key == PARETO_SCORE)
+    score_columns = [Column(score.short if statistic == "trained" else f"{score.short} {statistic}",
+                            comparison_key(score, statistic), fixed(score.digits))
+                     for _, score, _ in score_names("comparison") for statistic in score.comparison]
+    lines = ["## Comparison across configurations", "",
+             f"Stability: {PRIMARY_VIEW} view, {PRIMARY_VARIANT}, tau = {tau}; a column named after a baseline holds "
+             "that baseline's score, and normalised is against the subspace baseline. Fourier recovery = fraction "
+             "of alive latents that are pure and on a key frequency (random-direction baseline in brackets) and "
+             "mean coverage of the key-frequency planes. Means over seeds.", ""]
+    lines += table(COMPARISON_COLUMNS + score_columns + FOURIER_COMPARISON_COLUMNS, report["comparison"])
+    return lines + ["", f"Pareto frontier (normalised {pareto.short} higher, FVU lower; groups with two or more "
+                    "seeds): " + (", ".join(report["pareto"]) or "none (no group has two seeds)") + ".", "",
+                    f"![stability vs width and k](figures/{report['comparison_figure']})", ""]
+
+
+# ==================================================================================================
+
+
+def parse_arguments():
     args = build_parser().parse_args()
     if not 0 <= args.tau < 1:
         raise HusaiError(f"--tau {args.tau}: must lie in [0, 1)")
+    return args
+
+
+def main() -> None:
+    args = parse_arguments()
     device = pick_device(args.device)
     paths = find_sae_files(args.inputs)
     out = Path(args.out)
-    for name in ("report.md", "report.json"):
-        prepare_output(out / name, args.force)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-
-    files, skipped = read_sae_files(paths)
-    for s in skipped:
-        print(f"skipped: {s['reason']}")
-    if not files:
-        raise HusaiError(f"none of the {len(skipped)} SAE file(s) could be read: {skipped[0]['reason']}")
-    groups, refused = group_files(files)
-
-    cache, results, failed = {}, [], []
-    for group in groups:
-        try:
-            source = load_source(group, cache)
-            if source.X.shape[1] != group.key.d_in:
-                raise HusaiError(f"the SAEs have d_in {group.key.d_in} but the activations have "
-                                 f"d = {source.X.shape[1]}")
-        except HusaiError as e:
-            failed.append({"name": group.name, "reason": str(e)})
-            print(f"group {group.name}: not analysed: {e}")
-            continue
-        print(f"group {group.name}: {len(group.files)} seed(s)")
-        result, plots = analyse_group(group, source, device, args.tau)
-        result["figures"] = plot_group(result, plots, figures)
-        results.append(result)
-    if not results:
-        raise HusaiError(f"no group could be analysed: {failed[0]['name']}: {failed[0]['reason']}")
-
-    transformers = {s.transformer_id: s for s in cache.values() if s.model is not None}
-    rows, pareto = comparison(results)
-    report = {
-        "command": " ".join(["python analyze.py", *args.inputs] + [f"--tau {args.tau}"] * (args.tau != SHARED_TAU)),
-        "settings": {"tau": args.tau, "tau_grid": list(TAU_GRID), "pure_latent": PURE_LATENT,
-                     "subspace_variance": SUBSPACE_VARIANCE, "hungarian_max_latents": HUNGARIAN_MAX_LATENTS,
-                     "baseline_dictionaries": BASELINE_DICTIONARIES, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-                     "ci_level": CI_LEVEL, "generator_seeds": GENERATOR_SEEDS},
-        "choices": dict(CHOICES), "skipped_files": skipped, "refused": refused, "failed_groups": failed,
-        "transformers": plot_transformers(transformers, figures),
-        "groups": results, "comparison": rows, "pareto": pareto,
-        "comparison_figure": plot_comparison(rows, figures),
-    }
-    report = rounded(report)
-    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
-    write_report(report, out / "report.md")
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures in {figures}")
+    prepare_report_folder(out, args.force)
+    inputs = load_inputs(paths)
+    analysis = analyse(inputs, device, args.tau)
+    command = " ".join(["python analyze.py", *args.inputs] + [f"--tau {args.tau}"] * (args.tau != SHARED_TAU))
+    render(analysis, inputs, command, args.tau, out)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,38 @@ def test_matching_is_skipped_above_the_limit_and_max_based_scores_are_not(monkey
     assert summary["shared_fraction"] is None and summary["shared_curve"] is None
 
 
+def test_every_score_entry_is_consistent_with_where_it_is_shown():
+    import analyze
+    names = [n.name for n in analyze.score_names("all")]
+    curves = [score.curve for score in analyze.SCORES if score.curve]
+    assert len(set(names + curves)) == len(names) + len(curves), "two numbers under one report.json name"
+    for score in analyze.SCORES:
+        assert score.sections <= set(analyze.SECTIONS) and set(score.views) <= set(analyze.VIEWS), score.key
+        assert set(score.comparison) <= set(analyze.COMPARISON_STATISTICS), score.key
+        assert score.definition.startswith("**") and "\n" not in score.definition, score.key
+        if score.directional:   # a pair of numbers per pair of seeds has no mean to compare or plot
+            assert not score.sections and not score.comparison and not score.curve, score.key
+        if score.one_to_one:    # the dynamics are computed without matching
+            assert "dynamics" not in score.sections, score.key
+        if "trends" in score.sections:
+            assert {"trained", "subspace", "isotropic"} <= set(score.comparison), score.key
+    pareto = [score for score in analyze.SCORES if score.key == analyze.PARETO_SCORE]
+    assert len(pareto) == 1 and "normalised" in pareto[0].comparison
+
+
+def test_render_code_names_no_score():
+    """Tables, sentences and figures read SCORES: no score's report.json name is typed after the RENDER line."""
+    import ast
+    import analyze
+    source = Path(analyze.__file__).read_text()
+    render_line = source[:source.index("# RENDER")].count("\n") + 1
+    literals = [node.value for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Constant)
+                and isinstance(node.value, str) and node.lineno > render_line]
+    names = [score.key for score in analyze.SCORES] + [score.curve for score in analyze.SCORES if score.curve]
+    for name in names:
+        assert not [text for text in literals if re.search(rf"\b{name}\b", text)], name
+
+
 # --------------------------------------------------------------------------------------------------
 # Baselines
 
@@ -250,7 +282,8 @@ def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
 def inputs(tmp_path_factory):
     """Two transformers; a 3-seed group, a 1-seed group, the same configuration trained on the other
     transformer, one whose d_in does not match its transformer's activations, an exact copy of a seed
-    already in a group and a slightly different file of another (reruns of one seed), a group trained on an activation file (one snapshot file missing), and a corrupt file."""
+    already in a group and a slightly different file of another (reruns of one seed), a group trained on
+    an activation file (one snapshot file missing), and a corrupt file."""
     root = tmp_path_factory.mktemp("analysis")
     first = write_transformer(root / "transformer" / "model.safetensors")
     second = write_transformer(root / "other" / "model.safetensors", seed=1)
@@ -334,6 +367,59 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
                    "subspace", "normalised", "Key frequencies K", "Pareto frontier", "Spearman correlation"):
         assert needle in text, needle
     assert not re.search(r"\{[A-Za-z_]+[\[(.]", text), "an f-string placeholder was left unformatted"
+
+
+def test_a_new_score_is_one_entry_and_reaches_every_part_of_the_report(inputs, tmp_path, monkeypatch):
+    """One entry in SCORES, nothing else: the score is in report.json's summaries, baselines, normalised
+    scores, pair matrices, reruns, dynamics and comparison, in report.md's definitions, group table,
+    reruns table, headline, dynamics and comparison, and on the dynamics and trends figures' axes."""
+    import analyze
+    smaller_mmcs = analyze.Score(
+        "smaller_mmcs", "smaller MMCS (max-based)", "smaller MMCS", 3,
+        "**smaller MMCS** = min(MMCS(A -> B), MMCS(B -> A)).",
+        lambda pair, view, tau: min(mmcs(pair.best[view].best_a), mmcs(pair.best[view].best_b)),
+        sections=frozenset(analyze.SECTIONS), comparison=("trained", "subspace", "isotropic", "normalised"))
+    monkeypatch.setattr(analyze, "SCORES", analyze.SCORES + (smaller_mmcs,))
+    figure_texts = []
+    finish = analyze.finish
+    def record(fig, path):
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            figure_texts.extend([ax.get_ylabel(), ax.get_title()]
+                                + ([t.get_text() for t in legend.get_texts()] if legend else []))
+        finish(fig, path)
+    monkeypatch.setattr(analyze, "finish", record)
+    monkeypatch.chdir(inputs)
+    monkeypatch.setattr(sys, "argv", ["analyze.py", "sae/topk-w32-k4", "sae/copy", "--out", str(tmp_path / "out"),
+                                      "--device", "cpu"])
+    analyze.main()
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    text = (tmp_path / "out" / "report.md").read_text()
+    group = report["groups"][0]
+    views = ("decoder.smaller_mmcs", "encoder.smaller_mmcs")
+    for variant in analyze.VARIANTS:
+        for view in views:
+            trained = group["stability"][variant][view]["mean"]
+            assert trained <= group["stability"][variant][view.replace("smaller_mmcs", "pwmcc")]["mean"] + 1e-9
+            assert all(view in group["baselines"][kind][variant] for kind in group["baselines"])
+            assert group["normalised"][variant][view] is not None and view in group["pair_matrices"][variant]
+    assert all(view in rerun for rerun in group["reruns"] for view in views)
+    assert all(row[view]["mean"] is not None for row in group["dynamics"]["steps"] for view in views)
+    row = report["comparison"][0]
+    assert row["smaller_mmcs"] == group["stability"]["signed, all latents"]["decoder.smaller_mmcs"]["mean"]
+    assert {"smaller_mmcs_subspace", "smaller_mmcs_isotropic", "smaller_mmcs_normalised"} <= set(row)
+    assert "- **smaller MMCS** = min(MMCS(A -> B), MMCS(B -> A))." in text
+    stability_table = text.split("### Stability across seeds")[1].split("###")[0]
+    assert stability_table.count("| smaller MMCS (max-based), decoder rows |") == len(analyze.VARIANTS)
+    assert "| smaller MMCS (max-based), encoder columns |" in text.split("### One seed trained twice")[1]
+    assert re.search(r"Headline .*smaller MMCS: [0-9.]+ \[", text)
+    dynamics_header = text.split("### Training dynamics")[1].split("| step |")[1].split("\n")[0]
+    assert "| decoder smaller MMCS |" in dynamics_header and "| encoder smaller MMCS |" in dynamics_header
+    assert "| smaller MMCS | smaller MMCS subspace | smaller MMCS isotropic | smaller MMCS normalised |" in text
+    assert "decoder smaller MMCS" in figure_texts                                  # trends figure's axis
+    assert "subspace baseline (encoder smaller MMCS)" in figure_texts             # dynamics figure's legend
+    assert "PWMCC (max-based), decoder rows" in text, "the scores already there stay"
 
 
 def test_real_train_sae_output_is_analysed(tmp_path):
