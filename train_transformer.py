@@ -519,7 +519,11 @@ def check_memory(cfg: ModelConfig, n_train: int, device: torch.device) -> None:
                              f"{have / 2**30:.3g} GiB: choose a smaller model or modulus")
 
 
-def save_model(path: Path, state: dict[str, torch.Tensor], train_idx: torch.Tensor, metadata: dict) -> None:
+def save_model(path: Path, model: Transformer, train_idx: torch.Tensor, metadata: dict) -> None:
+    save_weights(path, model.state_dict(), train_idx, metadata)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], train_idx: torch.Tensor, metadata: dict) -> None:
     tensors = dict(state)
     tensors["split.train_indices"] = train_idx
     save_tensors(path, tensors, FORMAT, VERSION, metadata)
@@ -631,7 +635,7 @@ def main() -> None:
             run.path(files["checkpoints"]).mkdir()
 
         def save_checkpoint(epoch: int, metrics: dict) -> None:
-            save_model(run.path(files["checkpoints"]) / checkpoint_name(epoch), model.state_dict(), train_idx,
+            save_model(run.path(files["checkpoints"]) / checkpoint_name(epoch), model, train_idx,
                        {"config": config, "epoch": epoch, "split_seed": args.seed, "metrics": metrics})
 
         training = train(model, args, data, save_checkpoint)
@@ -639,7 +643,7 @@ def main() -> None:
         run.path(files["log"]).write_text(log_text)
         if training.divergence:
             stop = training.divergence
-            save_model(run.path(files["last_finite"]), stop.state, train_idx,
+            save_weights(run.path(files["last_finite"]), stop.state, train_idx,
                        {"config": config, "status": "diverged", "diverged_at_epoch": stop.epoch,
                         "reason": stop.reason, "steps": stop.steps, "train_loss": stop.loss, "split_seed": args.seed})
             run.commit()
@@ -652,7 +656,7 @@ def main() -> None:
         measures = progress_measures(model, tokens, labels, train_idx.to(device))
         final = dict(training.log[-1], epochs_trained=training.epochs, grokked_at_epoch=training.grokked_at,
                      train_seconds=round(training.seconds, 1), device=str(device))
-        save_model(run.path(files["model"]), model.state_dict(), train_idx,
+        save_model(run.path(files["model"]), model, train_idx,
                    {"config": config, "epoch": training.epochs - 1, "split_seed": args.seed, "metrics": final,
                     "progress": measures})
         plot_training_curves(training.log, run.path(files["curves"]),
