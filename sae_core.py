@@ -284,7 +284,6 @@ class RunOutput:
             raise ValueError(f"run {run!r}: needs a name and distinct entries, got {self.entries}")
         token = quote(run, safe="")
         self.meta = self.folder / RUN_DIR
-        self.manifest_path = self.meta / "runs" / f"{token}.json"
         self.journal_path = self.meta / f"journal-{token}.json"
         self.staging = self.meta / f"staging-{token}-{os.getpid()}"
         self.trash_name = f"trash-{token}-{os.getpid()}"
@@ -489,13 +488,17 @@ def finish_commit(folder: Path, plan: dict) -> None:
     for entry in plan["remove"]:
         if os.path.lexists(folder / entry):
             move_aside(entry)
-    manifest = meta / "runs" / f"{quote(plan['run'], safe='')}.json"
+    manifest = manifest_path(folder, plan["run"])
     if plan["manifest"]["entries"]:
         write_json_durably(manifest, plan["manifest"])
     elif manifest.exists():
         manifest.unlink()
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def manifest_path(folder: Path, run: str) -> Path:
+    return folder / RUN_DIR / "runs" / f"{quote(run, safe='')}.json"
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F_nn
-from einops import einsum, rearrange
+from einops import rearrange
 
 from sae_core import (CliParser, HusaiError, RunOutput, embedding_frequency_shares, fourier_purity, key_frequencies,
                       load_tensors, memory_limit_bytes, pick_device, run_cli, save_tensors, seed_everything)

@@ -171,6 +171,33 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tm
     assert snapshot(tmp_path) == before and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("failing_write,message", [
+    (1, "was not committed and {folder} is unchanged"),                   # the journal: before the commit
+    (2, "failed .*; the next run on {folder} completes it"),              # the manifest: after the renames
+])
+def test_a_full_disk_during_the_commit_leaves_the_old_run_or_a_commit_the_next_run_finishes(
+        tmp_path, monkeypatch, failing_write, message):
+    write_run(tmp_path, "a", OLD)
+    before = snapshot(tmp_path)
+    calls, real_write = [], sae_core.write_json_durably
+
+    def full_at(path, value):
+        calls.append(path)
+        if len(calls) == failing_write:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, value)
+    monkeypatch.setattr(sae_core, "write_json_durably", full_at)
+    with pytest.raises(WriteError, match=message.format(folder=tmp_path)):
+        write_run(tmp_path, "a", NEW, force=True)
+    monkeypatch.setattr(sae_core, "write_json_durably", real_write)
+    if failing_write == 1:
+        assert snapshot(tmp_path) == before and leftovers(tmp_path) == []
+    else:
+        write_run(tmp_path, "c", {"c.bin": "c"})
+        assert snapshot(tmp_path) == {"a.bin": "new a", "a.log": "new log", "a.ckpt/e0": "new 0", "c.bin": "c"}
+        assert manifest(tmp_path, "a")["entries"] == ["a.bin", "a.log", "a.ckpt"] and leftovers(tmp_path) == []
+
+
 def test_entry_names_that_would_leave_the_folder_are_refused(tmp_path):
     for bad in ["../escape", "a/b", "..", RUN_DIR, ""]:
         with pytest.raises(HusaiError, match="cannot name an output"):
