@@ -47,7 +47,7 @@ from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESH
                       CliParser, HusaiError, atomic_write, embedding_spectrum, file_sha256, fourier_purity, load_sae,
                       load_tensors, pick_device, prepare_output, reconstruction_metrics, run_cli, sae_latents,
                       snapshot_file_name, sum_frequency_directions)
-from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves
+from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves, training_log_path
 
 matplotlib.use("Agg")   # figures go to files; no display is needed or used
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -986,7 +986,7 @@ class Source(NamedTuple):
     model: object | None
     transformer_id: str | None    # its path, and the epoch for a checkpoint
     path: str
-    log: list[dict] | None        # the transformer's training log (log.jsonl beside it), when there is one
+    log: list[dict] | None        # the transformer's training log (<model>.log.jsonl beside it), if any
 
 
 class Inputs(NamedTuple):
@@ -1146,12 +1146,12 @@ def load_source(group: Group, cache: dict) -> Source:
         else:
             transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
             cache[key] = Source(data.acts, data.model, transformer_id, path,
-                                read_training_log(Path(path).parent / "log.jsonl"))
+                                read_training_log(training_log_path(path)))
     return cache[key]
 
 
 def read_training_log(path: Path) -> list[dict] | None:
-    """Stage 1's log.jsonl (one JSON object per logged epoch), or None where there is none."""
+    """Stage 1's training log (one JSON object per logged epoch), or None where there is none."""
     if not path.is_file():
         return None
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -1594,7 +1594,7 @@ def transformers_section(transformers: dict) -> list[str]:
                       f"{fmt(final.get('test_loss'), 4)}.", "",
                       f"![grokking curve](figures/{t['figures']['curves']})", ""]
         else:
-            lines += ["No log.jsonl beside the model: no training curve.", ""]
+            lines += ["No training log beside the model: no training curve.", ""]
         lines += [f"![Fourier spectrum](figures/{t['figures']['spectrum']})", ""]
     return lines
 

@@ -1,7 +1,8 @@
 """Code the three HUSAI stages share.
 
-Part 1, plumbing: one-line errors for the command lines, device choice, seeding, and atomic
-safetensors files that carry a format name, a version and JSON metadata.
+Part 1, plumbing: one-line errors for the command lines, device choice, seeding, safetensors files
+that carry a format name, a version and JSON metadata, and RunOutput: one run's files, written beside
+their folder under an exclusive lock and moved into place together, or not at all.
 Part 2, measurement: the orthonormal Fourier basis on Z_p, Fourier purity, and FVU. Each metric is
 one function here, used by every stage.
 Part 3, the sparse autoencoders: architectures, training tricks and the batched-seed trainer.
@@ -10,21 +11,27 @@ Part 3, the sparse autoencoders: architectures, training tricks and the batched-
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import math
 import os
 import random
+import shlex
+import shutil
 import sys
 import tempfile
+import time
 from dataclasses import Field, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, NamedTuple
+from typing import Callable, ClassVar, Iterable, NamedTuple
+from urllib.parse import quote
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 import kernels
 
@@ -34,18 +41,52 @@ import kernels
 
 class HusaiError(Exception):
     """A problem with the user's input or files. Command lines print it as one line and exit 2."""
+    exit_status = 2
 
 
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a stage's main(); a HusaiError becomes one line on stderr and exit status 2, no traceback."""
+class WriteError(HusaiError):
+    """An OS error (disk full, no permission) while writing a run's files: one line, exit status 1."""
+    exit_status = 1
+
+
+def run_cli(main: Callable[[], None], unit_outputs: bool = False) -> None:
+    """Run a stage's main() so that every failure a user can cause ends in one line on stderr, never a
+    traceback: HusaiError -> its message and its exit_status (2, or 1 for WriteError); any other OSError
+    -> the file and the system's reason, exit 1; Ctrl-C -> what became of the outputs, exit 130.
+
+    unit_outputs: the stage writes every file through RunOutput, so an interruption before its commit
+    changes nothing on disk (stages that do not yet do so get a more guarded message)."""
     try:
         main()
     except HusaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(e.exit_status)
+    except OSError as e:
+        print(f"error: {one_line(describe_os_error(e))}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: files already written are complete; nothing partial was left", file=sys.stderr)
+        print(f"interrupted: {interruption_report(unit_outputs)}", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split("\n"))
+
+
+def describe_os_error(e: OSError) -> str:
+    """'<file>: <the system's reason>', e.g. 'runs/m.safetensors: No space left on device'."""
+    reason = e.strerror or str(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
+
+
+def interruption_report(unit_outputs: bool) -> str:
+    """One true sentence about what a Ctrl-C left on disk, from the state of this process's runs."""
+    if ENTERED_RUNS:
+        return ENTERED_RUNS[-1].describe_state()
+    if unit_outputs:
+        return "stopped before any output was written"
+    return ("each file already written is whole, but this stage does not yet write its outputs as one unit: "
+            "its output folder may hold files of this run beside files of an earlier one")
 
 
 class CliParser(argparse.ArgumentParser):
@@ -74,6 +115,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def memory_limit_bytes() -> int:
+    """The memory this process may use: the machine's RAM, or a smaller cgroup limit (a container's)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(cgroup_file).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            limit = min(limit, int(value))
+    return limit
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -83,7 +137,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 def prepare_output(path: str | Path, force: bool, flag: str = "--out") -> Path:
-    """Check that `path` may be written: its folder is writable, and it does not exist unless `force`."""
+    """Check that `path` may be written: its folder is writable, and it does not exist unless `force`.
+    (For stages that do not write through RunOutput yet; RunOutput makes these checks for a whole run.)"""
     path = Path(path)
     if path.exists() and not force:
         raise HusaiError(f"{path} already exists; pass --force to overwrite it, or choose another {flag}")
@@ -98,7 +153,8 @@ def prepare_output(path: str | Path, force: bool, flag: str = "--out") -> Path:
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, then rename it over `path` in one step, so a
-    reader (or an interrupted run) never sees a half-written file."""
+    reader never sees a half-written file. On an OS error the temporary file is removed and the error
+    names `path` (not the temporary file)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -108,19 +164,39 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)     # mkstemp makes files private (0600); outputs are ordinary files
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def write_json_durably(path: str | Path, value) -> None:
+    """Replace `path` atomically with `value` as JSON, flushed to the disk before the rename, so that a
+    crash leaves the old file or the complete new one (commit journals and manifests rely on this)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+    folder = os.open(Path(path).parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], fmt: str, version: int,
                  metadata: dict) -> None:
     """Write a safetensors file atomically. Metadata values are stored as JSON strings, next to
-    `format` and `version`, so that readers can check what they are given."""
+    `format` and `version`, so that readers can check what they are given. The bytes are built in
+    memory and written by Python, so a full disk is an OSError naming `path`."""
     header = {"format": fmt, "version": str(version)}
     header.update({key: json.dumps(value, sort_keys=True) for key, value in metadata.items()})
     tensors = {name: t.detach().contiguous().cpu().clone() for name, t in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    data = safetensors_bytes(tensors, metadata=header)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_tensors(path: str | Path, fmt: str, version: int, required: tuple[str, ...] = (),
@@ -144,7 +220,14 @@ def load_tensors(path: str | Path, fmt: str, version: int, required: tuple[str, 
     missing = [name for name in required if name not in tensors]
     if missing:
         raise HusaiError(f"{path}: missing tensor(s) {', '.join(missing)}")
-    metadata = {key: json.loads(value) for key, value in raw.items() if key not in ("format", "version")}
+    metadata = {}
+    for key, value in raw.items():
+        if key in ("format", "version"):
+            continue
+        try:
+            metadata[key] = json.loads(value)
+        except ValueError as e:
+            raise HusaiError(f"{path}: metadata {key!r} is not valid JSON ({e})")
     return tensors, metadata
 
 
@@ -167,6 +250,293 @@ def read_acts_file(path: str | Path) -> torch.Tensor:
     if not torch.isfinite(acts).all():
         raise HusaiError(f"--acts {path}: contains NaN or Inf values")
     return acts.float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1 (continued): a run is one unit
+#
+# A run's outputs are a declared set of entries (plain names: files, or folders moved as a whole) in
+# one destination folder D. Everything RunOutput needs besides them lives in D/.husai:
+#     lock                      flock'ed by the run using D; holds its pid, command and start time
+#     runs/<run>.json           manifest: the entries run <run> committed, and its command
+#     staging-<run>-<pid>/      where the running run writes its entries (same filesystem as D)
+#     journal-<run>.json        commit marker: the renames and removals of a commit in progress
+#     trash-<run>-<pid>/        old entries moved aside during a commit, deleted at its end
+# Stage 1 is one run per model file (model.safetensors, model.log.jsonl, model.checkpoints/, ...),
+# stage 2 one run per invocation's seed set, stage 3 one run whose single entry is the report folder
+# (its destination is the report folder's parent).
+
+RUN_DIR = ".husai"
+ENTERED_RUNS: list["RunOutput"] = []   # the RunOutputs this process entered, for interruption_report
+
+
+def command_line() -> str:
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+class RunOutput:
+    """One run's files in `folder`, written beside it and moved into place together, or not at all.
+
+        with RunOutput(folder, "model", ["model.safetensors", "model.log.jsonl"], force=args.force) as run:
+            ...                                              # checks and the lock are done: now the work
+            save_tensors(run.path("model.safetensors"), ...)  # written into the staging folder
+            run.commit()                                     # every written entry moves into place
+
+    Entering (before any work): creates `folder`, takes its lock (a second run on the same folder is
+    refused at once, naming the first: pid, command, start), finishes a commit that a killed run left
+    half done, clears stale staging and temporary files, then checks the entries. An entry listed in
+    another run's manifest is refused even with `force` (a run never replaces another run's files);
+    without `force`, an entry that exists, or an earlier run of the same name, is refused.
+
+    commit(): writes the journal atomically, then renames every written entry into `folder` (a folder
+    entry replaces its old version whole), moves aside this run's entries that this commit did not
+    write (those its manifest lists and declared entries found in `folder`), writes the manifest and
+    deletes the journal and what was moved aside. Afterwards the run's files in `folder` are exactly
+    the ones it wrote. Killed before the journal exists: `folder` is unchanged and the next run there
+    deletes the staging. Killed after: the next run on `folder` completes the renames first.
+    Leaving the block without commit() (an error, Ctrl-C) deletes the staging folder; `folder` is
+    unchanged. An OSError raised in the block becomes a WriteError naming the final file."""
+
+    def __init__(self, folder: str | Path, run: str, entries: Iterable[str], force: bool, flag: str = "--out"):
+        self.folder, self.run, self.force, self.flag = Path(folder), run, force, flag
+        self.entries = list(entries)
+        for entry in self.entries:
+            if not entry or "/" in entry or "\0" in entry or entry in (".", "..", RUN_DIR):
+                raise HusaiError(f"{flag}: {entry!r} cannot name an output in {self.folder}")
+        if not run or len(set(self.entries)) != len(self.entries):
+            raise ValueError(f"run {run!r}: needs a name and distinct entries, got {self.entries}")
+        token = quote(run, safe="")
+        self.meta = self.folder / RUN_DIR
+        self.journal_path = self.meta / f"journal-{token}.json"
+        self.staging = self.meta / f"staging-{token}-{os.getpid()}"
+        self.trash_name = f"trash-{token}-{os.getpid()}"
+        self.state = "new"          # new -> open -> committing -> committed, or open -> discarded
+        self.lock_fd: int | None = None
+        self.last_entry: str | None = None
+
+    # ---- entering: lock, recovery, checks ------------------------------------------------------
+    def __enter__(self) -> "RunOutput":
+        self.create_folders()
+        self.take_lock()
+        try:
+            self.recover()
+            self.check_entries()
+            self.staging.mkdir()
+        except BaseException as e:
+            self.release_lock()
+            if isinstance(e, OSError):
+                raise WriteError(f"cannot prepare {self.folder} ({describe_os_error(e)}); "
+                                 f"choose another {self.flag}") from e
+            raise
+        self.state = "open"
+        ENTERED_RUNS.append(self)
+        return self
+
+    def create_folders(self) -> None:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise HusaiError(f"{self.flag}: {self.folder} is a file, not a folder; choose another {self.flag}")
+        try:
+            (self.meta / "runs").mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.folder, prefix=".husai-probe-")   # renames need D writable
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise HusaiError(f"{self.flag}: cannot write to {self.folder} ({e.strerror or e}); "
+                             f"choose another {self.flag}")
+
+    def take_lock(self) -> None:
+        """flock the lock file without waiting; record who holds it, for the message of the next."""
+        fd = os.open(self.meta / "lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 65536, 0).decode(errors="replace")
+            os.close(fd)
+            raise HusaiError(f"{self.folder} is in use by another run ({describe_lock_holder(holder)}); "
+                             f"wait for it to finish, or choose another {self.flag}")
+        self.lock_fd = fd
+        holder = {"pid": os.getpid(), "command": command_line(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except OSError as e:
+            self.release_lock()
+            raise WriteError(f"cannot write {self.meta / 'lock'}: {e.strerror}")
+
+    def release_lock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)          # closing the descriptor releases the flock
+            self.lock_fd = None
+
+    def recover(self) -> None:
+        """With the lock held, nothing else uses the folder: finish every commit a killed run left
+        (its journal exists), then delete staging folders, set-aside entries and temporary files."""
+        for journal in sorted(self.meta.glob("journal-*.json")):
+            plan = read_json(journal, "commit journal")
+            finish_commit(self.folder, plan)
+            journal.unlink()
+            print(f"note: completed the interrupted commit of run {plan['run']!r} in {self.folder}")
+        stale = [*self.meta.glob("staging-*"), *self.meta.glob("trash-*"), *self.meta.glob(".*.tmp"),
+                 *(self.meta / "runs").glob(".*.tmp"), *self.folder.glob(".husai-probe-*")]
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if any(path.name.startswith("staging-") for path in stale):
+            print(f"note: deleted the uncommitted files of an interrupted run in {self.folder}")
+
+    def manifests(self) -> dict[str, dict]:
+        return {m["run"]: m for m in (read_json(path, "run manifest") for path in (self.meta / "runs").glob("*.json"))}
+
+    def check_entries(self) -> None:
+        manifests = self.manifests()
+        own = manifests.pop(self.run, None)
+        owner = {entry: m for m in manifests.values() for entry in m["entries"]}
+        for entry in self.entries:
+            if entry in owner:
+                raise HusaiError(f"{self.folder / entry} belongs to another run, {owner[entry]['run']!r} "
+                                 f"(`{owner[entry]['command']}`); --force replaces only this run's own files: "
+                                 f"choose another {self.flag}")
+        if self.force:
+            return
+        existing = [entry for entry in self.entries if os.path.lexists(self.folder / entry)]
+        if existing:
+            more = f" (and {len(existing) - 1} more of this run's files)" if len(existing) > 1 else ""
+            raise HusaiError(f"{self.folder / existing[0]} already exists{more}; pass --force to replace "
+                             f"this run's files, or choose another {self.flag}")
+        if own is not None:
+            raise HusaiError(f"run {self.run!r} already exists in {self.folder} ({', '.join(own['entries'])}); "
+                             f"pass --force to replace it, or choose another {self.flag}")
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def path(self, entry: str) -> Path:
+        """Where to write `entry` (one of the declared entries) until the commit: in the staging folder.
+        A folder entry is created by the caller (path(entry).mkdir())."""
+        if self.state != "open":
+            raise RuntimeError(f"run {self.run!r} is {self.state}; entries are written between enter and commit")
+        if entry not in self.entries:
+            raise ValueError(f"{entry!r} is not one of run {self.run!r}'s entries {self.entries}")
+        self.last_entry = entry
+        return self.staging / entry
+
+    def final_path(self, entry: str) -> Path:
+        return self.folder / entry
+
+    def written(self) -> list[str]:
+        return [entry for entry in self.entries if os.path.lexists(self.staging / entry)]
+
+    # ---- committing ------------------------------------------------------------------------------
+    def commit(self) -> list[Path]:
+        """Move every written entry into place as this run (see the class docstring). Returns their
+        final paths."""
+        if self.state != "open":
+            raise RuntimeError(f"run {self.run!r} is {self.state}; it can be committed once, inside its block")
+        written = self.written()
+        own = self.manifests().get(self.run)
+        earlier = set(own["entries"] if own else ()) | {e for e in self.entries if os.path.lexists(self.folder / e)}
+        plan = {"run": self.run, "staging": self.staging.name, "trash": self.trash_name, "place": written,
+                "remove": sorted(earlier - set(written)),
+                "manifest": {"run": self.run, "entries": written, "command": command_line()}}
+        try:
+            write_json_durably(self.journal_path, plan)
+        except OSError as e:
+            raise WriteError(f"cannot write {e.filename}: {e.strerror}; run {self.run!r} was not committed "
+                             f"and {self.folder} is unchanged") from e
+        self.state = "committing"
+        try:
+            try:
+                finish_commit(self.folder, plan)
+            except KeyboardInterrupt:       # the renames take milliseconds: finish them, then stop
+                finish_commit(self.folder, plan)
+                raise
+            self.journal_path.unlink()
+        except OSError as e:
+            raise WriteError(f"moving run {self.run!r} into place in {self.folder} failed "
+                             f"({describe_os_error(e)}); the next run on {self.folder} completes it") from e
+        self.state = "committed"
+        return [self.folder / entry for entry in written]
+
+    # ---- leaving ---------------------------------------------------------------------------------
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        try:
+            if self.state == "open":
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.state = "discarded"
+        finally:
+            self.release_lock()
+        if isinstance(exc, OSError) and self.state == "discarded":
+            raise WriteError(f"cannot write {self.name_in_error(exc)}: {exc.strerror or exc}; run {self.run!r} "
+                             f"was not committed and {self.folder} is unchanged") from exc
+        return False
+
+    def name_in_error(self, exc: OSError) -> Path | str:
+        """The final path of the file an OSError was about (the staging folder is an implementation detail)."""
+        if exc.filename:
+            name = Path(str(exc.filename))
+            return self.folder / name.relative_to(self.staging) if name.is_relative_to(self.staging) else name
+        return self.folder / self.last_entry if self.last_entry else self.folder
+
+    def describe_state(self) -> str:
+        if self.state == "committing":
+            return (f"run {self.run!r} was being moved into place in {self.folder}; the next run there "
+                    f"completes the move")
+        if self.state == "committed":
+            return f"run {self.run!r} had already been committed whole to {self.folder}"
+        return f"run {self.run!r} was not committed; nothing in {self.folder} was changed"
+
+
+def finish_commit(folder: Path, plan: dict) -> None:
+    """Carry out a commit journal. Idempotent: every step checks whether it was already done, so a run
+    holding the lock can repeat a journal that a killed run had partly carried out.
+
+    place: staging/e -> folder/e (os.replace; an old folder, or anything in the way of a folder, is
+    first moved to the trash). remove: folder/e -> trash. Then the manifest is written (or deleted if
+    the run has no entries left) and the staging and trash folders are deleted."""
+    meta = folder / RUN_DIR
+    staging, trash = meta / plan["staging"], meta / plan["trash"]
+    for entry in plan["place"] + plan["remove"]:
+        if not entry or "/" in entry or entry in (".", "..", RUN_DIR):
+            raise HusaiError(f"{meta}: a commit journal names {entry!r}, which is not an entry name")
+
+    def move_aside(entry: str) -> None:
+        trash.mkdir(exist_ok=True)
+        os.rename(folder / entry, trash / entry)
+
+    for entry in plan["place"]:
+        source, target = staging / entry, folder / entry
+        if not os.path.lexists(source):
+            continue                                     # placed before an interruption
+        if os.path.lexists(target) and (source.is_dir() or (target.is_dir() and not target.is_symlink())):
+            move_aside(entry)
+        os.replace(source, target)
+    for entry in plan["remove"]:
+        if os.path.lexists(folder / entry):
+            move_aside(entry)
+    manifest = manifest_path(folder, plan["run"])
+    if plan["manifest"]["entries"]:
+        write_json_durably(manifest, plan["manifest"])
+    elif manifest.exists():
+        manifest.unlink()
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def manifest_path(folder: Path, run: str) -> Path:
+    return folder / RUN_DIR / "runs" / f"{quote(run, safe='')}.json"
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise HusaiError(f"{path}: unreadable {what} ({e})")
+
+
+def describe_lock_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']}, started {holder['started']}: `{holder['command']}`"
+    except (ValueError, KeyError, TypeError):
+        return "it has not recorded its pid yet"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,11 +5,17 @@
 
 The model reads [a, b, =] (or [a, op, b, =]) and predicts c = a op b mod p at the `=` position; c is
 never an input token. Training is full batch AdamW with weight decay 1.0, which is what makes the model
-generalise by learning a handful of Fourier frequencies. Outputs, in --out's folder:
-    model.safetensors   weights, the train/test split, config, metrics and progress measures
-    log.jsonl           one line of metrics per evaluation
-    checkpoints/        epochNNNNNN.safetensors every --ckpt-every epochs (stage 2 can train on them)
-    curves.png, fourier.png
+generalise by learning a handful of Fourier frequencies. A run's files are named after --out
+(default runs/transformer/model.safetensors), so several runs can share a folder:
+    model.safetensors       weights, the train/test split, config, metrics and progress measures
+    model.log.jsonl         one line of metrics per evaluation
+    model.checkpoints/      epochNNNNNN.safetensors every --ckpt-every epochs (stage 2 can train on them)
+    model.curves.png, model.fourier.png
+    model.last-finite.safetensors   only when training diverged: the last weights whose loss was finite
+They are written beside the folder and moved into place together when the run ends (sae_core.RunOutput):
+an interrupted, failed or concurrent run never leaves a mix of two runs, and --force replaces only
+this run's earlier files. A run whose loss or weights stop being finite stops there, keeps the last
+finite weights in model.last-finite.safetensors (and no model.safetensors), and exits with status 2.
 
 This file is also the library for the model: later stages import make_dataset, load_transformer,
 activations_from and run_with_replacement from here.
@@ -18,9 +24,9 @@ activations_from and run_with_replacement from here.
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -28,15 +34,16 @@ import torch
 import torch.nn.functional as F_nn
 from einops import rearrange
 
-from sae_core import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, embedding_spectrum,
-                      fourier_purity, load_tensors, pick_device, prepare_output, read_acts_file, run_cli, save_tensors,
-                      seed_everything, sum_frequency_directions)
+from sae_core import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, RunOutput,
+                      embedding_spectrum, fourier_purity, load_tensors, memory_limit_bytes, pick_device,
+                      read_acts_file, run_cli, save_tensors, seed_everything, sum_frequency_directions)
 
 FORMAT = "husai.transformer"
 VERSION = 1
 OPERATIONS = {"add": lambda a, b, p: (a + b) % p, "sub": lambda a, b, p: (a - b) % p,
               "mul": lambda a, b, p: (a * b) % p}
 HOOK_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post")
+MAX_COUNT = 2**31 - 1            # upper bound of every integer flag (sizes, epochs, intervals)
 
 
 def build_parser() -> CliParser:
@@ -67,9 +74,11 @@ def build_parser() -> CliParser:
     add("--eval-every", type=int, default=10, help="evaluate the held-out set every N epochs")
     add("--ckpt-every", type=int, default=100, help="save a checkpoint every N epochs (0: none)")
     # where and how
-    add("--out", default="runs/transformer/model.safetensors", help="output model file")
+    add("--out", default="runs/transformer/model.safetensors",
+        help="output model file; the run's other files are named after it (model.log.jsonl, ...)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
-    add("--force", action="store_true", help="overwrite an existing run at --out")
+    add("--force", action="store_true",
+        help="replace the earlier run of this --out (all its files, never those of another run)")
     return parser
 
 
@@ -98,6 +107,28 @@ class ModelConfig:
 
     def hook_names(self) -> list[str]:
         return [f"blocks.{layer}.{site}" for layer in range(self.n_layers) for site in HOOK_SITES]
+
+
+MODEL_FLAGS = {"p": "--p", "op": "--op", "token_format": "--format", "n_layers": "--layers",
+               "d_model": "--d-model", "n_heads": "--heads", "d_mlp": "--d-mlp", "layernorm": "--layernorm"}
+
+
+def model_config_problem(cfg: ModelConfig, label: Callable[[str], str] = str) -> str | None:
+    """What is wrong with a configuration (None if nothing), naming each field by label(field):
+    a flag for the command line, the metadata key for a file."""
+    for field, low in (("p", 3), ("n_layers", 1), ("d_model", 1), ("n_heads", 1), ("d_mlp", 1)):
+        value = getattr(cfg, field)
+        if type(value) is not int or not low <= value <= MAX_COUNT:
+            return f"{label(field)} {value!r}: must be an integer in [{low}, {MAX_COUNT}]"
+    if cfg.op not in OPERATIONS:
+        return f"{label('op')} {cfg.op!r}: must be one of {', '.join(sorted(OPERATIONS))}"
+    if cfg.token_format not in ("ab", "aopb"):
+        return f"{label('token_format')} {cfg.token_format!r}: must be ab or aopb"
+    if type(cfg.layernorm) is not bool:
+        return f"{label('layernorm')} {cfg.layernorm!r}: must be true or false"
+    if cfg.d_model % cfg.n_heads:
+        return f"{label('d_model')} {cfg.d_model} is not divisible by {label('n_heads')} {cfg.n_heads}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,33 +296,79 @@ def run_with_replacement(model: Transformer, tokens: torch.Tensor, hook: str,
         return model(tokens, patch={hook: patch})
 
 
+def run_files(model_path: str | Path) -> dict[str, str]:
+    """The entries of the stage-1 run whose model file is `model_path`, all in its folder and named
+    after it: for runs/t/model.safetensors, model.log.jsonl, model.checkpoints (a folder), etc."""
+    name = Path(model_path).name
+    base = name.removesuffix(".safetensors")
+    return {"model": name, "last_finite": f"{base}.last-finite.safetensors", "log": f"{base}.log.jsonl",
+            "curves": f"{base}.curves.png", "fourier": f"{base}.fourier.png", "checkpoints": f"{base}.checkpoints"}
+
+
+def training_log_path(model_path: str | Path) -> Path:
+    return Path(model_path).parent / run_files(model_path)["log"]
+
+
+def checkpoint_folder(model_path: str | Path) -> Path:
+    return Path(model_path).parent / run_files(model_path)["checkpoints"]
+
+
 def checkpoint_path(model_path: str | Path, epoch: int) -> Path:
-    return Path(model_path).parent / "checkpoints" / f"epoch{epoch:06d}.safetensors"
+    return checkpoint_folder(model_path) / checkpoint_name(epoch)
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch{epoch:06d}.safetensors"
+
+
+def list_checkpoints(model_path: str | Path) -> list[int]:
+    return sorted(int(f.stem.removeprefix("epoch")) for f in checkpoint_folder(model_path).glob("epoch*.safetensors"))
+
+
+def config_from_metadata(meta: dict, file: Path) -> ModelConfig:
+    """The ModelConfig a file's metadata describes; a missing key, an unknown key or an impossible
+    value is a HusaiError naming the file and the key."""
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise HusaiError(f"{file}: metadata 'config' lacks the key 'model' (the model's configuration)")
+    values = config["model"]
+    names = [field.name for field in fields(ModelConfig)]
+    missing = [name for name in names if name not in values]
+    unknown = sorted(set(values) - set(names))
+    if missing or unknown:
+        raise HusaiError(f"{file}: metadata config.model " + (f"lacks the key {missing[0]!r}" if missing
+                                                               else f"has an unknown key {unknown[0]!r}"))
+    cfg = ModelConfig(**values)
+    problem = model_config_problem(cfg, label=lambda field: f"config.model.{field}")
+    if problem:
+        raise HusaiError(f"{file}: metadata {problem}")
+    return cfg
 
 
 def load_transformer(path: str | Path, checkpoint: int | None = None,
                      device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
     """Load a model written by this stage (or one of its checkpoints, by epoch). Returns (model in
-    eval mode, metadata with config, split and metrics)."""
+    eval mode, metadata with config, split and metrics). The model is built on the meta device and
+    takes the file's tensors after their names and shapes are checked, so a bad file allocates nothing."""
     file = checkpoint_path(path, checkpoint) if checkpoint is not None else Path(path)
     if checkpoint is not None and not file.is_file():
         raise HusaiError(f"{file}: no checkpoint at epoch {checkpoint}; saved epochs: "
                          f"{', '.join(str(e) for e in list_checkpoints(path)) or 'none'}")
     tensors, meta = load_tensors(file, FORMAT, VERSION, required=("split.train_indices",),
                                  hint="python train_transformer.py")
-    model = Transformer(ModelConfig(**meta["config"]["model"]))
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(tensors))
+    with torch.device("meta"):
+        model = Transformer(config_from_metadata(meta, file))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise HusaiError(f"{file}: missing tensor(s) {', '.join(missing)}")
-    model.load_state_dict({name: tensors[name] for name in expected})
+    for name, tensor in expected.items():
+        if tensors[name].shape != tensor.shape:
+            raise HusaiError(f"{file}: tensor {name} has shape {list(tensors[name].shape)}, "
+                             f"the configuration needs {list(tensor.shape)}")
+    model.load_state_dict({name: tensors[name].float() for name in expected}, assign=True)
     meta["train_indices"] = tensors["split.train_indices"]
     return model.to(device).eval(), meta
-
-
-def list_checkpoints(model_path: str | Path) -> list[int]:
-    folder = Path(model_path).parent / "checkpoints"
-    return sorted(int(f.stem.removeprefix("epoch")) for f in folder.glob("epoch*.safetensors"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,112 +452,233 @@ def plot_fourier_spectrum(shares: list[float], keys: list[int], path: str | Path
 
 
 def validate(args) -> None:
-    if args.p < 3:
-        raise HusaiError(f"--p {args.p}: the modulus must be at least 3")
-    if not 0 < args.frac < 1:
-        raise HusaiError(f"--frac {args.frac}: the training fraction must lie strictly between 0 and 1")
-    if args.d_model % args.heads:
-        raise HusaiError(f"--d-model {args.d_model} is not divisible by --heads {args.heads}")
-    positive = {"--layers": args.layers, "--d-model": args.d_model, "--d-mlp": args.d_mlp,
-                "--epochs": args.epochs, "--eval-every": args.eval_every, "--lr": args.lr}
-    for flag, value in positive.items():
-        if value <= 0:
-            raise HusaiError(f"{flag} {value}: must be positive")
-    if args.wd < 0 or args.warmup < 0 or args.extra_epochs < 0 or args.ckpt_every < 0:
-        raise HusaiError("--wd, --warmup, --extra-epochs and --ckpt-every must not be negative")
+    """Every flag, before any work: integers in range, floats finite and in range, a split that leaves
+    both training and held-out pairs, and an --out that names a file."""
+    cfg = model_config_from_args(args)
+    problem = model_config_problem(cfg, label=MODEL_FLAGS.__getitem__)
+    if problem:
+        raise HusaiError(problem)
+    counts = {"--epochs": (args.epochs, 1), "--eval-every": (args.eval_every, 1), "--warmup": (args.warmup, 0),
+              "--extra-epochs": (args.extra_epochs, 0), "--ckpt-every": (args.ckpt_every, 0)}
+    for flag, (value, low) in counts.items():
+        if not low <= value <= MAX_COUNT:
+            raise HusaiError(f"{flag} {value}: must be an integer in [{low}, {MAX_COUNT}]")
+    if not 0 <= args.seed < 2**63:
+        raise HusaiError(f"--seed {args.seed}: must be an integer in [0, 2^63)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise HusaiError(f"--lr {args.lr}: must be a positive finite number")
+    if not (math.isfinite(args.wd) and args.wd >= 0):
+        raise HusaiError(f"--wd {args.wd}: must be a finite number >= 0")
+    for flag, value in (("--frac", args.frac), ("--target-acc", args.target_acc)):
+        if not 0 <= value <= 1:
+            raise HusaiError(f"{flag} {value}: must be a fraction in [0, 1]")
+    n_pairs = cfg.p**2
+    n_train = round(args.frac * n_pairs)
+    if not 0 < n_train < n_pairs:
+        raise HusaiError(f"--frac {args.frac} with --p {cfg.p}: {n_train} training and {n_pairs - n_train} "
+                         f"held-out pairs; both need at least one")
+    out = Path(args.out)
+    if out.is_dir():
+        raise HusaiError(f"--out {out}: is a folder; --out names the model file, e.g. {out / 'model.safetensors'}")
+    if not out.name.removesuffix(".safetensors") or out.name.startswith("."):
+        raise HusaiError(f"--out {args.out!r}: needs a file name that does not start with '.'")
+
+
+def model_config_from_args(args) -> ModelConfig:
+    return ModelConfig(p=args.p, op=args.op, token_format=args.token_format, n_layers=args.layers,
+                       d_model=args.d_model, n_heads=args.heads, d_mlp=args.d_mlp, layernorm=args.layernorm)
+
+
+def memory_estimate(cfg: ModelConfig, n_train: int) -> int:
+    """Rough peak memory of a stage-1 run in bytes, from the sizes alone (nothing is allocated).
+
+    Training (full batch of n_train rows, n_ctx positions): per layer about 12 d + 2 n_ctx d + 3 d_mlp
+    floats per row and position are held for the backward pass (the attention products are
+    [rows, query, key, d]), plus 3 n_train p for the logits; the parameters six times (weights,
+    gradients, two Adam moments, two kept copies). The final measurements on all p^2 inputs: logits in
+    float and double (3 p^3) and the float64 Fourier transforms of the MLP neurons (8 p^2 d_mlp floats).
+    Peak = the larger phase + 0.5 GB for Python and the libraries. Measured on a CPU (peak RSS) this is
+    within about 25% for p 61-300, d_model 64-256, 1-3 layers."""
+    p, d, ctx = cfg.p, cfg.d_model, cfg.n_ctx
+    n_params = cfg.d_vocab * d + ctx * d + cfg.n_layers * (4 * d * d + 2 * d * cfg.d_mlp + cfg.d_mlp + d) + d * p
+    train = 6 * n_params + cfg.n_layers * n_train * ctx * (12 * d + 2 * ctx * d + 3 * cfg.d_mlp) + 3 * n_train * p
+    measure = 6 * n_params + 3 * p**3 + 8 * p**2 * cfg.d_mlp
+    return 4 * max(train, measure) + 2**29
+
+
+def check_memory(cfg: ModelConfig, n_train: int, device: torch.device) -> None:
+    """Refuse sizes whose memory estimate exceeds this machine's RAM (or the GPU's memory), before
+    anything is allocated, instead of being killed by the kernel part-way."""
+    need = memory_estimate(cfg, n_train)
+    limits = {"memory": memory_limit_bytes()}
+    if device.type == "cuda":
+        limits["GPU memory"] = torch.cuda.get_device_properties(device).total_memory
+    for what, have in limits.items():
+        if need > have:
+            raise HusaiError(f"--p {cfg.p} --d-model {cfg.d_model} --d-mlp {cfg.d_mlp} --layers {cfg.n_layers} with "
+                             f"{n_train} training pairs needs about {need / 2**30:.3g} GiB of {what}; this machine has "
+                             f"{have / 2**30:.3g} GiB: choose a smaller model or modulus")
 
 
 def save_model(path: Path, model: Transformer, train_idx: torch.Tensor, metadata: dict) -> None:
-    tensors = dict(model.state_dict())
+    save_weights(path, model.state_dict(), train_idx, metadata)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], train_idx: torch.Tensor, metadata: dict) -> None:
+    tensors = dict(state)
     tensors["split.train_indices"] = train_idx
     save_tensors(path, tensors, FORMAT, VERSION, metadata)
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-    validate(args)
-    device = pick_device(args.device)
-    out = prepare_output(args.out, args.force)
-    if args.force:   # an explicit overwrite: drop the old run's checkpoints so none outlive it
-        shutil.rmtree(out.parent / "checkpoints", ignore_errors=True)
-    seed_everything(args.seed)
-    # Once the loss reaches ~1e-7, gradients and Adam's moments underflow into denormal floats, which
-    # the CPU processes ~10x slower: flushing them to zero keeps late epochs as fast as early ones.
-    torch.set_flush_denormal(True)
+@dataclass
+class Divergence:
+    """Why training stopped early, and the weights it kept."""
+    epoch: int                        # the epoch whose train loss, or whose update, was not finite
+    reason: str
+    steps: int                        # optimiser steps that produced the kept weights
+    loss: float | None                # their train loss (None when it was not finite)
+    state: dict[str, torch.Tensor]    # the last finite weights
 
-    cfg = ModelConfig(p=args.p, op=args.op, token_format=args.token_format, n_layers=args.layers,
-                      d_model=args.d_model, n_heads=args.heads, d_mlp=args.d_mlp, layernorm=args.layernorm)
-    config = {"model": asdict(cfg), "train": {k: v for k, v in vars(args).items() if k not in asdict(cfg)}}
-    tokens, labels = make_dataset(cfg)
-    train_idx, test_idx = train_test_split(cfg.p, args.frac, args.seed)
-    tokens, labels = tokens.to(device), labels.to(device)
-    train_x, train_y = tokens[train_idx.to(device)], labels[train_idx.to(device)]
-    test_x, test_y = tokens[test_idx.to(device)], labels[test_idx.to(device)]
-    model = Transformer(cfg).to(device)
+
+@dataclass
+class Training:
+    log: list[dict]                   # one row per evaluation
+    epochs: int                       # epochs run (including a diverged one)
+    grokked_at: int | None            # first evaluation with held-out accuracy >= --target-acc
+    seconds: float
+    divergence: Divergence | None
+
+
+def train(model: Transformer, args, data: dict[str, torch.Tensor],
+          save_checkpoint: Callable[[int, dict], None]) -> Training:
+    """Full-batch AdamW on data["train_x"], data["train_y"]; evaluation on the held-out pairs every
+    --eval-every epochs; stop --extra-epochs after --target-acc or at --epochs.
+
+    Each epoch checks, with one device sync, that the train loss and the updated weights are finite.
+    At the first that is not, training stops and returns a Divergence with the last weights that are
+    finite and whose loss was finite (the weights before that epoch's step when its loss was not
+    finite, before the step itself when the step broke them). Checkpoints come after the check, so
+    save_checkpoint(epoch, metrics) only ever sees finite weights."""
+    from tqdm import tqdm
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd, betas=(0.9, 0.98))
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, args.warmup)))
-    print(f"p={cfg.p} op={cfg.op} train {len(train_idx)} / held-out {len(test_idx)} pairs, "
-          f"{sum(t.numel() for t in model.parameters()):,} parameters, device {device}")
-
-    from tqdm import tqdm
-    log_path = out.parent / "log.jsonl"
+    params = list(model.parameters())
     log, grokked_at, start = [], None, time.time()
-    with open(log_path, "w") as log_file, tqdm(range(args.epochs), unit="epoch", mininterval=0.5) as bar:
+    kept = None                       # (steps, loss tensor, weights) of the last epoch that passed the check
+    with tqdm(range(args.epochs), unit="epoch", mininterval=0.5) as bar:
         for epoch in bar:
-            logits = model(train_x)
-            loss = F_nn.cross_entropy(logits, train_y)
+            logits = model(data["train_x"])
+            loss = F_nn.cross_entropy(logits, data["train_y"])
+            before = {name: t.detach().clone() for name, t in model.state_dict().items()}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             warmup.step()
+            loss_finite, weights_finite = torch.stack(
+                [loss.detach().isfinite(), torch.stack([p.isfinite().all() for p in params]).all()]).tolist()
+            if not loss_finite:
+                steps, kept_loss, state = kept if kept else (0, None, before)
+                divergence = Divergence(epoch, f"train loss {loss.item()}", steps,
+                                        None if kept_loss is None else kept_loss.item(), state)
+            elif not weights_finite:
+                divergence = Divergence(epoch, f"its update made the weights non-finite (train loss {loss.item():.4g})",
+                                        epoch, loss.item(), before)
+            else:
+                divergence = None
+            if divergence:
+                return Training(log, epoch + 1, grokked_at, time.time() - start, divergence)
+            kept = (epoch, loss.detach(), before)
 
             last = epoch == args.epochs - 1 or (grokked_at is not None and epoch >= grokked_at + args.extra_epochs)
             if epoch % args.eval_every == 0 or last:
                 with torch.no_grad():
-                    test_logits = model(test_x)
+                    test_logits = model(data["test_x"])
                 row = {"epoch": epoch, "train_loss": loss.item(),
-                       "train_acc": (logits.argmax(-1) == train_y).float().mean().item(),
-                       "test_loss": F_nn.cross_entropy(test_logits, test_y).item(),
-                       "test_acc": (test_logits.argmax(-1) == test_y).float().mean().item(),
+                       "train_acc": (logits.argmax(-1) == data["train_y"]).float().mean().item(),
+                       "test_loss": F_nn.cross_entropy(test_logits, data["test_y"]).item(),
+                       "test_acc": (test_logits.argmax(-1) == data["test_y"]).float().mean().item(),
                        "seconds": round(time.time() - start, 2)}
                 log.append(row)
-                log_file.write(json.dumps(row) + "\n")
-                log_file.flush()
                 bar.set_postfix(train_loss=f"{row['train_loss']:.2e}", test_loss=f"{row['test_loss']:.2e}",
                                 train_acc=f"{row['train_acc']:.3f}", test_acc=f"{row['test_acc']:.3f}")
                 if grokked_at is None and row["test_acc"] >= args.target_acc:
                     grokked_at = epoch
             if args.ckpt_every and epoch % args.ckpt_every == 0:
-                checkpoint = checkpoint_path(out, epoch)
-                checkpoint.parent.mkdir(exist_ok=True)
-                save_model(checkpoint, model, train_idx, {"config": config, "epoch": epoch, "split_seed": args.seed,
-                                                          "metrics": log[-1]})
+                save_checkpoint(epoch, log[-1])
             if last:
                 break
+    return Training(log, epoch + 1, grokked_at, time.time() - start, None)
 
-    model.eval()
-    measures = progress_measures(model, tokens, labels, train_idx.to(device))
-    final = dict(log[-1], epochs_trained=epoch + 1, grokked_at_epoch=grokked_at,
-                 train_seconds=round(time.time() - start, 1), device=str(device))
-    save_model(out, model, train_idx, {"config": config, "epoch": epoch, "split_seed": args.seed,
-                                       "metrics": final, "progress": measures})
-    plot_training_curves(log, out.parent / "curves.png", title=f"{cfg.op} mod {cfg.p}, train fraction {args.frac}")
-    plot_fourier_spectrum(measures["embedding_frequency_shares"], measures["key_frequencies"],
-                          out.parent / "fourier.png")
+
+def main() -> None:
+    args = build_parser().parse_args()
+    validate(args)
+    cfg = model_config_from_args(args)
+    device = pick_device(args.device)
+    check_memory(cfg, round(args.frac * cfg.p**2), device)
+    train_idx, test_idx = train_test_split(cfg.p, args.frac, args.seed)
+    out = Path(args.out)
+    files = run_files(out)
+    with RunOutput(out.parent, out.name, files.values(), args.force) as run:
+        seed_everything(args.seed)
+        # Once the loss reaches ~1e-7, gradients and Adam's moments underflow into denormal floats, which
+        # the CPU processes ~10x slower: flushing them to zero keeps late epochs as fast as early ones.
+        torch.set_flush_denormal(True)
+        config = {"model": asdict(cfg), "train": {k: v for k, v in vars(args).items() if k not in asdict(cfg)}}
+        tokens, labels = make_dataset(cfg)
+        tokens, labels = tokens.to(device), labels.to(device)
+        data = {"train_x": tokens[train_idx.to(device)], "train_y": labels[train_idx.to(device)],
+                "test_x": tokens[test_idx.to(device)], "test_y": labels[test_idx.to(device)]}
+        model = Transformer(cfg).to(device)
+        print(f"p={cfg.p} op={cfg.op} train {len(train_idx)} / held-out {len(test_idx)} pairs, "
+              f"{sum(t.numel() for t in model.parameters()):,} parameters, device {device}")
+        if args.ckpt_every:
+            run.path(files["checkpoints"]).mkdir()
+
+        def save_checkpoint(epoch: int, metrics: dict) -> None:
+            save_model(run.path(files["checkpoints"]) / checkpoint_name(epoch), model, train_idx,
+                       {"config": config, "epoch": epoch, "split_seed": args.seed, "metrics": metrics})
+
+        training = train(model, args, data, save_checkpoint)
+        log_text = "".join(json.dumps(row) + "\n" for row in training.log)
+        run.path(files["log"]).write_text(log_text)
+        if training.divergence:
+            stop = training.divergence
+            save_weights(run.path(files["last_finite"]), stop.state, train_idx,
+                       {"config": config, "status": "diverged", "diverged_at_epoch": stop.epoch,
+                        "reason": stop.reason, "steps": stop.steps, "train_loss": stop.loss, "split_seed": args.seed})
+            run.commit()
+            loss = f", train loss {stop.loss:.4g}" if stop.loss is not None else ""
+            raise HusaiError(f"training diverged at epoch {stop.epoch}: {stop.reason}; the last finite weights "
+                             f"(after {stop.steps} steps{loss}) are in {run.final_path(files['last_finite'])} and "
+                             f"there is no {run.final_path(files['model'])}; try a lower --lr")
+
+        model.eval()
+        measures = progress_measures(model, tokens, labels, train_idx.to(device))
+        final = dict(training.log[-1], epochs_trained=training.epochs, grokked_at_epoch=training.grokked_at,
+                     train_seconds=round(training.seconds, 1), device=str(device))
+        save_model(run.path(files["model"]), model, train_idx,
+                   {"config": config, "epoch": training.epochs - 1, "split_seed": args.seed, "metrics": final,
+                    "progress": measures})
+        plot_training_curves(training.log, run.path(files["curves"]),
+                             title=f"{cfg.op} mod {cfg.p}, train fraction {args.frac}")
+        plot_fourier_spectrum(measures["embedding_frequency_shares"], measures["key_frequencies"],
+                              run.path(files["fourier"]))
+        run.commit()
 
     neurons = measures["neurons"][f"blocks.{cfg.n_layers - 1}.mlp_post"]
-    print(f"\nsaved {out} ({final['train_seconds']} s on {device})")
+    print(f"\nsaved {out} and the run's other files in {out.parent} ({final['train_seconds']} s on {device})")
     print(f"  held-out accuracy {final['test_acc']:.4f}, loss {final['test_loss']:.3g}; train accuracy "
-          f"{final['train_acc']:.4f}; passed {args.target_acc} at epoch {grokked_at}")
+          f"{final['train_acc']:.4f}; passed {args.target_acc} at epoch {training.grokked_at}")
     print(f"  key frequencies {measures['key_frequencies']} ({measures['key_frequency_rule']})")
     print(f"  MLP neurons explained by one frequency (purity >= {PURE_NEURON_THRESHOLD}): "
           f"{neurons['frac_explained']:.1%}, on a key frequency: {neurons['frac_explained_by_key_freq']:.1%}")
     if "restricted_loss" in measures:
         print(f"  restricted loss {measures['restricted_loss']:.3g}, excluded loss (train) "
               f"{measures['excluded_loss_train']:.3g} vs clean {measures['clean_loss_train']:.3g}")
-    if grokked_at is None:
+    if training.grokked_at is None:
         print(f"  warning: held-out accuracy never reached {args.target_acc}; raise --epochs or --frac")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, unit_outputs=True)
