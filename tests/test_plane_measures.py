@@ -235,6 +235,15 @@ def test_a_permuted_copy_matches_perfectly_and_partners_are_found():
     scores = activation_matching(f, f[:, perm], W, W[perm])
     for name in ("max", "hungarian", "max_weighted", "hungarian_weighted", "partner_energy"):
         assert scores[name] == pytest.approx(1, abs=1e-5), name
+    # a latent duplicated in A: both copies' best partner is B's latent 0, but only one copy can be its
+    # one-to-one partner; the other is matched to B's unrelated latent 1 and has no partner above 0.9
+    fA, fB = f[:, [0, 0]], f[:, [0, 1]]
+    scores = activation_matching(fA, fB, W[[0, 0]], W[[0, 1]])
+    energy_b = energy_shares(fB, W[[0, 1]])
+    assert float(scores["best_a"].min()) == pytest.approx(1, abs=1e-6)
+    assert float(scores["matched_a"].min()) < 0.5
+    assert scores["partner_energy"] == pytest.approx((0.5 + float(energy_b[0])) / 2, abs=1e-6)
+    assert scores["max_weighted"] > scores["hungarian_weighted"] + 0.2
 
 
 def test_energy_weighting_ignores_a_planted_crowd_of_rare_noise_latents(planted):
@@ -278,16 +287,26 @@ def test_principal_basis_holds_the_requested_share_and_projection_keeps_in_subsp
 
 
 def test_shared_fraction_uses_one_matching_on_the_mean_of_decoder_and_encoder_cosines():
-    decoder = torch.tensor([[0.95, 0.65], [0.65, 0.95]])
-    encoder = torch.tensor([[0.62, 0.90], [0.90, 0.62]])
-    # two separate matchings pair latent 0 with 0 (decoder) and with 1 (encoder), both above 0.7
-    two_matchings = [linear_sum_assignment(C.numpy(), maximize=True)[1].tolist() for C in (decoder, encoder)]
-    assert two_matchings == [[0, 1], [1, 0]]
-    # one matching on the mean pairs 0 with 0, whose encoder cosine 0.62 fails: nothing is shared
-    assert shared_fraction(decoder, encoder, 0.7) == 0.0
-    assert shared_fraction(decoder, encoder, 0.6) == 1.0
+    decoder = torch.tensor([[0.74, 0.81, 0.57], [0.91, 0.60, 0.97], [0.62, 0.95, 0.84]])
+    encoder = torch.tensor([[0.76, 0.52, 0.86], [0.84, 0.97, 0.67], [0.91, 0.70, 0.96]])
+    tau, rows = 0.7, np.arange(3)
+
+    def matched(C):
+        return linear_sum_assignment(C.numpy(), maximize=True)[1]
+
+    def fraction(dec_cols, enc_cols):
+        return float(np.mean((decoder.numpy()[rows, dec_cols] > tau) & (encoder.numpy()[rows, enc_cols] > tau)))
+
+    # the mean's matching (1, 0, 2) shares latents 1 and 2; every other way of matching says something else
+    assert matched((decoder + encoder) / 2).tolist() == [1, 0, 2]
+    alternatives = {"decoder matching": fraction(matched(decoder), matched(decoder)),
+                    "encoder matching": fraction(matched(encoder), matched(encoder)),
+                    "two separate matchings": fraction(matched(decoder), matched(encoder))}
+    assert alternatives == {"decoder matching": 1 / 3, "encoder matching": 0.0, "two separate matchings": 1.0}
+    assert shared_fraction(decoder, encoder, tau) == pytest.approx(2 / 3)
+    assert shared_fraction(decoder, encoder, 0.5) == 1.0
     with pytest.raises(HusaiError):
-        shared_fraction(decoder, encoder[:1], 0.7)
+        shared_fraction(decoder, encoder[:2], tau)
 
 
 # --------------------------------------------------------------------------------------------------
