@@ -42,8 +42,9 @@ HARMONICS = 10                    # harmonic purity counts a latent's c-energy a
                                   # firing on 20% of inputs keeps 0.997 of its variance there, on 10% 0.98
 PARTNER_CORRELATION = 0.9         # a latent "has a partner" when its one-to-one partner correlates above this
 SHARED_TAU = 0.7                  # shared fraction: decoder AND encoder cosine above this (Paulo & Belrose 2025)
-SPARSE_DENSITY = 0.05             # latents non-zero on fewer than this share of (input, latent) pairs correlate
-                                  # through a sparse product (exact, float64); denser ones in float32 blocks
+SPARSE_DENSITY = 0.1              # latents non-zero on fewer than this share of (input, latent) pairs correlate
+                                  # through a sparse product (exact, float64; its cost scales as the density
+                                  # squared); denser ones in float32 blocks
 CHUNK_ELEMENTS = 1 << 24          # float32 elements per block (64 MiB) in the dense correlation and Fourier sums
 NULL_PAIRS = 5                    # random null: this many independent pairs of random dictionaries
 PHASE_DRAWS = 5                   # phase question: this many independent per-latent phase shuffles
@@ -210,9 +211,10 @@ def principal_cosines(P: torch.Tensor | None, Q: torch.Tensor | None) -> list[fl
 
 
 def plane_similarity(P: torch.Tensor | None, Q: torch.Tensor | None) -> float:
-    """Mean of the two principal-angle cosines: 1 for the same plane, 0 for orthogonal planes or when
-    either plane is missing (no latent writes it)."""
-    return sum(principal_cosines(P, Q)) / 2
+    """The smaller principal-angle cosine of two planes: every direction of either plane lies within
+    arccos of it of the other plane. 1 for the same plane; 0 when they share no direction, when either
+    is missing (no latent writes it), or when either is only a line."""
+    return min(principal_cosines(P, Q))
 
 
 def true_planes(acts: torch.Tensor, frequencies: list[int]) -> dict[int, torch.Tensor]:
@@ -223,63 +225,70 @@ def true_planes(acts: torch.Tensor, frequencies: list[int]) -> dict[int, torch.T
     return {w: orthonormal_span(fourier.coefficients[0, w - 1].T) for w in frequencies}
 
 
-def decoding_r2(gram: torch.Tensor, coefficients: torch.Tensor) -> float:
-    """R^2 of decoding the unit grid functions cos(w c), sin(w c) linearly (with intercept) from a group
-    of latents, averaged over the two: mean_g <g, X> (X^T X)^+ <X, g>, where X [N, k] are the group's
-    centred activations, gram = X^T X [k, k] and coefficients = X^T [g_cos, g_sin] [k, 2] (the targets
-    are centred and unit length, so the intercept adds nothing and the total sum of squares is 1)."""
-    if gram.numel() == 0:
-        return 0.0
-    explained = coefficients.T @ torch.linalg.pinv(gram, hermitian=True, rtol=1e-10) @ coefficients
-    return float(torch.diagonal(explained).mean().clamp(0, 1))
-
-
-def group_gram(f: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """X^T X [k, k] float64 of the centred activations of the chosen latents."""
+def frequency_r2(f: torch.Tensor, fourier: GridFourier, latents: torch.Tensor) -> torch.Tensor:
+    """[n_freq]: for every frequency w, the R^2 of decoding the unit grid functions cos(w c), sin(w c)
+    linearly (with intercept) from the chosen latents, averaged over the two. With X [N, k] the latents'
+    centred activations and q = X^T g their coefficients, R^2(g) = q^T (X^T X)^+ q: the targets are
+    centred and unit length, so the intercept adds nothing and the total sum of squares is 1. One
+    float64 Gram matrix and pseudo-inverse serve every w. With k latents and N inputs, chance alone
+    gives about k / N."""
+    if len(latents) == 0:
+        return torch.zeros(fourier.coefficients.shape[1], dtype=torch.float64)
     X = f[:, latents].double()
     X = X - X.mean(dim=0)
-    return (X.T @ X).cpu()
+    inverse = torch.linalg.pinv((X.T @ X).cpu(), hermitian=True, rtol=1e-10)
+    q = fourier.coefficients[0][:, :, latents]                                 # [n_freq, 2, k]
+    return torch.einsum("wik,kl,wil->w", q, inverse, q).div(2).clamp(0, 1)
 
 
 class Family(NamedTuple):
-    """A harmonic family: c-latents whose fundamentals are harmonics of one root, found from the data."""
-    root: int                    # the fundamental of the family's largest group
-    frequencies: list[int]       # root first, then the frequencies that decode from the root's group
+    """A harmonic family: groups of c-latents (one per fundamental frequency) linked by decoding."""
+    root: int                    # the fundamental of the family's group holding the most energy
+    frequencies: list[int]       # root first, then the other members in increasing order
     latents: torch.Tensor        # [k] long: the c-latents of every group in the family
-    root_r2: dict                # w -> R^2 of decoding cos/sin(w c) from the root's group (how w joined)
+    links: dict                  # member w -> the best R^2 of decoding cos/sin(w c) from another member's group
 
 
 def harmonic_families(f: torch.Tensor, fourier: GridFourier, types: torch.Tensor, energy: torch.Tensor,
                       candidates: list[int]) -> list[Family]:
-    """Group the c-latents by fundamental frequency and merge groups into harmonic families.
+    """Group the c-latents by fundamental frequency and merge the groups into harmonic families.
 
-    Groups are taken as roots in order of the reconstruction energy they hold. A root w takes every
-    frequency w' not yet placed, among the other groups' fundamentals and `candidates`, whose cos/sin(w' c)
-    decode from w's group with R^2 >= FAMILY_R2; w' brings its own group's latents (if any). Over the
-    whole grid w' = +-j w mod p for some j whenever p is prime, so the relation alone says nothing;
-    decodability is the test. A candidate that decodes from no family stays unplaced (no plane)."""
+    Groups w and w' are linked when cos/sin(w' c) decode from w's group, or cos/sin(w c) from w''s, with
+    R^2 >= FAMILY_R2; families are the linked components. Both directions are tried because a harmonic
+    decodes from its fundamental's arcs and not the reverse (arcs of w carry j w; those of j w cannot
+    make w). For p prime every w' is +-j w mod p for some j, so the relation alone says nothing: decoding
+    is the test. A candidate frequency with no group of its own joins the family whose group decodes it
+    best, when that R^2 >= FAMILY_R2; otherwise it stays unplaced (no plane)."""
     is_c = types == LATENT_TYPES.index("c")
     fundamental = fundamental_frequencies(fourier)
     groups = {int(w): torch.nonzero(is_c & (fundamental == w)).squeeze(1) for w in fundamental[is_c].unique()}
-    order = sorted(groups, key=lambda w: (-float(energy[groups[w]].sum()), w))
-    placed, families = set(), []
-    for root in order:
-        if root in placed:
-            continue
-        placed.add(root)
-        gram = group_gram(f, groups[root])
-        frequencies, r2 = [root], {root: decoding_r2(gram, fourier.coefficients[0, root - 1][:, groups[root]].T)}
-        for w in sorted(set(order) | set(candidates)):
-            if w in placed:
-                continue
-            score = decoding_r2(gram, fourier.coefficients[0, w - 1][:, groups[root]].T)
-            if score >= FAMILY_R2:
-                frequencies.append(w)
-                r2[w] = score
-                placed.add(w)
-        latents = torch.cat([groups[w] for w in frequencies if w in groups]).sort().values
-        families.append(Family(root, frequencies, latents, r2))
-    return families
+    decodes = {w: frequency_r2(f, fourier, latents) for w, latents in groups.items()}   # group -> R^2 of every w'
+    parent = {w: w for w in groups}
+
+    def find(w: int) -> int:
+        while parent[w] != w:
+            w = parent[w]
+        return w
+
+    for w in groups:
+        for other in groups:
+            if other != w and float(decodes[w][other - 1]) >= FAMILY_R2:
+                parent[find(other)] = find(w)
+    members = {}
+    for w in groups:
+        members.setdefault(find(w), []).append(w)
+    for w in sorted(set(candidates) - set(groups)):
+        r2, best = max((float(decodes[g][w - 1]), g) for g in groups) if groups else (0.0, None)
+        if r2 >= FAMILY_R2:
+            members[find(best)].append(w)
+    families = []
+    for ws in members.values():
+        in_groups = [w for w in ws if w in groups]
+        root = max(in_groups, key=lambda w: (float(energy[groups[w]].sum()), -w))
+        links = {w: max((float(decodes[g][w - 1]) for g in in_groups if g != w), default=0.0) for w in ws}
+        families.append(Family(root, [root] + sorted(set(ws) - {root}),
+                               torch.cat([groups[w] for w in in_groups]).sort().values, links))
+    return sorted(families, key=lambda family: (-float(energy[family.latents].sum()), family.root))
 
 
 class PlaneFit(NamedTuple):
@@ -307,7 +316,7 @@ class PlaneAnalysis(NamedTuple):
     purity: torch.Tensor         # [m] harmonic purity
     energy: torch.Tensor         # [m] share of the reconstruction energy
     firing: torch.Tensor         # [m] share of inputs on which the latent fires
-    families: list[Family]
+    families: list[Family]       # largest energy first
     planes: dict                 # w -> PlaneFit, for every requested and every family frequency
     types_summary: dict          # type -> {"count", "energy"}
 
@@ -327,18 +336,15 @@ def plane_analysis(f: torch.Tensor, W_dec: torch.Tensor, truth: dict[int, torch.
     fourier = grid_fourier(f, p)
     types, energy = latent_types(fourier), energy_shares(f, W_dec)
     families = harmonic_families(f, fourier, types, energy, frequencies)
-    planes = {}
-    for w in sorted(set(frequencies) | {w for family in families for w in family.frequencies}):
-        family = next((fam for fam in families if w in fam.frequencies), None)
-        if family is None:
-            planes[w] = PlaneFit(None, 0, None, [0.0, 0.0], 0.0)
-            continue
-        basis = written_plane(fourier, W_dec, family.latents, w)
-        r2 = decoding_r2(group_gram(f, family.latents), fourier.coefficients[0, w - 1][:, family.latents].T)
-        to_truth = principal_cosines(basis, truth[w]) if w in truth else None
-        planes[w] = PlaneFit(family.root, len(family.latents), basis, to_truth, r2)
+    planes = {w: PlaneFit(None, 0, None, [0.0, 0.0], 0.0) for w in frequencies}
+    for family in families:
+        r2 = frequency_r2(f, fourier, family.latents)
+        for w in family.frequencies:
+            basis = written_plane(fourier, W_dec, family.latents, w)
+            to_truth = principal_cosines(basis, truth[w]) if w in truth else None
+            planes[w] = PlaneFit(family.root, len(family.latents), basis, to_truth, float(r2[w - 1]))
     return PlaneAnalysis(types, fundamental_frequencies(fourier), harmonic_purity(fourier, p), energy,
-                         firing_rates(f), families, planes, type_summary(types, energy))
+                         firing_rates(f), families, dict(sorted(planes.items())), type_summary(types, energy))
 
 
 def plane_agreement(A: PlaneAnalysis, B: PlaneAnalysis, frequencies: list[int]) -> dict[int, float]:
@@ -410,8 +416,11 @@ def latent_correlations(fA: torch.Tensor, fB: torch.Tensor) -> torch.Tensor:
 def one_to_one(C: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """The one-to-one matching maximising the total of C [m_A, m_B] (Hungarian, scipy
     linear_sum_assignment; it needs C whole, as float64). Returns each A row's partner column and each
-    B column's partner row, -1 where unmatched (unequal sizes)."""
-    rows, cols = linear_sum_assignment(C.double().numpy(), maximize=True)
+    B column's partner row, -1 where unmatched (unequal sizes). The float64 cost -C is made once, in
+    place (maximize=True would make a second [m_A, m_B] float64 copy: 2 GiB at 16,384 latents)."""
+    cost = C.double().neg_()
+    rows, cols = linear_sum_assignment(cost.numpy())
+    del cost
     partner_a, partner_b = np.full(C.shape[0], -1), np.full(C.shape[1], -1)
     partner_a[rows], partner_b[cols] = cols, rows
     return partner_a, partner_b
@@ -477,13 +486,14 @@ def shifted_correlations(fA: torch.Tensor, fB: torch.Tensor, p: int) -> torch.Te
     """[p, m_A, m_B] float64: R[s, i, j] = Pearson correlation of A's latent i with B's latent j read at
     (a + s, b), i.e. with B's c rotated by s (and a with it; b fixed). A rotation permutes the inputs, so
     means and norms are unchanged and R[s] is a circular cross-correlation along a, computed for all s at
-    once by FFT: R[s] = ifft_k(sum_b conj(FA[k, b]) FB[k, b]) on the standardised latents. Memory
-    p m_A m_B complex numbers: meant for the c-latents, not whole dictionaries."""
+    once by FFT along a: R[s] = irfft_k(sum_b conj(FA[k, b]) FB[k, b]) on the standardised latents (real
+    signals, so the k = 0..(p-1)/2 half of the spectrum suffices). Memory ~p m_A m_B numbers: meant for
+    the c-latents, not whole dictionaries."""
     zA = standardised(fA, *column_moments(fA)).double().cpu().view(p, p, -1)
     zB = standardised(fB, *column_moments(fB)).double().cpu().view(p, p, -1)
-    FA, FB = torch.fft.fft(zA, dim=0), torch.fft.fft(zB, dim=0)
+    FA, FB = torch.fft.rfft(zA, dim=0), torch.fft.rfft(zB, dim=0)
     cross = torch.einsum("kbi,kbj->kij", FA.conj(), FB)
-    return torch.fft.ifft(cross, dim=0).real.clamp(-1, 1)
+    return torch.fft.irfft(cross, n=p, dim=0).clamp(-1, 1)
 
 
 def phase_question(fA: torch.Tensor, fB: torch.Tensor, W_decA: torch.Tensor, W_decB: torch.Tensor,

@@ -130,10 +130,28 @@ def test_the_harmonic_pair_is_one_family_and_the_other_circle_its_own(planted):
     for analysis in (planted["A"], planted["B"]):
         families = {family.root: family for family in analysis.families}
         assert sorted(families) == [4, 11]
-        assert families[4].frequencies == [4, 8] and families[4].root_r2[8] >= pm.FAMILY_R2
+        assert families[4].frequencies == [4, 8] and families[4].links[8] >= pm.FAMILY_R2
         assert families[4].latents.tolist() == list(range(10))   # the 8 arcs of 4 and the 2 arcs of 8
         assert families[11].frequencies == [11] and families[11].latents.tolist() == list(range(10, 18))
         assert analysis.planes[8].family == 4
+
+
+def test_a_harmonic_joins_its_fundamental_whichever_group_holds_more_energy(planted):
+    """8 decodes from the arcs of 4, but 4 not from the two arcs of 8: the link is found from either
+    side, so the family is the same when the harmonic's group is the larger one (as 8 = -3 x 35 is in the
+    grokked model, where 35 does not decode well from the 8-latents)."""
+    f = planted["fA"]
+    fourier = grid_fourier(f, P)
+    types = latent_types(fourier)
+    r2_from_8 = pm.frequency_r2(f, fourier, torch.tensor([8, 9]))
+    r2_from_4 = pm.frequency_r2(f, fourier, torch.arange(8))
+    assert float(r2_from_4[8 - 1]) >= pm.FAMILY_R2 > float(r2_from_8[4 - 1])
+    for heavy in (torch.arange(8), torch.tensor([8, 9])):       # the 4-arcs, then the 8-arcs hold the energy
+        energy = torch.full((18,), 0.01, dtype=torch.float64)
+        energy[heavy] = 1.0
+        families = pm.harmonic_families(f, fourier, types, energy, FREQUENCIES)
+        assert sorted(sorted(family.frequencies) for family in families) == [[4, 8], [11]]
+        assert families[0].root == (4 if len(heavy) == 8 else 8)
 
 
 def test_random_dictionaries_score_low_on_planes_and_on_latents_and_the_coverage_null_can_fail(planted):
