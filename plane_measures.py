@@ -482,16 +482,18 @@ def activation_matching(fA: torch.Tensor, fB: torch.Tensor, W_decA: torch.Tensor
 # The phase question: do c-latents match because they are the same arcs, or only because they tile alike?
 
 
-def shifted_correlations(fA: torch.Tensor, fB: torch.Tensor, p: int) -> torch.Tensor:
-    """[p, m_A, m_B] float64: R[s, i, j] = Pearson correlation of A's latent i with B's latent j read at
-    (a + s, b), i.e. with B's c rotated by s (and a with it; b fixed). A rotation permutes the inputs, so
-    means and norms are unchanged and R[s] is a circular cross-correlation along a, computed for all s at
-    once by FFT along a: R[s] = irfft_k(sum_b conj(FA[k, b]) FB[k, b]) on the standardised latents (real
-    signals, so the k = 0..(p-1)/2 half of the spectrum suffices). Memory ~p m_A m_B numbers: meant for
-    the c-latents, not whole dictionaries."""
-    zA = standardised(fA, *column_moments(fA)).double().cpu().view(p, p, -1)
-    zB = standardised(fB, *column_moments(fB)).double().cpu().view(p, p, -1)
-    FA, FB = torch.fft.rfft(zA, dim=0), torch.fft.rfft(zB, dim=0)
+def rotation_spectra(f: torch.Tensor, p: int) -> torch.Tensor:
+    """[(p+1)/2, p, m] complex: the standardised latents (standardised) on the [a, b] grid, Fourier
+    transformed along a (rfft: real signals need only frequencies 0..(p-1)/2)."""
+    z = standardised(f, *column_moments(f)).double().cpu().view(p, p, -1)
+    return torch.fft.rfft(z, dim=0)
+
+
+def shifted_correlations(FA: torch.Tensor, FB: torch.Tensor, p: int) -> torch.Tensor:
+    """[p, m_A, m_B] float64 from rotation_spectra: R[s, i, j] = Pearson correlation of A's latent i with
+    B's latent j read at (a + s, b), i.e. with B's c rotated by s (a with it, b fixed). A rotation
+    permutes the inputs, so means and norms are unchanged and R[s] is a circular cross-correlation along
+    a: R[s] = irfft_k(sum_b conj(FA[k, b]) FB[k, b]) at s, for all s at once."""
     cross = torch.einsum("kbi,kbj->kij", FA.conj(), FB)
     return torch.fft.irfft(cross, n=p, dim=0).clamp(-1, 1)
 
@@ -501,32 +503,48 @@ def phase_question(fA: torch.Tensor, fB: torch.Tensor, W_decA: torch.Tensor, W_d
     """c-latent matching (matching_scores on correlations, energy shares renormalised within the
     c-latents) three ways: as trained; with each of B's c-latents rotated by its own random shift of c
     (its phase shuffled; `draws` independent shuffles, seeds PHASE_SEED + i); under a common rotation of
-    all of B's c-latents, the best of the p shifts and the mean over them (by max_weighted). If shuffled
-    phases score as high as trained ones, the arcs' phases are arbitrary and per-latent identity is not
-    what makes the SAEs agree."""
+    all of B's c-latents, the best of the p shifts and the mean over them (by max_weighted; the best of
+    p is biased upwards by the choice). If shuffled phases score as high as trained ones, the arcs'
+    phases are arbitrary and per-latent identity is not what makes two SAEs agree. A's c-latents are
+    taken in blocks, so no [p, m_A, m_B] array is held whole."""
     p = grid_side(len(fA))
     c = LATENT_TYPES.index("c")
     ca, cb = torch.nonzero(types_a == c).squeeze(1), torch.nonzero(types_b == c).squeeze(1)
     if len(ca) == 0 or len(cb) == 0:
-        return {"latents": [len(ca), len(cb)], "trained": None, "shuffled": None, "best_rotation": None}
+        return {"latents": [len(ca), len(cb)], "trained": None, "shuffled": None, "best_rotation": None,
+                "mean_over_rotations": None}
     fA, fB = fA[:, ca].cpu(), fB[:, cb].cpu()
     energy_a, energy_b = energy_shares(fA, W_decA[ca]), energy_shares(fB, W_decB[cb])
     alive_a, alive_b = firing_rates(fA) > 0, firing_rates(fB) > 0
-    R = shifted_correlations(fA, fB, p)
+    FA, FB = rotation_spectra(fA, p), rotation_spectra(fB, p)
+    shifts = [torch.randint(p, (len(cb),), generator=torch.Generator().manual_seed(PHASE_SEED + i)) for i in range(draws)]
+    columns = torch.arange(len(cb))
+    trained = torch.empty(len(ca), len(cb))
+    shuffled = [torch.empty(len(ca), len(cb)) for _ in shifts]
+    row_max = torch.empty(p, len(ca), dtype=torch.float64)
+    col_max = torch.full((p, len(cb)), -math.inf, dtype=torch.float64)
+    rows = max(1, CHUNK_ELEMENTS // (2 * p * len(cb)))
+    for start in range(0, len(ca), rows):
+        R = shifted_correlations(FA[:, :, start:start + rows], FB, p)                # [p, c, m_B]
+        trained[start:start + rows] = R[0]
+        for matrix, shift in zip(shuffled, shifts):
+            matrix[start:start + rows] = R[shift, :, columns].T
+        row_max[:, start:start + rows] = R.max(dim=2).values
+        col_max = torch.maximum(col_max, R.max(dim=1).values)
+    weighted = (row_max @ energy_a + col_max @ energy_b) / 2                          # [p]: max_weighted per shift
+    best = int(weighted.argmax())
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    rotated = fB[((a + best) % p) * p + b]                                           # B read at c + best
+    zA, zB = standardised(fA, *column_moments(fA)), standardised(rotated, *column_moments(rotated))
 
     def scores(C: torch.Tensor) -> dict:
-        return {name: value for name, value in matching_scores(C.float(), energy_a, energy_b, alive_a, alive_b).items()
+        return {name: value for name, value in matching_scores(C, energy_a, energy_b, alive_a, alive_b).items()
                 if not torch.is_tensor(value)}
 
-    shuffled = []
-    for i in range(draws):
-        shifts = torch.randint(p, (len(cb),), generator=torch.Generator().manual_seed(PHASE_SEED + i))
-        shuffled.append(scores(R[shifts, :, torch.arange(len(cb))].T))
-    weighted = (R.max(dim=2).values @ energy_a + R.max(dim=1).values @ energy_b) / 2    # [p]: max_weighted per shift
-    best = int(weighted.argmax())
-    return {"latents": [len(ca), len(cb)], "trained": scores(R[0]),
-            "shuffled": {name: null_spread([s[name] for s in shuffled]) for name in shuffled[0]},
-            "best_rotation": {"shift": best, **scores(R[best])},
+    drawn = [scores(matrix) for matrix in shuffled]
+    return {"latents": [len(ca), len(cb)], "trained": scores(trained),
+            "shuffled": {name: null_spread([d[name] for d in drawn]) for name in drawn[0]} if drawn else None,
+            "best_rotation": {"shift": best, **scores((zA.T @ zB).clamp(-1, 1))},
             "mean_over_rotations": float(weighted.mean())}
 
 

@@ -185,6 +185,20 @@ def test_the_phase_question_finds_a_common_rotation_and_shuffles_phases():
     assert result["trained"] == phase_question(fA, fB, WA, WA, types, types)["trained"]   # same seeds, same result
 
 
+def test_the_phase_question_in_blocks_equals_it_whole(planted, monkeypatch):
+    fA, fB, WA, WB = planted["fA"], planted["fB"], planted["WA"], planted["WB"]
+    args = (fA, fB, WA, WB, planted["A"].types, planted["B"].types)
+    whole = phase_question(*args)
+    monkeypatch.setattr(pm, "CHUNK_ELEMENTS", 300)              # blocks of 2 of A's 18 c-latents
+    blocks = phase_question(*args)
+    assert blocks["best_rotation"]["shift"] == whole["best_rotation"]["shift"]
+    for part in ("trained", "best_rotation"):
+        for name, value in whole[part].items():
+            assert blocks[part][name] == pytest.approx(value, abs=1e-9), (part, name)
+    assert blocks["shuffled"]["max_weighted"]["mean"] == pytest.approx(whole["shuffled"]["max_weighted"]["mean"], abs=1e-9)
+    assert blocks["mean_over_rotations"] == pytest.approx(whole["mean_over_rotations"], abs=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------
 # Purity that does not depend on density
 
