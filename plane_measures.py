@@ -129,7 +129,7 @@ def energy_shares(f: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
 
 def firing_rates(f: torch.Tensor) -> torch.Tensor:
     """Share of inputs on which each latent is non-zero [m]."""
-    return (torch.count_nonzero(f, dim=0).double() / len(f)).cpu()
+    return ((f != 0).float().sum(dim=0).double() / len(f)).cpu()   # float32 counts are exact below 2^24 inputs
 
 
 def variable_shares(fourier: GridFourier) -> torch.Tensor:
@@ -369,7 +369,7 @@ def column_moments(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def standardised(f: torch.Tensor, mean: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """(f - mean) / norm [N, m] in float32 (computed in float64 blocks), constant columns (norm 0) set to 0."""
-    scale = torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0).to(f.device)
+    scale = inverse_or_zero(norm).to(f.device)
     out = torch.empty(f.shape, dtype=torch.float32, device=f.device)
     for start, block in column_blocks(f):
         stop = start + block.shape[1]
@@ -384,6 +384,20 @@ def sparse_matrix(f: torch.Tensor) -> scipy.sparse.csr_matrix:
     return scipy.sparse.csr_matrix((values, (rows.numpy(), cols.numpy())), shape=tuple(f.shape))
 
 
+def sparse_moments(S: scipy.sparse.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of a sparse [N, m]: mean and root of the centred sum of squares, float64, from the
+    non-zeros alone: sum_n (x_n - mu)^2 = sum_n x_n^2 - N mu^2 (no cancellation to fear in float64 for
+    latents that are mostly zero)."""
+    n = S.shape[0]
+    mean = torch.from_numpy(np.asarray(S.sum(axis=0)).ravel()) / n
+    squares = torch.from_numpy(np.asarray(S.multiply(S).sum(axis=0)).ravel())
+    return mean, (squares - n * mean * mean).clamp_min(0).sqrt()
+
+
+def inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0)
+
+
 def latent_correlations(fA: torch.Tensor, fB: torch.Tensor) -> torch.Tensor:
     """Pearson correlation [m_A, m_B] (float32) of every latent of A with every latent of B over the N
     inputs: C_ij = sum_n (f_ni - mu_i)(g_nj - nu_j) / (||f_i - mu_i|| ||g_j - nu_j||); 0 for a constant
@@ -393,19 +407,20 @@ def latent_correlations(fA: torch.Tensor, fB: torch.Tensor) -> torch.Tensor:
     if fA.shape[0] != fB.shape[0]:
         raise HusaiError(f"latents over {fA.shape[0]} and {fB.shape[0]} inputs: compare them on the same inputs")
     n = len(fA)
-    (mean_a, norm_a), (mean_b, norm_b) = column_moments(fA), column_moments(fB)
     C = torch.empty(fA.shape[1], fB.shape[1], dtype=torch.float32)
     rows = max(1, CHUNK_ELEMENTS // max(1, fB.shape[1]))
     density = max(int(torch.count_nonzero(f)) / max(1, f.numel()) for f in (fA, fB))
     if density < SPARSE_DENSITY:
-        S = (sparse_matrix(fA).T.tocsr() @ sparse_matrix(fB)).tocsr()
-        inv_b = torch.where(norm_b > 0, 1 / norm_b.clamp_min(1e-300), 0.0)
+        SA, SB = sparse_matrix(fA), sparse_matrix(fB)
+        (mean_a, norm_a), (mean_b, norm_b) = sparse_moments(SA), sparse_moments(SB)
+        S = (SA.T.tocsr() @ SB).tocsr()
+        inv_a, inv_b = inverse_or_zero(norm_a), inverse_or_zero(norm_b)
         for start in range(0, fA.shape[1], rows):
             stop = min(start + rows, fA.shape[1])
             block = torch.from_numpy(S[start:stop].toarray()) - n * mean_a[start:stop, None] * mean_b[None]
-            inv_a = torch.where(norm_a[start:stop] > 0, 1 / norm_a[start:stop].clamp_min(1e-300), 0.0)
-            C[start:stop] = (block * inv_a[:, None] * inv_b[None]).float()
+            C[start:stop] = (block * inv_a[start:stop, None] * inv_b[None]).float()
     else:
+        (mean_a, norm_a), (mean_b, norm_b) = column_moments(fA), column_moments(fB)
         zB = standardised(fB, mean_b, norm_b)
         for start in range(0, fA.shape[1], rows):
             zA = standardised(fA[:, start:start + rows], mean_a[start:start + rows], norm_a[start:start + rows])
