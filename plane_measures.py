@@ -15,6 +15,22 @@ W_enc [d, m]. The four variables of an input are c = (a + b) mod p, a, b and (a 
 variable v and frequency w = 1..(p-1)/2 the grid functions cos(2 pi w v / p) and sin(2 pi w v / p),
 scaled to unit norm over the grid, are orthonormal, orthogonal to the constant and to each other
 across variables: a function of one variable projects onto that variable's functions only.
+
+The measures (issue 11), each one function for trained SAEs and nulls alike:
+    principal-subspace direction scores   principal_basis, project_rows (then PWMCC / Hungarian as usual)
+    activation-based matching             activation_matching (latent_correlations, matching_scores)
+    ground truth as planes                true_planes, plane_analysis (latent types, harmonic families,
+                                          written planes, decoding R^2), plane_agreement across seeds
+    density-independent purity            harmonic_purity, match_purity_correlation (partial Spearman)
+    the phase question                    phase_question
+    shared fraction, one matching         shared_fraction (on cosines, raw or projected)
+    nulls                                 initial_weights (step 0 of the snapshots), random_topk_weights
+                                          with random_null_seeds, null_spread
+What the plane measures can and cannot say: any dictionary whose latents reconstruct the c-part of the
+activations writes the true planes, so random TopK dictionaries inside the data's 11-D subspace score
+about as high on plane agreement as trained SAEs (one family holds all their planes). Plane agreement
+separates trained SAEs from their initialisation, not from that null; the family structure (which
+frequencies share a family) and the energy-weighted activation match are what the random null lacks.
 """
 
 from __future__ import annotations
@@ -37,7 +53,8 @@ VARIANCE_SHARES = (0.99, 0.999)   # direction scores are repeated inside the pri
 VARIABLES = ("c", "a", "b", "a-b")   # c = (a + b) mod p; "a-b" = (a - b) mod p
 LATENT_TYPES = VARIABLES + ("unexplained", "dead")
 TYPE_SHARE = 0.5                  # a latent is a v-latent when >= this share of its variance is a function of v
-FAMILY_R2 = 0.9                   # w' joins w's harmonic family when cos/sin(w' c) decode from w's group this well
+FAMILY_R2 = 0.9                   # two groups are one harmonic family when either's cos/sin decode from the other's
+                                  # group this well (grokked model: harmonic pairs 0.88-0.98, other pairs <= 0.84)
 HARMONICS = 10                    # harmonic purity counts a latent's c-energy at j w, j = 1..HARMONICS: an arc
                                   # firing on 20% of inputs keeps 0.997 of its variance there, on 10% 0.98
 PARTNER_CORRELATION = 0.9         # a latent "has a partner" when its one-to-one partner correlates above this
@@ -48,7 +65,7 @@ SPARSE_DENSITY = 0.1              # latents non-zero on fewer than this share of
 CHUNK_ELEMENTS = 1 << 24          # float32 elements per block (64 MiB) in the dense correlation and Fourier sums
 NULL_PAIRS = 5                    # random null: this many independent pairs of random dictionaries
 PHASE_DRAWS = 5                   # phase question: this many independent per-latent phase shuffles
-NULL_SEED = 5000                  # random null dictionary i uses generator seed NULL_SEED + i
+NULL_SEED = 5000                  # random null pair i uses generator seeds NULL_SEED + 2i and NULL_SEED + 2i + 1
 PHASE_SEED = 6000                 # phase shuffle draw i uses generator seed PHASE_SEED + i
 
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +247,9 @@ def frequency_r2(f: torch.Tensor, fourier: GridFourier, latents: torch.Tensor) -
     linearly (with intercept) from the chosen latents, averaged over the two. With X [N, k] the latents'
     centred activations and q = X^T g their coefficients, R^2(g) = q^T (X^T X)^+ q: the targets are
     centred and unit length, so the intercept adds nothing and the total sum of squares is 1. One
-    float64 Gram matrix and pseudo-inverse serve every w. With k latents and N inputs, chance alone
-    gives about k / N."""
+    float64 Gram matrix and pseudo-inverse serve every w, at O(N k^2 + k^3): fine for groups of
+    hundreds of latents, the slowest step for a null whose c-group holds thousands. With k latents and
+    N inputs, chance alone gives about k / N."""
     if len(latents) == 0:
         return torch.zeros(fourier.coefficients.shape[1], dtype=torch.float64)
     X = f[:, latents].double()
@@ -498,8 +516,8 @@ def activation_matching(fA: torch.Tensor, fB: torch.Tensor, W_decA: torch.Tensor
 
 
 def rotation_spectra(f: torch.Tensor, p: int) -> torch.Tensor:
-    """[(p+1)/2, p, m] complex: the standardised latents (standardised) on the [a, b] grid, Fourier
-    transformed along a (rfft: real signals need only frequencies 0..(p-1)/2)."""
+    """[(p+1)/2, p, m] complex: the latents, standardised (zero mean, unit norm) and laid out on the
+    [a, b] grid, Fourier transformed along a (rfft: real signals need only frequencies 0..(p-1)/2)."""
     z = standardised(f, *column_moments(f)).double().cpu().view(p, p, -1)
     return torch.fft.rfft(z, dim=0)
 
