@@ -23,7 +23,7 @@ import sae_core
 from sae_core import (RUN_DIR, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, RunOutput, file_sha256, load_sae, run_cli,
                       save_tensors)
 from train_transformer import (ModelConfig, Transformer, collect_activations, make_dataset, save_model,
-                               train_test_split)
+                               train_test_split, training_log_path)
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = "blocks.0.resid_post"
@@ -35,7 +35,7 @@ HOOK = "blocks.0.resid_post"
 
 
 def write_transformer(path: Path, p: int = 13, d_model: int = 16, seed: int = 0) -> Path:
-    """An untrained stage-1 model file with a short log.jsonl beside it."""
+    """An untrained stage-1 model file with a short training log beside it (model.log.jsonl)."""
     cfg = ModelConfig(p=p, d_model=d_model, n_heads=2, d_mlp=4 * d_model)
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ def write_transformer(path: Path, p: int = 13, d_model: int = 16, seed: int = 0)
                {"config": {"model": asdict(cfg), "train": {}}, "epoch": 1})
     log = [{"epoch": e, "train_loss": 3 / (e + 1), "test_loss": 3 / (e + 1) + 0.5, "train_acc": min(1, e / 5),
             "test_acc": min(1, e / 9)} for e in range(10)]
-    (path.parent / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in log))
+    training_log_path(path).write_text("".join(json.dumps(row) + "\n" for row in log))
     return path
 
 

@@ -381,7 +381,7 @@ def all_finite(path: Path) -> bool:
     (["--expansion", "0.01"], "--expansion 0.01 with d = 8: width 0; must be at least 1"),
     (["--width", "-5"], "--width -5: must be an integer in [1, 2147483647]"),
     (["--width", "100000000"], "--width 100000000 (d = 8, N = 512) with 1 seed(s), --batch-size 64 and 4 snapshots "
-                               "needs about 1.03e+03 GiB of memory; this machine has"),
+                               "needs about 790 GiB of memory; this machine has"),
     (["--dead-window", str(10**30)], f"dead_window {10**30}: must be at most 2147483647 in size"),
     (["--checkpoint", "-1"], "--checkpoint -1: must be an integer in [0, 2147483647]"),
     (["--hook", "blocks.0.mlp_post"], "--acts and --hook: --acts trains on the file's activations"),
@@ -408,7 +408,7 @@ def test_the_memory_estimate_admits_the_default_run_and_grows_with_the_sizes():
     import train_sae
     default = train_sae.memory_estimate(113**2, 128, 512, 1, 1024, 12)
     assert 2**29 < default < 2**30 and default < memory_limit_bytes()
-    assert train_sae.memory_estimate(113**2, 128, 4096, 1, 1024, 12) - 2**29 > 7 * (default - 2**29)
+    assert train_sae.memory_estimate(113**2, 128, 4096, 1, 1024, 12) - 2**29 > 5 * (default - 2**29)
     assert train_sae.memory_estimate(113**2, 128, 512, 5, 1024, 12) > train_sae.memory_estimate(113**2, 128, 512, 1,
                                                                                                 1024, 12)
     assert train_sae.memory_estimate(113**2, 128, 512, 1, 8192, 12) > default
