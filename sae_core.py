@@ -257,10 +257,11 @@ MAX_ROW_NORM = 1e18   # a row's norm above this, or a spread below its inverse, 
 def check_activations(acts: torch.Tensor, what: str) -> None:
     """Refuse activations [N, d] an SAE cannot be trained on in float32, saying why (before any training,
     so that the failure is not later blamed on the learning rate): no variance at all (every row the
-    same: nothing to learn, FVU undefined); a row whose norm exceeds MAX_ROW_NORM (its squared norm, the
-    unit of the loss and of the normalisation scale, overflows float32's 3.4e38 at 1.8e19); a spread (the
-    root mean square of the centred values) below 1 / MAX_ROW_NORM (squares below float32's smallest
-    normal number, 1.2e-38, are flushed to zero). Computed in float64; `what` names the activations."""
+    same: nothing to learn, FVU undefined); a row whose norm exceeds MAX_ROW_NORM (squared norms, summed
+    in the loss and in the normalisation scale, overflow float32's 3.4e38 from a norm of 1.8e19); a
+    spread (the root mean square of the centred values) below 1 / MAX_ROW_NORM (squares below float32's
+    smallest normal number, 1.2e-38, are flushed to zero). Computed in float64; `what` names the
+    activations in the message."""
     x = acts.detach().double()
     largest = float(x.norm(dim=1).max())
     spread = float((x - x.mean(dim=0)).pow(2).mean().sqrt())
@@ -709,7 +710,7 @@ class Rule(NamedTuple):
     says: str
 
 
-MAX_SETTING = 2**31 - 1     # no integer setting may be larger (torch compares them with int32/float tensors)
+MAX_SETTING = 2**31 - 1     # no integer setting may be larger (beyond 2^63 torch cannot compare one with a tensor)
 POSITIVE = Rule(lambda v: v > 0, "must be positive")
 NON_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
 AT_LEAST_ONE = Rule(lambda v: v >= 1, "must be at least 1")

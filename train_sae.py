@@ -376,8 +376,8 @@ def main() -> None:
 
     # ---- the ensemble's settings, its memory, and where it goes -----------------------------------
     width = args.width if args.width is not None else round(args.expansion * d)
-    if width < 1:
-        raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width}; must be at least 1")
+    if not 1 <= width <= MAX_SETTING:
+        raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width:.3g}; must lie in [1, {MAX_SETTING}]")
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
     if args.batch_size > n:
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")

@@ -378,7 +378,8 @@ def all_finite(path: Path) -> bool:
     (["--expansion", "0"], "--expansion 0.0: must be a positive finite number"),
     (["--expansion", "inf"], "--expansion inf: must be a positive finite number"),
     (["--expansion", "nan"], "--expansion nan: must be a positive finite number"),
-    (["--expansion", "0.01"], "--expansion 0.01 with d = 8: width 0; must be at least 1"),
+    (["--expansion", "0.01"], "--expansion 0.01 with d = 8: width 0; must lie in [1, 2147483647]"),
+    (["--expansion", "1e300"], "--expansion 1e+300 with d = 8: width 8e+300; must lie in [1, 2147483647]"),
     (["--width", "-5"], "--width -5: must be an integer in [1, 2147483647]"),
     (["--width", "100000000"], "--width 100000000 (d = 8, N = 512) with 1 seed(s), --batch-size 64 and 4 snapshots "
                                "needs about 790 GiB of memory; this machine has"),
