@@ -178,56 +178,6 @@ def check_memory(need: int, device: torch.device, sizes: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# A run's files
-
-
-def run_name(seeds: list[int]) -> str:
-    """One invocation's name in its folder: its seed set, sorted ("seeds-0-1-2"); a long set is named by its
-    range, size and a hash of the whole list. The same seed set is the same run (what --force replaces)."""
-    listed = "-".join(map(str, sorted(seeds)))
-    if len(listed) > 64:
-        digest = hashlib.sha256(listed.encode()).hexdigest()[:12]
-        listed = f"{min(seeds)}-to-{max(seeds)}-n{len(seeds)}-{digest}"
-    return f"seeds-{listed}"
-
-
-def log_file_name(seed: int) -> str:
-    return f"seed{seed}.log.jsonl"
-
-
-def last_good_file_name(seed: int) -> str:
-    return f"last-good-seed{seed}.safetensors"
-
-
-def run_entries(seeds: list[int]) -> list[str]:
-    """Every file a run may write, seed by seed."""
-    return [name(seed) for seed in seeds
-            for name in (sae_file_name, snapshot_file_name, log_file_name, last_good_file_name)]
-
-
-def overlap_advice(other: dict) -> str:
-    """What to do when this run's seeds overlap another run's (RunOutput's advice)."""
-    return (f"a run is one invocation's seed set, and this one shares seeds with {other['run']!r}: rerun exactly "
-            f"that command with --force to replace it, give this run only seeds no other run in the folder has, "
-            f"or choose another --out")
-
-
-def checked(label: str, tensors: dict[str, torch.Tensor], metrics: dict | None = None) -> dict[str, torch.Tensor]:
-    """The tensors, after checking that every one of them (and every metric) is finite: no file is ever
-    written with a NaN or an infinity in it."""
-    bad = non_finite_tensors(tensors)
-    bad += [name for name, value in (metrics or {}).items() if isinstance(value, float) and not math.isfinite(value)]
-    if bad:
-        raise HusaiError(f"{label}: {', '.join(bad)} not finite; nothing was saved")
-    return tensors
-
-
-def write_log(path: Path, rows: list[dict], last: dict) -> None:
-    """The training log: one JSON object per logged step, then the run's last line (status and seconds)."""
-    path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, last]))
-
-
-# --------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -349,6 +299,83 @@ def describe_seed(seed: int, metrics: dict, path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# A run's files
+
+
+def run_name(seeds: list[int]) -> str:
+    """One invocation's name in its folder: its seed set, sorted ("seeds-0-1-2"); a long set is named by its
+    range, size and a hash of the whole list. The same seed set is the same run (what --force replaces)."""
+    listed = "-".join(map(str, sorted(seeds)))
+    if len(listed) > 64:
+        digest = hashlib.sha256(listed.encode()).hexdigest()[:12]
+        listed = f"{min(seeds)}-to-{max(seeds)}-n{len(seeds)}-{digest}"
+    return f"seeds-{listed}"
+
+
+def log_file_name(seed: int) -> str:
+    return f"seed{seed}.log.jsonl"
+
+
+def last_good_file_name(seed: int) -> str:
+    return f"last-good-seed{seed}.safetensors"
+
+
+def run_entries(seeds: list[int]) -> list[str]:
+    """Every file a run may write, seed by seed."""
+    return [name(seed) for seed in seeds
+            for name in (sae_file_name, snapshot_file_name, log_file_name, last_good_file_name)]
+
+
+def overlap_advice(other: dict) -> str:
+    """What to do when this run's seeds overlap another run's (RunOutput's advice)."""
+    return (f"a run is one invocation's seed set, and this one shares seeds with {other['run']!r}: rerun exactly "
+            f"that command with --force to replace it, give this run only seeds no other run in the folder has, "
+            f"or choose another --out")
+
+
+def checked(label: str, tensors: dict[str, torch.Tensor], metrics: dict | None = None) -> dict[str, torch.Tensor]:
+    """The tensors, after checking that every one of them (and every metric) is finite: no file is ever
+    written with a NaN or an infinity in it."""
+    bad = non_finite_tensors(tensors)
+    bad += [name for name, value in (metrics or {}).items() if isinstance(value, float) and not math.isfinite(value)]
+    if bad:
+        raise HusaiError(f"{label}: {', '.join(bad)} not finite; nothing was saved")
+    return tensors
+
+
+def write_seed_files(run: RunOutput, seed: int, tensors: dict, metrics: dict, training: Training, config: dict,
+                     provenance: dict) -> None:
+    """A trained seed's SAE, snapshots and log, into the run's staging folder, every tensor checked finite."""
+    save_tensors(run.path(sae_file_name(seed)), checked(f"seed {seed}", tensors, metrics), SAE_FORMAT, SAE_VERSION,
+                 {"config": config, "metrics": metrics, "provenance": provenance})
+    snapshot_fvu = {f"FVU at step {t}": v for t, v in zip(training.snapshot_steps, training.snapshot_fvu[seed])}
+    save_tensors(run.path(snapshot_file_name(seed)), checked(f"seed {seed}'s snapshots", training.snapshots[seed],
+                                                             snapshot_fvu),
+                 SNAPSHOT_FORMAT, SAE_VERSION,
+                 {"steps": training.snapshot_steps, "fvu": training.snapshot_fvu[seed], "config": config})
+    write_log(run.path(log_file_name(seed)), training.logs[seed],
+              {"status": "finished", "steps": config["steps"], "train_seconds": round(training.seconds, 1)})
+
+
+def write_last_good(run: RunOutput, sae, seeds: list[int], training: Training, config: dict,
+                    provenance: dict) -> None:
+    """After a divergence: each seed's last good weights (the ensemble holds them again) and its log."""
+    stop = training.divergence
+    status = {"status": "diverged", "diverged_at_step": stop.step, "reason": stop.reason}
+    for s, seed in enumerate(seeds):
+        save_tensors(run.path(last_good_file_name(seed)), checked(f"seed {seed}'s last good weights", sae.export(s)),
+                     SAE_FORMAT, SAE_VERSION, {"config": dict(config, seed=seed), "provenance": provenance,
+                                               **status, "steps": stop.good_steps})
+        write_log(run.path(log_file_name(seed)), training.logs[seed],
+                  {**status, "good_steps": stop.good_steps, "train_seconds": round(training.seconds, 1)})
+
+
+def write_log(path: Path, rows: list[dict], last: dict) -> None:
+    """The training log: one JSON object per logged step, then the run's last line (status and seconds)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, last]))
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -377,7 +404,8 @@ def main() -> None:
     # ---- the ensemble's settings, its memory, and where it goes -----------------------------------
     width = args.width if args.width is not None else round(args.expansion * d)
     if not 1 <= width <= MAX_SETTING:
-        raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width:.3g}; must lie in [1, {MAX_SETTING}]")
+        raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width:.3g}; "
+                         f"must lie in [1, {MAX_SETTING}]")
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
     if args.batch_size > n:
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
@@ -407,49 +435,31 @@ def main() -> None:
               f"{args.steps} steps of {args.batch_size} on {n} activations ({provenance['hook'] or args.acts}), "
               f"{device}")
         training = train(sae, trainer, acts, seeds, args, config, n_snapshots)
-        seconds = round(training.seconds, 1)
 
         if training.divergence:
-            stop = training.divergence
-            for s, seed in enumerate(seeds):
-                save_tensors(run.path(last_good_file_name(seed)), checked(f"seed {seed}'s last good weights",
-                                                                           sae.export(s)), SAE_FORMAT, SAE_VERSION,
-                             {"config": dict(config, seed=seed), "provenance": provenance, "status": "diverged",
-                              "diverged_at_step": stop.step, "reason": stop.reason, "steps": stop.good_steps})
-                write_log(run.path(log_file_name(seed)), training.logs[seed],
-                          {"status": "diverged", "diverged_at_step": stop.step, "reason": stop.reason,
-                           "good_steps": stop.good_steps, "train_seconds": seconds})
+            write_last_good(run, sae, seeds, training, config, provenance)
             run.commit()
-            raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after "
-                             f"{stop.good_steps} steps) are in {out_dir}/last-good-seed<N>.safetensors and no "
-                             f"seed<N>.safetensors was written; try a lower --lr")
-
+            stop = training.divergence
+            raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after {stop.good_steps} "
+                             f"steps) are in {out_dir}/last-good-seed<N>.safetensors and no seed<N>.safetensors was "
+                             f"written; try a lower --lr")
         acts = acts.cpu()
+        references = None
         if model is not None:
             model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
             references = ablation_references(model, tokens, labels, provenance["hook"], acts)
         lines = []
         for s, seed in enumerate(seeds):
-            tensors = sae.export(s)
-            seed_config = dict(config, seed=seed)
+            tensors, seed_config = sae.export(s), dict(config, seed=seed)
             metrics = reconstruction_metrics(tensors, seed_config, acts)
             if model is not None:
                 metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
                                                   seed_config))
-            save_tensors(run.path(sae_file_name(seed)), checked(f"seed {seed}", tensors, metrics), SAE_FORMAT,
-                         SAE_VERSION, {"config": seed_config, "metrics": metrics, "provenance": provenance})
-            save_tensors(run.path(snapshot_file_name(seed)),
-                         checked(f"seed {seed}'s snapshots", training.snapshots[seed],
-                                 {f"FVU at step {t}": v for t, v in zip(training.snapshot_steps,
-                                                                        training.snapshot_fvu[seed])}),
-                         SNAPSHOT_FORMAT, SAE_VERSION,
-                         {"steps": training.snapshot_steps, "fvu": training.snapshot_fvu[seed], "config": seed_config})
-            write_log(run.path(log_file_name(seed)), training.logs[seed],
-                      {"status": "finished", "steps": args.steps, "train_seconds": seconds})
+            write_seed_files(run, seed, tensors, metrics, training, seed_config, provenance)
             lines.append(describe_seed(seed, metrics, run.final_path(sae_file_name(seed))))
         run.commit()
     print("\n".join(lines))
-    print(f"trained {len(seeds)} seed(s) in {seconds:.1f} s")
+    print(f"trained {len(seeds)} seed(s) in {training.seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -541,7 +541,8 @@ def test_force_replaces_the_report_folder_whole_and_only_a_report_folder(inputs,
     (tmp_path / "a-file").write_text("the user's")
     for target, message in ((tmp_path / "notes", "holds files that are not an analysis report (no report.json)"),
                             (tmp_path / "a-file", "is a file; --out names the report's folder")):
-        code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(target), "--force")
+        code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(target),
+                                         "--force")
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert (tmp_path / "notes" / "mine.txt").read_text() == (tmp_path / "a-file").read_text() == "the user's"
 

@@ -492,8 +492,8 @@ def test_a_diverging_run_keeps_finite_last_good_weights_and_replaces_its_earlier
         assert meta["status"] == "diverged" and meta["diverged_at_step"] == 1 and meta["steps"] == 0
         last = json.loads((folder / f"seed{seed}.log.jsonl").read_text().splitlines()[-1])
         assert last["status"] == "diverged" and last["diverged_at_step"] == 1
-    code, _ = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "0", "--out", str(folder),
-                               "--force")
+    code, _ = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "0", "--out",
+                               str(folder), "--force")
     assert code == 0, "the same seed set in another order is the same run"
     assert sorted(run_files(folder)) == [f"seed{s}.{kind}" for s in (0, 1)
                                          for kind in ("log.jsonl", "safetensors", "snapshots.safetensors")]
