@@ -12,6 +12,9 @@ its provenance, groups them by configuration, and writes to --out:
     report.json     every number in report.md and more (per-pair matrices, curves, per-seed values)
     figures/*.png   similarity matrices, shared fraction vs tau, purity, training dynamics, comparisons
                     across configurations, the transformer's grokking curve and Fourier spectrum
+The report folder is written beside --out and moved into place whole (sae_core.RunOutput): --force
+replaces an earlier report entirely (no figure of it survives), and a second analysis writing to the same
+place at the same time is refused. SAE files with a non-finite tensor or metric are skipped and listed.
 The same files give the same report byte for byte: nothing reads the clock, every random draw has a
 recorded fixed seed, and files, groups and seeds are visited in sorted order (the report is the same with
 any number of threads; on a CPU that other jobs keep busy, OMP_NUM_THREADS=1 is the faster setting).
@@ -43,10 +46,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
-from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, SAE_VERSION, SNAPSHOT_FORMAT,
-                      CliParser, HusaiError, atomic_write, embedding_spectrum, file_sha256, fourier_purity, load_sae,
-                      load_tensors, pick_device, prepare_output, reconstruction_metrics, run_cli, sae_latents,
-                      snapshot_file_name, sum_frequency_directions)
+from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, RUN_DIR, SAE_VERSION,
+                      SNAPSHOT_FORMAT, CliParser, HusaiError, RunOutput, atomic_write, embedding_spectrum, file_sha256,
+                      fourier_purity, load_sae, load_tensors, non_finite_tensors, pick_device, reconstruction_metrics,
+                      run_cli, sae_latents, snapshot_file_name, sum_frequency_directions)
 from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves, training_log_path
 
 matplotlib.use("Agg")   # figures go to files; no display is needed or used
@@ -197,7 +200,7 @@ def build_parser() -> CliParser:
     add("--tau", type=float, default=SHARED_TAU, help="matched cosine above which a latent counts as shared")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="where SAE latents, purity and the max-cosine blocks are computed (auto: the GPU when there is one)")
-    add("--force", action="store_true", help="overwrite an existing report in --out")
+    add("--force", action="store_true", help="replace an existing report in --out, whole")
     return parser
 
 
@@ -1027,6 +1030,7 @@ def load_inputs(paths: list[Path]) -> Inputs:
 def find_sae_files(inputs: list[str]) -> list[Path]:
     """SAE files from files, folders (searched recursively) and globs, sorted; the default glob without
     inputs. A file named explicitly is taken as it is; folders and globs yield seed<N>.safetensors only.
+    Nothing inside a RUN_DIR (.husai) folder is taken: those are runs being written or set aside.
     A named path that does not exist is an error; finding nothing at all is one too."""
     patterns = inputs or [DEFAULT_INPUTS]
     found = set()
@@ -1039,17 +1043,19 @@ def find_sae_files(inputs: list[str]) -> list[Path]:
             raise HusaiError(f"{pattern}: no such file or folder")
         for match in matches:
             if match.is_dir():
-                found |= {c for c in match.rglob("seed*.safetensors") if SAE_FILE.fullmatch(c.name)}
+                found |= {c for c in match.rglob("seed*.safetensors")
+                          if SAE_FILE.fullmatch(c.name) and RUN_DIR not in c.relative_to(match).parts}
             elif SAE_FILE.fullmatch(match.name) or not glob.has_magic(pattern):
                 found.add(match)
+    found = {path for path in found if RUN_DIR not in path.parts}   # a run's staging and set-aside files
     if not found:
         raise HusaiError(f"no SAE files found in {' '.join(patterns)}; create them with `{TRAIN_COMMAND}`")
     return sorted(found)
 
 
 def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
-    """Load every file; a file that cannot be read or lacks what the analysis needs is skipped, with
-    the reason, and the rest go on."""
+    """Load every file; a file that cannot be read, lacks what the analysis needs or holds a non-finite
+    tensor or metric is skipped, with the reason, and the rest go on."""
     files, skipped = [], []
     for path in paths:
         try:
@@ -1059,7 +1065,12 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
             if tensors["W_dec"].shape != (m, d) or config["width"] != m or config["d_in"] != d:
                 raise HusaiError(f"{path}: W_enc {list(tensors['W_enc'].shape)}, W_dec {list(tensors['W_dec'].shape)} "
                                  f"do not match width {config['width']}, d_in {config['d_in']}")
-            files.append(SAEFile(path, int(config["seed"]), config, meta.get("metrics", {}), provenance, tensors))
+            metrics = meta.get("metrics", {})
+            bad = non_finite_tensors(tensors) + [f"metric {name}" for name, value in metrics.items()
+                                                 if isinstance(value, float) and not math.isfinite(value)]
+            if bad:
+                raise HusaiError(f"{path}: {', '.join(bad)} not finite (a diverged or damaged SAE); not analysed")
+            files.append(SAEFile(path, int(config["seed"]), config, metrics, provenance, tensors))
         except HusaiError as e:
             skipped.append({"path": str(path), "reason": str(e)})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -1165,6 +1176,10 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
         for sae_file in files:
             path = sae_file.path.with_name(snapshot_file_name(sae_file.seed))
             tensors, meta = load_tensors(path, SNAPSHOT_FORMAT, SAE_VERSION, required=("step0.W_enc", "step0.W_dec"))
+            bad = non_finite_tensors(tensors) + [f"FVU at step {t}" for t, v in zip(meta["steps"], meta["fvu"])
+                                                 if not math.isfinite(v)]
+            if bad:
+                raise HusaiError(f"{path}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} not finite")
             loaded.append((tensors, dict(zip(meta["steps"], meta["fvu"], strict=True))))
         steps = sorted(set.intersection(*(set(fvu) for _, fvu in loaded)))
         if 0 not in steps:
@@ -1281,18 +1296,20 @@ def rounded(value):
 # The outputs
 
 
-def prepare_report_folder(out: Path, force: bool) -> Path:
-    """Refuse to overwrite an existing report without --force, before any work; returns the figures folder."""
-    for name in ("report.md", "report.json"):
-        prepare_output(out / name, force)
-    figures = out / "figures"
-    figures.mkdir(exist_ok=True)
-    return figures
+def check_report_folder(out: Path) -> None:
+    """A report replaces its folder whole: an --out that exists must be an earlier report (it holds
+    report.json), never a file or a folder of something else."""
+    if out.exists() and not out.is_dir():
+        raise HusaiError(f"--out {out}: is a file; --out names the report's folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise HusaiError(f"--out {out}: holds files that are not an analysis report (no report.json), and a report "
+                         f"replaces its folder whole; choose another --out")
 
 
 def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Path) -> None:
-    """The figures, then report.json, then report.md from report.json's numbers."""
+    """The figures, then report.json, then report.md from report.json's numbers, into the folder `out`."""
     figures = out / "figures"
+    figures.mkdir(parents=True)
     for result, plots in zip(analysis.results, analysis.plots):
         result["figures"] = plot_group(result, plots, tau, figures)
     report = {
@@ -1310,7 +1327,6 @@ def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Pa
     report = rounded(report)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     write_report(report, out / "report.md")
-    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures in {figures}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1776,20 +1792,27 @@ def parse_arguments():
     args = build_parser().parse_args()
     if not 0 <= args.tau < 1:
         raise HusaiError(f"--tau {args.tau}: must lie in [0, 1)")
+    if Path(args.out).name in ("", ".", ".."):
+        raise HusaiError(f"--out {args.out}: names no folder of its own; give the report's folder, e.g. runs/analysis")
     return args
 
 
 def main() -> None:
+    """The report is one run (sae_core.RunOutput) whose single entry is the report folder: written beside
+    it under a lock and moved into place whole, so --force leaves nothing of an earlier report behind."""
     args = parse_arguments()
     device = pick_device(args.device)
     paths = find_sae_files(args.inputs)
     out = Path(args.out)
-    prepare_report_folder(out, args.force)
-    inputs = load_inputs(paths)
-    analysis = analyse(inputs, device, args.tau)
-    command = " ".join(["python analyze.py", *args.inputs] + [f"--tau {args.tau}"] * (args.tau != SHARED_TAU))
-    render(analysis, inputs, command, args.tau, out)
+    with RunOutput(out.parent, out.name, [out.name], args.force) as run:
+        check_report_folder(out)
+        inputs = load_inputs(paths)
+        analysis = analyse(inputs, device, args.tau)
+        command = " ".join(["python analyze.py", *args.inputs] + [f"--tau {args.tau}"] * (args.tau != SHARED_TAU))
+        render(analysis, inputs, command, args.tau, run.path(out.name))
+        run.commit()
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and the figures in {out / 'figures'}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, unit_outputs=True)

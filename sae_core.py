@@ -136,21 +136,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_output(path: str | Path, force: bool, flag: str = "--out") -> Path:
-    """Check that `path` may be written: its folder is writable, and it does not exist unless `force`.
-    (For stages that do not write through RunOutput yet; RunOutput makes these checks for a whole run.)"""
-    path = Path(path)
-    if path.exists() and not force:
-        raise HusaiError(f"{path} already exists; pass --force to overwrite it, or choose another {flag}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".husai-probe-"):
-            pass
-    except OSError as e:
-        raise HusaiError(f"{flag} {path}: cannot write to {path.parent} ({e.strerror}); choose another {flag}")
-    return path
-
-
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, then rename it over `path` in one step, so a
     reader never sees a half-written file. On an OS error the temporary file is removed and the error
@@ -195,8 +180,22 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], fmt: str, v
     header = {"format": fmt, "version": str(version)}
     header.update({key: json.dumps(value, sort_keys=True) for key, value in metadata.items()})
     tensors = {name: t.detach().contiguous().cpu().clone() for name, t in tensors.items()}
-    data = safetensors_bytes(tensors, metadata=header)
+    data = with_sorted_metadata(safetensors_bytes(tensors, metadata=header))
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def with_sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors bytes with the header's metadata keys in sorted order. The library keeps the
+    metadata in a hash map whose order changes from process to process, so without this the same tensors
+    and metadata give different files. Layout: 8 bytes little-endian header length n, n bytes of JSON
+    padded with spaces to a multiple of 8, then the tensor data (offsets relative to its start)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def load_tensors(path: str | Path, fmt: str, version: int, required: tuple[str, ...] = (),
@@ -252,6 +251,38 @@ def read_acts_file(path: str | Path) -> torch.Tensor:
     return acts.float()
 
 
+MAX_ROW_NORM = 1e18   # a row's norm above this, or a spread below its inverse, is outside float32's safe range
+
+
+def check_activations(acts: torch.Tensor, what: str) -> None:
+    """Refuse activations [N, d] an SAE cannot be trained on in float32, saying why (before any training,
+    so that the failure is not later blamed on the learning rate): no variance at all (every row the
+    same: nothing to learn, FVU undefined); a row whose norm exceeds MAX_ROW_NORM (squared norms, summed
+    in the loss and in the normalisation scale, overflow float32's 3.4e38 from a norm of 1.8e19); a
+    spread (the root mean square of the centred values) below 1 / MAX_ROW_NORM (squares below float32's
+    smallest normal number, 1.2e-38, are flushed to zero). Computed in float64; `what` names the
+    activations in the message."""
+    x = acts.detach().double()
+    largest = float(x.norm(dim=1).max())
+    spread = float((x - x.mean(dim=0)).pow(2).mean().sqrt())
+    if not math.isfinite(largest):
+        raise HusaiError(f"{what}: contain NaN or Inf values")
+    if spread == 0:
+        raise HusaiError(f"{what}: all {len(x)} rows are the same (zero variance): there is nothing for an SAE "
+                         f"to learn")
+    if largest > MAX_ROW_NORM:
+        raise HusaiError(f"{what}: a row has norm {largest:.3g}, beyond float32's safe range for training (at most "
+                         f"{MAX_ROW_NORM:g}, so that squared norms do not overflow); rescale them")
+    if spread < 1 / MAX_ROW_NORM:
+        raise HusaiError(f"{what}: they vary by only {spread:.3g} (root mean square about their mean), below "
+                         f"float32's safe range for training ({1 / MAX_ROW_NORM:g}); rescale them")
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 # --------------------------------------------------------------------------------------------------
 # Part 1 (continued): a run is one unit
 #
@@ -286,7 +317,8 @@ class RunOutput:
     refused at once, naming the first: pid, command, start), finishes a commit that a killed run left
     half done, clears stale staging and temporary files, then checks the entries. An entry listed in
     another run's manifest is refused even with `force` (a run never replaces another run's files);
-    without `force`, an entry that exists, or an earlier run of the same name, is refused.
+    without `force`, an entry that exists, or an earlier run of the same name, is refused. `advice(manifest)`
+    says what to do instead when an entry is another run's (default: choose another `flag`).
 
     commit(): writes the journal atomically, then renames every written entry into `folder` (a folder
     entry replaces its old version whole), moves aside this run's entries that this commit did not
@@ -297,8 +329,10 @@ class RunOutput:
     Leaving the block without commit() (an error, Ctrl-C) deletes the staging folder; `folder` is
     unchanged. An OSError raised in the block becomes a WriteError naming the final file."""
 
-    def __init__(self, folder: str | Path, run: str, entries: Iterable[str], force: bool, flag: str = "--out"):
+    def __init__(self, folder: str | Path, run: str, entries: Iterable[str], force: bool, flag: str = "--out",
+                 advice: Callable[[dict], str] | None = None):
         self.folder, self.run, self.force, self.flag = Path(folder), run, force, flag
+        self.advice = advice or (lambda other: f"choose another {flag}")
         self.entries = list(entries)
         for entry in self.entries:
             if not entry or "/" in entry or "\0" in entry or entry in (".", "..", RUN_DIR):
@@ -395,7 +429,7 @@ class RunOutput:
             if entry in owner:
                 raise HusaiError(f"{self.folder / entry} belongs to another run, {owner[entry]['run']!r} "
                                  f"(`{owner[entry]['command']}`); --force replaces only this run's own files: "
-                                 f"choose another {self.flag}")
+                                 f"{self.advice(owner[entry])}")
         if self.force:
             return
         existing = [entry for entry in self.entries if os.path.lexists(self.folder / entry)]
@@ -676,6 +710,7 @@ class Rule(NamedTuple):
     says: str
 
 
+MAX_SETTING = 2**31 - 1     # no integer setting may be larger (beyond 2^63 torch cannot compare one with a tensor)
 POSITIVE = Rule(lambda v: v > 0, "must be positive")
 NON_NEGATIVE = Rule(lambda v: v >= 0, "must not be negative")
 AT_LEAST_ONE = Rule(lambda v: v >= 1, "must be at least 1")
@@ -1016,27 +1051,46 @@ class BatchTopKSAE(SAEEnsemble):
     def __init__(self, cfg, seeds):
         super().__init__(cfg, seeds)
         self.register_buffer("batch_threshold", torch.full((len(self.seeds),), float("nan")))   # NaN until step 1
+        self.register_buffer("initial_threshold", torch.full((len(self.seeds),), float("nan")))
 
     @classmethod
     def check(cls, cfg):
         check_k(cfg)
+
+    @torch.no_grad()
+    def init_from_data(self, acts):
+        """As for every SAE, then the untrained SAE's inference threshold (exported until the first training
+        batch sets the running one): the smallest kept activation of BatchTopK on the first 1024 rows."""
+        super().init_from_data(acts)
+        sample = acts[:1024] * self.input_scale
+        for s in range(len(self.seeds)):      # one seed at a time: [rows, m] at most
+            z = (sample - self.b_dec[s]) @ self.W_enc[s] + self.b_enc[s]
+            self.initial_threshold[s] = smallest_kept(batchtopk_latents(z[None], self.cfg.k))[0]
 
     def activate(self, z):
         return batchtopk_latents(z, self.cfg.k)
 
     @torch.no_grad()
     def observe(self, codes):
-        """theta <- running average of the smallest positive kept activation in each seed's batch."""
-        smallest = torch.where(codes.latents > 0, codes.latents, float("inf")).flatten(1).min(dim=1).values
+        """theta <- running average of the smallest positive kept activation in each seed's batch (a batch
+        where nothing fires leaves it as it was)."""
+        smallest = smallest_kept(codes.latents)
         theta, momentum = self.batch_threshold, self.cfg.threshold_momentum
-        theta.copy_(torch.where(theta.isnan(), smallest, momentum * theta + (1 - momentum) * smallest))
+        updated = torch.where(theta.isnan(), smallest, momentum * theta + (1 - momentum) * smallest)
+        theta.copy_(torch.where(smallest.isinf(), theta, updated))
 
     def extra_exports(self, s):
-        return {"threshold": torch.full((self.cfg.width,), float(self.batch_threshold[s])) / self.input_scale}
+        theta = self.batch_threshold[s] if not self.batch_threshold[s].isnan() else self.initial_threshold[s]
+        return {"threshold": torch.full((self.cfg.width,), float(theta)) / self.input_scale}
 
     @staticmethod
     def infer(z, tensors, config):
         return threshold_latents(z, tensors["threshold"])
+
+
+def smallest_kept(latents: torch.Tensor) -> torch.Tensor:
+    """Each seed's smallest positive latent in a batch, latents [S, B, m] -> [S] (inf where none fires)."""
+    return torch.where(latents > 0, latents, float("inf")).flatten(1).min(dim=1).values
 
 
 class JumpReLUSAE(SAEEnsemble):
@@ -1094,6 +1148,8 @@ class CoreSettings:
             value, rule, choices = getattr(self, f.name), f.metadata["rule"], f.metadata["choices"]
             if isinstance(value, float) and not math.isfinite(value):
                 raise HusaiError(f"{f.name} {value}: must be a finite number")
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SETTING:
+                raise HusaiError(f"{f.name} {value}: must be at most {MAX_SETTING} in size")
             if rule is not None and not rule.holds(value):
                 raise HusaiError(f"{f.name} {value}: {rule.says}")
             if choices is not None and value not in choices:
@@ -1151,6 +1207,17 @@ def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
+FVU_EXPLOSION = 1e3   # a batch FVU this many times max(1, the first batch's FVU) counts as divergence
+
+
+def copy_state(source: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """Copy tensors into `into` in place (a fresh copy when it is None); returns the copies."""
+    if into is None:
+        return [t.detach().clone() for t in source]
+    torch._foreach_copy_(into, source)
+    return into
+
+
 def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor) -> dict:
     """FVU, L0 and dead fraction of one saved SAE over a whole dataset acts [N, d]."""
     with torch.no_grad():
@@ -1175,6 +1242,11 @@ class SAETrainer:
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
         self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.W_dec.device)
         self.step_count = 0
+        self.state = list(sae.state_dict().values())   # the ensemble's parameters and buffers, in place
+        self.before: list[torch.Tensor] | None = None   # a copy of the state this step starts from
+        self.last_good: list[torch.Tensor] | None = None   # a copy of the last state that passed the check
+        self.good_steps = 0                 # optimiser steps that produced the last good state
+        self.fvu_reference: torch.Tensor | None = None   # [S] max(1, the first batch's FVU)
 
     def losses(self, acts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
@@ -1198,19 +1270,23 @@ class SAETrainer:
         if sae.uses_auxk and cfg.auxk:
             loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
         variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
-        metrics = {"loss": loss.detach(), "fvu": (reconstruction / variance).detach(),
+        fvu = torch.where(variance > 0, reconstruction / variance, float("nan"))   # a constant batch has no FVU
+        metrics = {"loss": loss.detach(), "fvu": fvu.detach(),
                    "l0": l0, "dead": dead.float().mean(-1)}
         self.inputs_since_fired = torch.where(fired, 0, self.inputs_since_fired + x.shape[1])
         sae.observe(codes)
         return loss, metrics
 
     def step(self, acts: torch.Tensor) -> dict:
-        """One optimiser step on a batch of activations. Raises FloatingPointError naming the step
-        (parameters left untouched) when a seed's loss is not finite."""
+        """One optimiser step on a batch of activations, then one check (one device sync): every seed's
+        loss is finite, no seed's batch FVU has exploded (above FVU_EXPLOSION times max(1, its first
+        batch's FVU)), and the updated parameters are finite. If the check fails, the ensemble is put back
+        to its last good state, a real copy: the latest weights whose own loss and FVU passed the check
+        and which are finite (the weights this step started from when only its update broke them), made
+        by `good_steps` steps; then FloatingPointError names the step and the reason. The optimiser's
+        moments are not restored: training cannot go on after it."""
+        self.before = copy_state(self.state, into=self.before)
         loss, metrics = self.losses(acts)
-        if not torch.isfinite(loss).all():
-            bad = [seed for seed, ok in zip(self.sae.seeds, torch.isfinite(loss).tolist()) if not ok]
-            raise FloatingPointError(f"loss is not finite at step {self.step_count} (seeds {bad})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
         W_dec = self.sae.W_dec
@@ -1220,5 +1296,37 @@ class SAETrainer:
         self.schedule.step()
         if self.sae.cfg.unit_norm_decoder:
             kernels.normalize_rows_(W_dec.data, triton=self.triton)
+        self.check_step(loss.detach(), metrics["fvu"])
         self.step_count += 1
         return metrics
+
+    def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
+        """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started
+        from, and the parameters after its update."""
+        if self.fvu_reference is None:
+            self.fvu_reference = torch.nan_to_num(fvu, nan=1.0).clamp_min(1.0)
+        params_sum = torch.stack([p.detach().sum() for p in self.sae.parameters()]).sum()
+        loss_ok, fvu_ok = loss.isfinite(), ~(fvu > FVU_EXPLOSION * self.fvu_reference)   # NaN FVU: a constant batch
+        checks = torch.cat([loss_ok, fvu_ok, params_sum.isfinite()[None]]).tolist()
+        S = len(self.sae.seeds)
+        loss_ok, fvu_ok, params_ok = checks[:S], checks[S:2 * S], checks[-1]
+        if all(loss_ok) and all(fvu_ok) and params_ok:
+            self.last_good, self.before = self.before, self.last_good    # the step's start passed: keep it
+            self.good_steps = self.step_count
+            return
+        if not all(loss_ok):
+            reason = f"loss is not finite at step {self.step_count} (seeds {self.failing(loss_ok)})"
+        elif not all(fvu_ok):
+            worst = float((fvu / self.fvu_reference).nan_to_num(nan=0).max())
+            reason = (f"batch FVU exploded at step {self.step_count} (seeds {self.failing(fvu_ok)}: {worst:.3g} "
+                      f"times max(1, the first batch's FVU), limit {FVU_EXPLOSION:g})")
+        else:
+            reason = f"the update of step {self.step_count} made the weights non-finite"
+            self.last_good, self.good_steps = self.before, self.step_count
+        if self.last_good is None:       # the first step failed: only the initial weights are left
+            self.last_good = self.before
+        copy_state(self.last_good, into=self.state)
+        raise FloatingPointError(reason)
+
+    def failing(self, ok: list[bool]) -> list[int]:
+        return [seed for seed, good in zip(self.sae.seeds, ok) if not good]

@@ -8,7 +8,8 @@ never an input token. Training is full batch AdamW with weight decay 1.0, which 
 generalise by learning a handful of Fourier frequencies. A run's files are named after --out
 (default runs/transformer/model.safetensors), so several runs can share a folder:
     model.safetensors       weights, the train/test split, config, metrics and progress measures
-    model.log.jsonl         one line of metrics per evaluation
+    model.log.jsonl         one line of metrics per evaluation, with the wall-clock seconds (the only
+                            timing: the same command writes byte-identical model and checkpoint files)
     model.checkpoints/      epochNNNNNN.safetensors every --ckpt-every epochs (stage 2 can train on them)
     model.curves.png, model.fourier.png
     model.last-finite.safetensors   only when training diverged: the last weights whose loss was finite
@@ -604,10 +605,16 @@ def train(model: Transformer, args, data: dict[str, torch.Tensor],
                 if grokked_at is None and row["test_acc"] >= args.target_acc:
                     grokked_at = epoch
             if args.ckpt_every and epoch % args.ckpt_every == 0:
-                save_checkpoint(epoch, log[-1])
+                save_checkpoint(epoch, without_timing(log[-1]))
             if last:
                 break
     return Training(log, epoch + 1, grokked_at, time.time() - start, None)
+
+
+def without_timing(row: dict) -> dict:
+    """A log row without its wall-clock seconds: the log keeps the timings, the model files none, so the
+    same command writes byte-identical model and checkpoint files."""
+    return {key: value for key, value in row.items() if key != "seconds"}
 
 
 def main() -> None:
@@ -655,8 +662,8 @@ def main() -> None:
 
         model.eval()
         measures = progress_measures(model, tokens, labels, train_idx.to(device))
-        final = dict(training.log[-1], epochs_trained=training.epochs, grokked_at_epoch=training.grokked_at,
-                     train_seconds=round(training.seconds, 1), device=str(device))
+        final = dict(without_timing(training.log[-1]), epochs_trained=training.epochs,
+                     grokked_at_epoch=training.grokked_at, device=str(device))
         save_model(run.path(files["model"]), model, train_idx,
                    {"config": config, "epoch": training.epochs - 1, "split_seed": args.seed, "metrics": final,
                     "progress": measures})
@@ -667,7 +674,7 @@ def main() -> None:
         run.commit()
 
     neurons = measures["neurons"][f"blocks.{cfg.n_layers - 1}.mlp_post"]
-    print(f"\nsaved {out} and the run's other files in {out.parent} ({final['train_seconds']} s on {device})")
+    print(f"\nsaved {out} and the run's other files in {out.parent} ({training.seconds:.1f} s on {device})")
     print(f"  held-out accuracy {final['test_acc']:.4f}, loss {final['test_loss']:.3g}; train accuracy "
           f"{final['train_acc']:.4f}; passed {args.target_acc} at epoch {training.grokked_at}")
     print(f"  key frequencies {measures['key_frequencies']} ({measures['key_frequency_rule']})")

@@ -1,7 +1,10 @@
-"""Stage 3: the stability metrics, their baselines, the Fourier ground truth, the report and bad input."""
+"""Stage 3: the stability metrics, their baselines, the Fourier ground truth, the report and bad input;
+the report as one run (non-finite SAEs skipped, --force, the lock, a full disk)."""
 
+import errno
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +19,9 @@ from safetensors.torch import save_file
 from analyze import (GENERATOR_SEEDS, activation_geometry, hungarian_match, hungarian_mean_cosine, latent_purity,
                      max_cosine, mean_and_ci, mmcs, plane_coverage, pwmcc, random_directions, shared_fraction,
                      unit_rows)
-from sae_core import SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, file_sha256, load_sae, save_tensors
+import sae_core
+from sae_core import (RUN_DIR, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, RunOutput, file_sha256, load_sae, run_cli,
+                      save_tensors)
 from train_transformer import (ModelConfig, Transformer, collect_activations, make_dataset, save_model,
                                train_test_split, training_log_path)
 
@@ -459,3 +464,117 @@ def test_no_sae_files_is_one_line_with_the_command_that_makes_them(tmp_path):
     assert "runs/sae/*/seed*.safetensors" in result.stderr
     assert "python train_sae.py --arch topk --seeds 0 1 2 3 4" in result.stderr
     assert not (tmp_path / "runs").exists(), "nothing is written when there is nothing to analyse"
+
+
+# --------------------------------------------------------------------------------------------------
+# The report is one run: non-finite SAEs skipped, --force replaces the folder whole, the lock, a full disk
+
+
+def analyze_in_process(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int, list[str]]:
+    """analyze.py's command line run in this process (faster than a child): (exit status, stderr lines)."""
+    import analyze
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["analyze.py", *args, "--device", "cpu"])
+    monkeypatch.setattr(sae_core, "ENTERED_RUNS", [])
+    try:
+        run_cli(analyze.main, unit_outputs=True)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` and its bytes, the run bookkeeping (.husai) aside."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and RUN_DIR not in p.relative_to(folder).parts}
+
+
+def figures_named_by(report: dict) -> set[str]:
+    names = {report["comparison_figure"]}
+    for entry in [*report["groups"], *report["transformers"].values()]:
+        names |= set((entry.get("figures") or {}).values())
+    return names
+
+
+def test_non_finite_saes_are_skipped_with_the_reason_and_runs_being_written_are_ignored(tmp_path):
+    transformer = write_transformer(tmp_path / "transformer" / "model.safetensors")
+    group = tmp_path / "sae" / "topk-w16-k4"
+    write_sae_group(group, transformer, seeds=[0, 1, 2, 3], width=16)
+    tensors, meta = load_sae(group / "seed2.safetensors")
+    save_tensors(group / "seed2.safetensors", tensors, SAE_FORMAT, SAE_VERSION,
+                 dict(meta, metrics=dict(meta["metrics"], fvu=float("nan"))))
+    tensors, meta = load_sae(group / "seed3.safetensors")
+    tensors["W_enc"][0, 0] = float("inf")
+    save_tensors(group / "seed3.safetensors", tensors, SAE_FORMAT, SAE_VERSION, meta)
+    staging = group / RUN_DIR / "staging-seeds-7-123"        # a stage-2 run still being written
+    staging.mkdir(parents=True)
+    (staging / "seed7.safetensors").write_bytes((group / "seed0.safetensors").read_bytes())
+    result = run_analyze("sae", "--out", "out", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped_files"]}
+    assert set(skipped) == {"seed2.safetensors", "seed3.safetensors"}
+    assert skipped["seed2.safetensors"].endswith("metric fvu not finite (a diverged or damaged SAE); not analysed")
+    assert skipped["seed3.safetensors"].endswith("W_enc not finite (a diverged or damaged SAE); not analysed")
+    assert [g["seeds"] for g in report["groups"]] == [[0, 1]], "seed 7 of the unfinished run is not read"
+    assert skipped["seed2.safetensors"] in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_force_replaces_the_report_folder_whole_and_only_a_report_folder(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report"
+    assert analyze_in_process(monkeypatch, capsys, inputs, "sae", "--out", str(out))[0] == 0
+    first = json.loads((out / "report.json").read_text())
+    assert {p.name for p in (out / "figures").iterdir()} == figures_named_by(first)
+    code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(out))
+    assert code == 2 and f"{out} already exists" in lines[-1] and "--force" in lines[-1]
+
+    assert analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(out), "--force")[0] == 0
+    second = json.loads((out / "report.json").read_text())
+    assert [g["name"] for g in second["groups"]] == ["topk-w32-k4"]
+    on_disk = {p.name for p in (out / "figures").iterdir()}
+    assert on_disk == figures_named_by(second) and "topk-w16-k4-purity.png" not in on_disk, "no stale figure"
+    assert leftovers(tmp_path) == []
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("the user's")
+    (tmp_path / "a-file").write_text("the user's")
+    for target, message in ((tmp_path / "notes", "holds files that are not an analysis report (no report.json)"),
+                            (tmp_path / "a-file", "is a file; --out names the report's folder")):
+        code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(target),
+                                         "--force")
+        assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert (tmp_path / "notes" / "mine.txt").read_text() == (tmp_path / "a-file").read_text() == "the user's"
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Staging folders, journals, set-aside entries and temporary files: none may outlive a run."""
+    meta = folder / RUN_DIR
+    allowed = {meta / "lock", meta / "runs", *(meta / "runs").glob("*.json")}
+    stray = [p for p in meta.rglob("*") if p not in allowed] + list(folder.rglob("*.tmp"))
+    return sorted(str(p.relative_to(folder)) for p in stray)
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_report_whole(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report"
+    assert analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(out))[0] == 0
+    before = folder_bytes(out)
+    write_text = Path.write_text
+
+    def disk_full_at_report_json(self, *args, **kwargs):
+        if self.name.startswith(".report.json."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "write_text", disk_full_at_report_json)
+    code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w16-k4", "--out", str(out), "--force")
+    assert (code, lines) == (1, [f"error: cannot write {out}/report.json: No space left on device; run 'report' was "
+                                 f"not committed and {tmp_path} is unchanged"])
+    assert folder_bytes(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_second_analysis_writing_to_the_same_place_is_refused_naming_the_first(inputs, tmp_path, monkeypatch,
+                                                                                  capsys):
+    with RunOutput(tmp_path, "other-report", ["other-report"], force=False):
+        code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(tmp_path / "r"))
+    assert code == 2 and len(lines) == 1 and f"{tmp_path} is in use by another run (pid {os.getpid()}" in lines[0]
+    assert not (tmp_path / "r").exists()

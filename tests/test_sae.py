@@ -1,19 +1,29 @@
 """Stage 2: each SAE architecture matches its definition, the training tricks do what they claim,
-planted features are recovered, and a seed trains the same alone or in an ensemble."""
+planted features are recovered, and a seed trains the same alone or in an ensemble; a run is one unit
+(every flag and the data checked first, divergence stopped with finite weights, --force, the lock,
+interruptions and full disks), and the same command writes the same bytes."""
 
+import errno
+import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import kernels
-from sae_core import (ARCHITECTURES, HusaiError, JumpReLU, SAEConfig, SAETrainer, StraightThroughStep, batchtopk_latents,
-                      build_sae, load_sae, topk_latents)
+import sae_core
+from sae_core import (ARCHITECTURES, RUN_DIR, HusaiError, JumpReLU, SAEConfig, SAETrainer, StraightThroughStep,
+                      batchtopk_latents, build_sae, load_sae, memory_limit_bytes, non_finite_tensors, run_cli,
+                      topk_latents)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,7 +199,7 @@ def test_trains_on_an_acts_file_and_round_trips(tmp_path):
     assert meta["config"]["seed"] == 4 and meta["provenance"]["source"] == "acts"
     assert meta["metrics"]["fvu"] < 0.5
     assert (out / "seed3.snapshots.safetensors").is_file() and (out / "seed3.log.jsonl").is_file()
-    again = run_sae_stage("--acts", source, "--width", "32", "--seeds", "4", "--steps", "5", "--out", str(out))
+    again = run_sae_stage("--acts", source, "--width", "32", "--seeds", "4", "3", "--steps", "5", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -213,6 +223,8 @@ BAD_ACTS = {
     "not2d": torch.zeros(10, 4, 2),
     "empty": torch.zeros(0, 4),
     "nan": torch.tensor([[1.0, float("nan")], [0.0, 1.0]]),
+    "constant": torch.ones(64, 4),
+    "huge": torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 1e30,
 }
 
 
@@ -220,7 +232,7 @@ BAD_ACTS = {
     (["--arch", "gated"], "unknown architecture 'gated'; valid: relu, topk, batchtopk, jumprelu"),
     (["--k", "0"], "k 0: must lie between 1 and the width"),
     (["--k", "65", "--width", "64"], "k 65: must lie between 1 and the width (64)"),
-    (["--width", "0"], "width 0: must be at least 1"),
+    (["--width", "0"], "--width 0: must be an integer in [1, 2147483647]"),
     (["--k", "300", "--width", "512"], "k 300: the fused TopK kernel keeps at most 256 latents per input"),
     (["--k-aux", "0"], "k_aux 0: must be at least 1"),
     (["--arch", "jumprelu", "--bandwidth", "nan"], "bandwidth nan: must be a finite number"),
@@ -230,6 +242,10 @@ BAD_ACTS = {
     (["--acts", "not2d"], "need a 2-D float tensor"),
     (["--acts", "empty"], "is empty"),
     (["--acts", "nan"], "NaN or Inf"),
+    (["--acts", "constant"], "all 64 rows are the same (zero variance): there is nothing for an SAE to learn"),
+    (["--acts", "huge"], "beyond float32's safe range for training"),
+    (["--lr", "nan"], "--lr nan: must be a positive number float32 can hold"),
+    (["--seeds", "0", "-1"], "--seeds -1: must be an integer in [0, 2^63)"),
     (["--transformer", "nowhere.safetensors"], "create it with `python train_transformer.py`"),
 ])
 def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, case, message):
@@ -280,13 +296,310 @@ def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
         torch.testing.assert_close(trained[True][name], value, atol=1e-4, rtol=1e-4, equal_nan=True, msg=name)
 
 
-def test_a_non_finite_loss_stops_training_naming_the_step_and_leaves_the_weights_untouched():
+def test_a_non_finite_loss_stops_training_naming_the_step_and_restores_the_last_good_weights():
     sae = build_sae(SAEConfig(arch="topk", d_in=8, width=16, k=2), [0, 1])
     trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    initial = {name: value.clone() for name, value in sae.state_dict().items()}
     trainer.step(x)
-    before = {name: value.clone() for name, value in sae.state_dict().items()}
     x[3, 2] = float("nan")
-    with pytest.raises(FloatingPointError, match="step 1"):
+    with pytest.raises(FloatingPointError, match="loss is not finite at step 1"):
         trainer.step(x)
-    assert all(torch.equal(before[name], value) for name, value in sae.state_dict().items())
+    # the weights of step 1 were never seen to give a finite loss: the last good ones are those of step 0
+    assert all(torch.equal(initial[name], value) for name, value in sae.state_dict().items())
+    assert trainer.good_steps == 0
+
+
+# ---- a run is one unit: flags, data, divergence, --force, locks, interruptions, full disks, bytes ----
+
+
+TINY_SAE = ["--width", "16", "--k", "2", "--steps", "10", "--batch-size", "64", "--snapshots", "4", "--log-every", "2",
+            "--device", "cpu", "--no-kernels"]
+
+
+def tiny_acts(folder: Path, name: str = "acts", scale: float = 1.0) -> str:
+    return write_acts(folder / f"{name}.safetensors",
+                      torch.randn(512, 8, generator=torch.Generator().manual_seed(0)) * scale)
+
+
+def stage_in_process(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
+    """train_sae.py's command line run in this process (faster than a child): (exit status, stderr lines)."""
+    import train_sae
+    monkeypatch.setattr(sys, "argv", ["train_sae.py", *args])
+    monkeypatch.setattr(sae_core, "ENTERED_RUNS", [])
+    try:
+        run_cli(train_sae.main, unit_outputs=True)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def run_files(folder: Path) -> dict[str, bytes]:
+    """Every file of the runs in `folder` (the bookkeeping folder aside) and its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Staging folders, journals, set-aside entries and temporary files: none may outlive a run."""
+    meta = folder / RUN_DIR
+    allowed = {meta / "lock", meta / "runs", *(meta / "runs").glob("*.json")}
+    stray = [p for p in meta.rglob("*") if p not in allowed] + list(folder.rglob("*.tmp"))
+    return sorted(str(p.relative_to(folder)) for p in stray)
+
+
+def all_finite(path: Path) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "0"], "--steps 0: must be an integer in [1, 2147483647]"),
+    (["--steps", str(2**31)], f"--steps {2**31}: must be an integer in [1, 2147483647]"),
+    (["--batch-size", "0"], "--batch-size 0: must be an integer in [1, 2147483647]"),
+    (["--batch-size", "513"], "--batch-size 513 is larger than the 512 activations"),
+    (["--lr", "0"], "--lr 0.0: must be a positive number float32 can hold"),
+    (["--lr=-1e-3"], "--lr -0.001: must be a positive number"),
+    (["--lr", "inf"], "--lr inf: must be a positive number"),
+    (["--lr", "nan"], "--lr nan: must be a positive number"),
+    (["--lr", "1e300"], "--lr 1e+300: must be a positive number float32 can hold (at most 3.4e+38)"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1: must be an integer in [0, 2147483647]"),
+    (["--decay-frac", "1.5"], "--decay-frac 1.5: must be a fraction in [0, 1]"),
+    (["--decay-frac=-0.1"], "--decay-frac -0.1: must be a fraction in [0, 1]"),
+    (["--decay-frac", "nan"], "--decay-frac nan: must be a fraction in [0, 1]"),
+    (["--snapshots", "1"], "--snapshots 1: must be an integer in [2, 2147483647]"),
+    (["--log-every", "0"], "--log-every 0: must be an integer in [1, 2147483647]"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 2^63)"),
+    (["--seed", str(2**63)], f"--seed {2**63}: must be an integer in [0, 2^63)"),
+    (["--seeds", "0", "-3"], "--seeds -3: must be an integer in [0, 2^63)"),
+    (["--seeds", "3", "3"], "--seeds 3 3: a seed is repeated"),
+    (["--seed", "1", "--seeds", "2", "3"], "--seed 1 and --seeds 2 3: give one or the other"),
+    (["--data-seed", "-1"], "--data-seed -1: must be an integer in [0, 2^63)"),
+    (["--data-seed", str(2**64)], f"--data-seed {2**64}: must be an integer in [0, 2^63)"),
+    (["--expansion", "0"], "--expansion 0.0: must be a positive finite number"),
+    (["--expansion", "inf"], "--expansion inf: must be a positive finite number"),
+    (["--expansion", "nan"], "--expansion nan: must be a positive finite number"),
+    (["--expansion", "0.01"], "--expansion 0.01 with d = 8: width 0; must lie in [1, 2147483647]"),
+    (["--expansion", "1e300"], "--expansion 1e+300 with d = 8: width 8e+300; must lie in [1, 2147483647]"),
+    (["--width", "-5"], "--width -5: must be an integer in [1, 2147483647]"),
+    (["--width", "100000000"], "--width 100000000 (d = 8, N = 512) with 1 seed(s), --batch-size 64 and 4 snapshots "
+                               "needs about 790 GiB of memory; this machine has"),
+    (["--dead-window", str(10**30)], f"dead_window {10**30}: must be at most 2147483647 in size"),
+    (["--checkpoint", "-1"], "--checkpoint -1: must be an integer in [0, 2147483647]"),
+    (["--hook", "blocks.0.mlp_post"], "--acts and --hook: --acts trains on the file's activations"),
+    (["--checkpoint", "0"], "--acts and --checkpoint"),
+    (["--transformer", "model.safetensors"], "--acts and --transformer"),
+    (["--acts", "@tiny"], "they vary by only 9.92e-26 (root mean square about their mean), below float32's safe range "
+                          "for training (1e-18)"),
+    (["--acts", "@constant"], "all 512 rows are the same (zero variance)"),
+    (["--acts", "@huge"], "a row has norm 1.57e+31, beyond float32's safe range for training (at most 1e+18"),
+])
+def test_every_flag_and_the_data_are_checked_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    files = {"@tiny": tiny_acts(tmp_path, "tiny", 1e-25), "@huge": tiny_acts(tmp_path, "huge", 3e30),
+             "@constant": write_acts(tmp_path / "constant.safetensors", torch.full((512, 8), 3.0))}
+    args = [files.get(arg, arg) for arg in args]
+    out = tmp_path / "out"
+    unsized = [arg for arg in TINY_SAE if arg not in ("--width", "16")]      # the width from --expansion: 32
+    code, lines = stage_in_process(monkeypatch, capsys, "--acts", tiny_acts(tmp_path), *unsized, "--out", str(out),
+                                   *args)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists(), "refused before anything was created"
+
+
+def test_the_memory_estimate_admits_the_default_run_and_grows_with_the_sizes():
+    import train_sae
+    default = train_sae.memory_estimate(113**2, 128, 512, 1, 1024, 12)
+    assert 2**29 < default < 2**30 and default < memory_limit_bytes()
+    assert train_sae.memory_estimate(113**2, 128, 4096, 1, 1024, 12) - 2**29 > 5 * (default - 2**29)
+    assert train_sae.memory_estimate(113**2, 128, 512, 5, 1024, 12) > train_sae.memory_estimate(113**2, 128, 512, 1,
+                                                                                                1024, 12)
+    assert train_sae.memory_estimate(113**2, 128, 512, 1, 8192, 12) > default
+
+
+def zero_transformer(path: Path, scale: float) -> Path:
+    """A stage-1 model file whose weights are scaled: by 0, every activation is the same; the residual
+    stream grows as scale^3 (through the MLP), and attention overflows above about 1e9.5."""
+    from train_transformer import ModelConfig, Transformer, save_model, train_test_split
+    cfg = ModelConfig(p=13, d_model=16, n_heads=2, d_mlp=32)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(scale)
+    save_model(path, model, train_test_split(13, 0.5, 0)[0], {"config": {"model": vars(cfg), "train": {}}, "epoch": 0})
+    return path
+
+
+@pytest.mark.parametrize("scale,message", [(0.0, "all 169 rows are the same (zero variance)"),
+                                           (1e6, "a row has norm 9.95e+29, beyond float32's safe range for training"),
+                                           (1e8, "contain NaN or Inf values")])
+def test_degenerate_transformer_activations_are_refused_with_their_reason(tmp_path, monkeypatch, capsys, scale,
+                                                                         message):
+    model = zero_transformer(tmp_path / "model.safetensors", scale)
+    code, lines = stage_in_process(monkeypatch, capsys, "--transformer", str(model), *TINY_SAE, "--out",
+                                   str(tmp_path / "out"))
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: the activations of {model} at blocks.0.resid_post: ") and message in lines[0]
+
+
+@pytest.mark.parametrize("lr,reason,good_steps", [
+    (float("inf"), "the update of step 0 made the weights non-finite", 0),
+    (1e6, "batch FVU exploded at step 1 (seeds [0, 1]", 0),
+])
+def test_a_diverging_step_restores_a_real_copy_of_the_last_good_state(lr, reason, good_steps):
+    acts = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    for arch in ARCHITECTURES:
+        sae = build_sae(SAEConfig(arch=arch, d_in=8, width=16, k=2), [0, 1])
+        sae.init_from_data(acts)
+        initial = {name: value.clone() for name, value in sae.state_dict().items()}
+        trainer = SAETrainer(sae, lr=lr, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
+        with pytest.raises(FloatingPointError, match=re.escape(reason)):
+            for step in range(10):
+                trainer.step(acts[step * 32:(step + 1) * 32])
+        assert trainer.good_steps == good_steps
+        for name, value in sae.state_dict().items():   # batchtopk's running threshold is NaN before step 1
+            torch.testing.assert_close(value, initial[name], rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{arch}: {name} is not the state of step {good_steps}")
+        assert all(not non_finite_tensors(sae.export(s)) for s in range(2)), arch
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, str]:
+    """A completed tiny stage-2 run (seeds 0 and 1), made once and copied by each test; and its acts file."""
+    folder = tmp_path_factory.mktemp("finished")
+    acts = tiny_acts(folder)
+    result = run_sae_stage("--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--out", str(folder / "sae"))
+    assert result.returncode == 0, result.stderr
+    return folder / "sae", acts
+
+
+def copy_of(finished_run: tuple[Path, str], tmp_path: Path) -> Path:
+    shutil.copytree(finished_run[0], tmp_path / "sae")
+    return tmp_path / "sae"
+
+
+def test_a_diverging_run_keeps_finite_last_good_weights_and_replaces_its_earlier_run_whole(finished_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    folder, acts = copy_of(finished_run, tmp_path), finished_run[1]
+    code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--lr", "1e6",
+                                   "--out", str(folder), "--force")
+    assert code == 2 and lines[-1].startswith("error: training diverged: batch FVU exploded at step 1 (seeds [0, 1]")
+    assert "the last good weights (after 0 steps) are in" in lines[-1] and "try a lower --lr" in lines[-1]
+    assert sorted(run_files(folder)) == ["last-good-seed0.safetensors", "last-good-seed1.safetensors",
+                                         "seed0.log.jsonl", "seed1.log.jsonl"], "nothing of the earlier run is left"
+    for seed in (0, 1):
+        assert all_finite(folder / f"last-good-seed{seed}.safetensors")
+        tensors, meta = load_sae(folder / f"last-good-seed{seed}.safetensors")
+        assert meta["status"] == "diverged" and meta["diverged_at_step"] == 1 and meta["steps"] == 0
+        last = json.loads((folder / f"seed{seed}.log.jsonl").read_text().splitlines()[-1])
+        assert last["status"] == "diverged" and last["diverged_at_step"] == 1
+    code, _ = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "0", "--out",
+                               str(folder), "--force")
+    assert code == 0, "the same seed set in another order is the same run"
+    assert sorted(run_files(folder)) == [f"seed{s}.{kind}" for s in (0, 1)
+                                         for kind in ("log.jsonl", "safetensors", "snapshots.safetensors")]
+    assert leftovers(folder) == []
+
+
+def test_force_replaces_this_seed_sets_run_whole_and_never_another_runs_files(finished_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    folder, acts = copy_of(finished_run, tmp_path), finished_run[1]
+    first = run_files(folder)
+    assert stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seed", "2", "--out", str(folder))[0] == 0
+    second = {name: data for name, data in run_files(folder).items() if name.startswith("seed2")}
+    assert len(second) == 3 and run_files(folder) == first | second
+
+    code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "2", "--out",
+                                   str(folder), "--force")
+    assert code == 2 and lines[-1].startswith(f"error: {folder}/seed1.safetensors belongs to another run, 'seeds-0-1'")
+    assert "rerun exactly that command with --force to replace it" in lines[-1]
+    code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--out",
+                                   str(folder))
+    assert code == 2 and "already exists" in lines[-1] and "--force" in lines[-1]
+    assert run_files(folder) == first | second
+
+    code, _ = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--steps", "3",
+                               "--out", str(folder), "--force")
+    assert code == 0
+    now = run_files(folder)
+    assert {name: data for name, data in now.items() if name.startswith("seed2")} == second, "another run untouched"
+    assert all(now[name] != first[name] for name in first), "every file of the replaced run is new"
+    assert load_sae(folder / "seed0.safetensors")[1]["config"]["steps"] == 3 and leftovers(folder) == []
+
+
+WRITES_THEN = {
+    "interrupted": (KeyboardInterrupt, 130, "interrupted: run 'seeds-0-1' was not committed; nothing in {folder} was "
+                                            "changed"),
+    "disk full": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 1,
+                  "error: cannot write {folder}/seed0.snapshots.safetensors: No space left on device; run 'seeds-0-1' "
+                  "was not committed and {folder} is unchanged"),
+}
+
+
+@pytest.mark.parametrize("failure", WRITES_THEN)
+def test_a_failure_after_the_first_file_leaves_the_old_run_whole(finished_run, tmp_path, monkeypatch, capsys, failure):
+    folder, acts = copy_of(finished_run, tmp_path), finished_run[1]
+    before = run_files(folder)
+    error, status, message = WRITES_THEN[failure]
+    written, write_bytes = [], Path.write_bytes
+
+    def write_then_fail(self, data):
+        if written:
+            raise error
+        written.append(self)
+        return write_bytes(self, data)
+    monkeypatch.setattr(Path, "write_bytes", write_then_fail)
+    code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--steps", "4",
+                                   "--out", str(folder), "--force")
+    assert (code, lines[-1]) == (status, message.format(folder=folder))
+    assert written and run_files(folder) == before and leftovers(folder) == []
+
+
+def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_first(finished_run, tmp_path):
+    folder, acts = tmp_path / "sae", finished_run[1]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    first = subprocess.Popen([sys.executable, str(REPO / "train_sae.py"), "--acts", acts, *TINY_SAE, "--seed", "5",
+                              "--steps", "100000000", "--out", str(folder)],
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = folder / RUN_DIR / "lock"
+        deadline = time.time() + 60
+        while not (lock.is_file() and str(first.pid) in lock.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        second = run_sae_stage("--acts", acts, *TINY_SAE, "--seed", "6", "--out", str(folder))
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+        assert f"is in use by another run (pid {first.pid}, started " in second.stderr
+        assert "--seed 5" in second.stderr, "the message shows the other run's command"
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130
+        assert first.stderr.read().strip().splitlines()[-1] == (
+            f"interrupted: run 'seeds-5' was not committed; nothing in {folder} was changed")
+    finally:
+        first.kill()
+    assert run_files(folder) == {} and leftovers(folder) == []
+
+
+def test_the_same_command_twice_writes_byte_identical_sae_and_snapshot_files(finished_run, tmp_path):
+    folder, acts = tmp_path / "sae", finished_run[1]
+    command = ["--acts", acts, *TINY_SAE, "--arch", "batchtopk", "--seeds", "3", "4", "--out", str(folder), "--force"]
+    files = []
+    for _ in range(2):          # two processes: the library's metadata order changes between them
+        result = run_sae_stage(*command)
+        assert result.returncode == 0, result.stderr
+        files.append(run_files(folder))
+    first, second = files
+    assert sorted(first) == sorted(second) and len(first) == 6
+    for name in first:
+        if name.endswith(".safetensors"):
+            assert first[name] == second[name], name
+            assert "seconds" not in load_file_metadata(folder / name), name
+        else:
+            rows = [[json.loads(line) for line in run[name].decode().splitlines()] for run in files]
+            assert [row for row in rows[0][:-1]] == rows[1][:-1], "the logged metrics are identical"
+            timing = [{key: value for key, value in run[-1].items() if key != "train_seconds"} for run in rows]
+            assert timing[0] == timing[1] == {"status": "finished", "steps": 10}
+
+
+def load_file_metadata(path: Path) -> str:
+    """The raw JSON header of a safetensors file."""
+    data = path.read_bytes()
+    return data[8:8 + int.from_bytes(data[:8], "little")].decode()

@@ -206,6 +206,23 @@ def test_same_seed_same_weights_different_seed_different(tmp_path):
     assert not torch.equal(weights["a"]["W_E"], weights["c"]["W_E"])
 
 
+def test_the_same_command_twice_writes_byte_identical_model_and_checkpoint_files(tmp_path):
+    """Only the log holds wall-clock seconds; the model, checkpoints and figures are the same bytes (two
+    processes: the safetensors library orders metadata keys differently in each)."""
+    out = tmp_path / "model.safetensors"
+    runs = []
+    for _ in range(2):
+        result = run_stage(*TINY, "--out", str(out), "--force")
+        assert result.returncode == 0, result.stderr
+        runs.append(run_files_text(tmp_path))
+    assert sorted(runs[0]) == sorted(runs[1]) and "model.checkpoints/epoch000020.safetensors" in runs[0]
+    assert {name for name in runs[0] if runs[0][name] != runs[1][name]} <= {"model.log.jsonl"}
+    rows = [[json.loads(line) for line in run["model.log.jsonl"].decode().splitlines()] for run in runs]
+    without_seconds = [[{k: v for k, v in row.items() if k != "seconds"} for row in log] for log in rows]
+    assert without_seconds[0] == without_seconds[1]
+    assert "seconds" not in json.dumps(load_tensors(out, FORMAT, VERSION)[1])
+
+
 @pytest.mark.parametrize("args,message", [
     (["--p", "2"], "--p 2"),
     (["--frac", "1.0"], "--frac 1.0"),
