@@ -9,7 +9,8 @@ inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. See
 unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
 runs/sae/<arch>-w<width>-<k or penalty>/:
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
-                                    activation units; metadata: config, metrics, provenance
+                                    activation units (archetypal: W_dec its built rows, not unit norm);
+                                    metadata: config, metrics, provenance
     seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with full-data FVU
     seed<N>.log.jsonl               training metrics every --log-every steps
 """
@@ -39,12 +40,15 @@ def flagged_settings() -> list:
 
 
 def add_config_flags(parser: CliParser) -> None:
-    """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, or for a
-    switch `--name` / `--no-name`."""
+    """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, for a
+    tuple `--name VALUE [VALUE ...]`, or for a switch `--name` / `--no-name`."""
     for f in flagged_settings():
         flag = f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, nargs="+", type=type(f.default[0]), default=f.default,
                                 help=f.metadata["help"])
         else:   # allowed values are checked by SAEConfig itself, with its one-line errors
             choices = f.metadata["choices"]
