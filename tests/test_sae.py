@@ -300,6 +300,21 @@ def test_trains_on_an_acts_file_and_round_trips(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.parametrize("flags,stored", [
+    (["--arch", "matryoshka", "--prefixes", "0.5", "1"], {"prefixes": [0.5, 1.0]}),
+    (["--arch", "archetypal", "--centroids", "per-seed", "--n-centroids", "48"], {"centroids": "per-seed", "n_centroids": 48}),
+])
+def test_the_stage_trains_the_new_architectures_from_their_flags(tmp_path, flags, stored):
+    acts, _ = planted_data(2048, 16, 32, active=2)
+    out = tmp_path / "sae"
+    result = run_sae_stage("--acts", write_acts(tmp_path / "acts.safetensors", acts), "--width", "32", "--k", "2",
+                           "--seeds", "0", "1", "--steps", "200", "--batch-size", "256", "--out", str(out), *flags)
+    assert result.returncode == 0, result.stderr
+    tensors, meta = load_sae(out / "seed1.safetensors")
+    assert {key: meta["config"][key] for key in stored} == stored
+    assert meta["metrics"]["fvu"] < 0.5 and meta["metrics"]["l0"] > 0.5
+
+
 def test_every_setting_is_a_flag_with_its_help_text():
     """train_sae.py's flags are generated from SAEConfig: each field the stage does not set itself appears
     in --help with the help text its field declares."""
@@ -373,11 +388,12 @@ def test_bad_file_formats_are_refused(tmp_path):
 
 @pytest.mark.skipif(not kernels.use_triton("cpu") and not torch.cuda.is_available(),
                     reason="needs a GPU or the Triton interpreter (tests/conftest.py sets it without a GPU)")
-def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch():
+@pytest.mark.parametrize("arch", ["topk", "archetypal"])
+def test_topk_sae_trains_the_same_with_the_kernels_as_with_plain_torch(arch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     acts, _ = planted_data(512, 24, 96, active=3)
     acts = acts.to(device)
-    cfg = SAEConfig(arch="topk", d_in=24, width=96, k=8, k_aux=16, dead_window=64)
+    cfg = SAEConfig(arch=arch, d_in=24, width=96, k=8, k_aux=16, dead_window=64)
     trained = {}
     for use_kernels in (True, False):
         sae = build_sae(cfg, [0, 1]).to(device)
