@@ -508,6 +508,7 @@ class SAEEnsemble(torch.nn.Module):
     sparsity_format: ClassVar[str] = "{name}_{value:g}"   # how that setting reads in a folder name
     extra_tensors: ClassVar[tuple[str, ...]] = ()         # saved beside W_enc, W_dec, b_enc, b_dec
     uses_auxk: ClassVar[bool] = False
+    variant_settings: ClassVar[tuple[str, ...]] = ()      # settings that make another kind of SAE: in folder names
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
         super().__init__()
@@ -536,6 +537,12 @@ class SAEEnsemble(torch.nn.Module):
     def sparsity_label(cls, cfg: SAEConfig) -> str:
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return cls.sparsity_format.format(name=cls.sparsity, value=getattr(cfg, cls.sparsity))
+
+    @classmethod
+    def folder_label(cls, cfg: SAEConfig) -> str:
+        """The output folder name after architecture and width: the sparsity label, then the value of each
+        variant setting (k32, l1_0.7, k32-per-seed), so that two kinds of SAE never share a folder."""
+        return "-".join([cls.sparsity_label(cfg)] + [str(getattr(cfg, name)) for name in cls.variant_settings])
 
     @torch.no_grad()
     def init_from_data(self, acts: torch.Tensor) -> None:
@@ -825,6 +832,7 @@ class ArchetypalSAE(TopKSAE):
                 "n_centroids": setting(0, "archetypal: k-means centroids in C (0: as many as latents)", NON_NEGATIVE),
                 "delta": setting(1.0, "archetypal: largest norm of a row of the relaxation Lambda (normalised units)",
                                  NON_NEGATIVE)}
+    variant_settings = ("centroids",)
 
     def __init__(self, cfg, seeds):
         super().__init__(cfg, seeds)
@@ -884,7 +892,8 @@ class CoreSettings:
     width: int = setting(512, "latents m", AT_LEAST_ONE, flag="")
     dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead", AT_LEAST_ONE)
     unit_norm_decoder: bool = setting(True, "unit-norm decoder rows: project W_dec's gradient tangent to the rows "
-                                            "and renormalise after each step", flag="unit-norm")
+                                            "and renormalise after each step (an architecture that builds its rows "
+                                            "has its own constraint instead)", flag="unit-norm")
     tied_init: bool = setting(True, "initialise W_enc as W_dec^T")
     b_dec_init: str = setting("median", "b_dec's start, from a sample of the data (median: geometric, by Weiszfeld)",
                               choices=("median", "mean", "zero"))
@@ -909,6 +918,11 @@ class CoreSettings:
     def sparsity_name(self) -> str:
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return ARCHITECTURES[self.arch].sparsity_label(self)
+
+    @property
+    def folder_label(self) -> str:
+        """The output folder name after architecture and width: k32, l1_0.7, k32-per-seed."""
+        return ARCHITECTURES[self.arch].folder_label(self)
 
 
 def architecture_settings() -> list[tuple[str, type, Field]]:

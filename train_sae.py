@@ -7,7 +7,7 @@
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
 inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. Seeds share one data order
 unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
-runs/sae/<arch>-w<width>-<k or penalty>/:
+runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units (archetypal: W_dec its built rows, not unit norm);
                                     metadata: config, metrics, provenance
@@ -82,7 +82,7 @@ def build_parser() -> CliParser:
     add("--snapshots", type=int, default=12, help="log-spaced weight snapshots, step 0 included")
     add("--log-every", type=int, default=25, help="write training metrics every N steps")
     # where and how
-    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>)")
+    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>[-<variant>])")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="overwrite existing files for these seeds")
@@ -152,7 +152,7 @@ def main() -> None:
     if args.batch_size > n:
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
-    name = f"{cfg.arch}-w{width}-{cfg.sparsity_name}"
+    name = f"{cfg.arch}-w{width}-{cfg.folder_label}"
     if args.acts:
         name += f"-acts-{Path(args.acts).stem}"
     elif args.hook or args.checkpoint is not None:

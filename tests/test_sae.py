@@ -315,6 +315,12 @@ def test_the_stage_trains_the_new_architectures_from_their_flags(tmp_path, flags
     assert meta["metrics"]["fvu"] < 0.5 and meta["metrics"]["l0"] > 0.5
 
 
+def test_shared_and_per_seed_archetypal_runs_get_their_own_folders():
+    labels = {centroids: SAEConfig(arch="archetypal", centroids=centroids).folder_label for centroids in ("shared", "per-seed")}
+    assert labels == {"shared": "k32-shared", "per-seed": "k32-per-seed"}
+    assert SAEConfig(arch="topk").folder_label == "k32" and SAEConfig(arch="relu").folder_label == "l1_0.7"
+
+
 def test_every_setting_is_a_flag_with_its_help_text():
     """train_sae.py's flags are generated from SAEConfig: each field the stage does not set itself appears
     in --help with the help text its field declares."""
