@@ -125,8 +125,10 @@ def test_archetypal_decoder_is_built_from_centroids_and_stays_in_its_constraint(
         sae = build_sae(cfg, [0, 1])
         sae.init_from_data(acts)
         W, C, Lambda, s = sae.mixing, sae.centroids, sae.relaxation, sae.log_scale
-        assert torch.equal(W[0], torch.eye(32, 40)) and not Lambda.any() and not s.any()
-        torch.testing.assert_close(sae.decoder(), C[:, :32], msg="W starts as the identity on the first rows")
+        assert torch.equal(W[0], torch.eye(32, 40)) and not Lambda.any()
+        torch.testing.assert_close(sae.decoder(), C[:, :32] * s.exp()[:, None, None], msg="W starts as the identity")
+        torch.testing.assert_close(C.norm(dim=-1).mean(-1) * s.exp(), torch.ones(2), msg="rows of mean norm 1")
+        start = s.detach().clone()
         trainer = SAETrainer(sae, lr=3e-2, steps=30, warmup_steps=1, decay_steps=1)
         for step in range(30):
             trainer.step(acts[step * 64:(step + 1) * 64])
@@ -134,7 +136,7 @@ def test_archetypal_decoder_is_built_from_centroids_and_stays_in_its_constraint(
         torch.testing.assert_close(W.sum(-1), torch.ones(2, 32), msg="W is row-stochastic")
         norms = Lambda.norm(dim=-1)
         assert norms.max() <= 0.05 * (1 + 1e-5) and norms.max() > 0.049, "the steps pushed Lambda to delta, no further"
-        assert s.abs().min() > 0, "the scale s trains"
+        assert (s != start).all(), "the scale s trains"
         D = (W[1] @ C[1] + Lambda[1]) * s[1].exp()
         torch.testing.assert_close(sae.export(1)["W_dec"], D.detach(), msg="the saved W_dec is the built D")
         trained[centroids] = C.clone()
