@@ -688,7 +688,9 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 # An architecture is one subclass of SAEEnsemble, registered by name in ARCHITECTURES. It declares its
 # settings (which become SAEConfig fields and train_sae.py flags), the setting that sets its sparsity,
 # its extra saved tensors and whether it uses AuxK, and defines its training forward, its penalty and
-# its inference. Nothing else names an architecture.
+# its inference; where it differs from the rest it also overrides the reconstruction term of its loss
+# (Matryoshka), how its decoder rows are built and constrained (archetypal) or its initialisation from
+# the data. Nothing else names an architecture.
 
 SAE_FORMAT, SAE_VERSION = "husai.sae", 1
 SNAPSHOT_FORMAT = "husai.sae_snapshots"
@@ -847,6 +849,43 @@ def geometric_median(x: torch.Tensor, iterations: int = 100) -> torch.Tensor:
     return median
 
 
+def kmeans_plus_plus(points: torch.Tensor, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur and Vassilvitskii 2007): the first centre a uniformly drawn point, each
+    next one a point drawn with probability proportional to its squared distance to the nearest centre
+    so far. points [N, d] -> centres [n_clusters, d]."""
+    squared = points.pow(2).sum(dim=1)
+
+    def distance_to(i: int) -> torch.Tensor:       # ||x - x_i||^2 for every point, as one matrix-vector product
+        return (squared - 2 * points @ points[i] + squared[i]).clamp_min(0)
+
+    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
+    nearest = distance_to(chosen[0])
+    for _ in range(n_clusters - 1):
+        weights = nearest if nearest.sum() > 0 else torch.ones_like(nearest)   # all points already centres
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        nearest = torch.minimum(nearest, distance_to(chosen[-1]))
+    return points[chosen].clone()
+
+
+def kmeans(points: torch.Tensor, n_clusters: int, seed: int, iterations: int = 100) -> torch.Tensor:
+    """Lloyd's k-means from a k-means++ start drawn with torch.Generator().manual_seed(seed): assign each
+    point to its nearest centre (ties to the lower index), move each centre to the mean of its points (a
+    centre left with none stays where it is), until no assignment changes or after `iterations` rounds.
+    Runs on the CPU, so the same points and seed give the same centres bit for bit.
+    points [N, d] -> centroids [n_clusters, d] (float32)."""
+    x = points.detach().float().cpu()
+    centres = kmeans_plus_plus(x, n_clusters, torch.Generator().manual_seed(seed))
+    assignment = None
+    for _ in range(iterations):
+        distances = x.pow(2).sum(dim=1, keepdim=True) - 2 * x @ centres.T + centres.pow(2).sum(dim=1)
+        new_assignment = distances.argmin(dim=1)
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        counts = torch.bincount(assignment, minlength=n_clusters)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, x)
+        centres = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
+    return centres
 
 
 class Codes(NamedTuple):
@@ -862,9 +901,11 @@ class SAEEnsemble(torch.nn.Module):
     """S sparse autoencoders of one configuration, one per seed, trained as one batched model.
 
     This class holds what every architecture shares: W_enc, W_dec, b_enc, b_dec and their initialisation,
-    activation normalisation, AuxK, and the export in raw activation units. Each architecture is a
-    subclass that sets the class attributes below and defines `activate` (or its own `forward`), and
-    where it has them `penalty`, `observe` and `extra_exports`; `infer` is what a saved SAE computes."""
+    activation normalisation, the unit-norm decoder constraint, AuxK, and the export in raw activation
+    units. Each architecture is a subclass that sets the class attributes below and defines `activate`
+    (or its own `forward`), and where it has them `penalty`, `observe` and `extra_exports`; `infer` is
+    what a saved SAE computes. The rest are defaults an architecture may override: `reconstruction_loss`,
+    `decoder` with `constrain_gradients` and `constrain_parameters`, and `init_from_data`."""
 
     name: ClassVar[str]
     settings: ClassVar[dict] = {}            # its own SAEConfig fields, each made with setting()
@@ -872,6 +913,7 @@ class SAEEnsemble(torch.nn.Module):
     sparsity_format: ClassVar[str] = "{name}_{value:g}"   # how that setting reads in a folder name
     extra_tensors: ClassVar[tuple[str, ...]] = ()         # saved beside W_enc, W_dec, b_enc, b_dec
     uses_auxk: ClassVar[bool] = False
+    variant_settings: ClassVar[tuple[str, ...]] = ()      # settings that make another kind of SAE: in folder names
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
         super().__init__()
@@ -901,6 +943,12 @@ class SAEEnsemble(torch.nn.Module):
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return cls.sparsity_format.format(name=cls.sparsity, value=getattr(cfg, cls.sparsity))
 
+    @classmethod
+    def folder_label(cls, cfg: SAEConfig) -> str:
+        """The output folder name after architecture and width: the sparsity label, then the value of each
+        variant setting (k32, l1_0.7, k32-per-seed), so that two kinds of SAE never share a folder."""
+        return "-".join([cls.sparsity_label(cfg)] + [str(getattr(cfg, name)) for name in cls.variant_settings])
+
     @torch.no_grad()
     def init_from_data(self, acts: torch.Tensor) -> None:
         """Activation normalisation (E||c x|| = sqrt(d)) and b_dec from a sample of the data."""
@@ -918,7 +966,29 @@ class SAEEnsemble(torch.nn.Module):
         x = acts * self.input_scale
         z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
         f = self.activate(z)
-        return x, SeedwiseLinear.apply(f, self.W_dec, self.b_dec), Codes(latents=f, pre=z)
+        return x, SeedwiseLinear.apply(f, self.decoder(), self.b_dec), Codes(latents=f, pre=z)
+
+    def decoder(self) -> torch.Tensor:
+        """The decoder rows [S, m, d] that the forward, AuxK and the export use: the parameter W_dec
+        itself, unless an architecture builds its rows from other parameters."""
+        return self.W_dec
+
+    def reconstruction_loss(self, x: torch.Tensor, codes: Codes, error: torch.Tensor) -> torch.Tensor:
+        """The reconstruction term of each seed's loss [S]. `error` [S] is the full reconstruction's
+        ||x - x_hat||^2 averaged over the batch (x [S, B, d] normalised); by default that is the term."""
+        return error
+
+    def constrain_gradients(self, triton: bool) -> None:
+        """Before each optimiser step. With unit-norm decoder rows, remove from each row's gradient its
+        part along the row: g_i <- g_i - (g_i . w_i) w_i."""
+        if self.cfg.unit_norm_decoder:
+            kernels.remove_parallel_grad_(self.W_dec.detach(), self.W_dec.grad, triton=triton)
+
+    @torch.no_grad()
+    def constrain_parameters(self, triton: bool) -> None:
+        """After each optimiser step. With unit-norm decoder rows, w_i <- w_i / ||w_i||."""
+        if self.cfg.unit_norm_decoder:
+            kernels.normalize_rows_(self.W_dec.data, triton=triton)
 
     def activate(self, z: torch.Tensor) -> torch.Tensor:
         """Training latents f [S, B, m] from pre-activations z [S, B, m]."""
@@ -947,7 +1017,7 @@ class SAEEnsemble(torch.nn.Module):
         normalised; each seed computes the pre-activations of its own dead latents only (n << m)."""
         residual = (x - x_hat).detach()
         # unbound once: indexing a parameter per seed would make autograd allocate a full-size gradient per seed
-        W_enc, W_dec, b_enc, b_dec = self.W_enc.unbind(), self.W_dec.unbind(), self.b_enc.unbind(), self.b_dec.unbind()
+        W_enc, W_dec, b_enc, b_dec = self.W_enc.unbind(), self.decoder().unbind(), self.b_enc.unbind(), self.b_dec.unbind()
         losses = []
         for s in range(len(self.seeds)):
             latent = dead[s].nonzero().squeeze(1)
@@ -963,9 +1033,9 @@ class SAEEnsemble(torch.nn.Module):
     def export(self, s: int) -> dict[str, torch.Tensor]:
         """Seed s's weights in raw activation units, with SAELens names. Dividing the decoder bias,
         encoder bias and threshold by the input scale c gives latents f/c and x_hat/c: the same SAE
-        on raw inputs, with W_dec's rows still unit norm."""
+        on raw inputs, with W_dec's rows unchanged (unit norm where the architecture keeps them so)."""
         c = self.input_scale
-        tensors = {"W_enc": self.W_enc[s], "W_dec": self.W_dec[s], "b_enc": self.b_enc[s] / c, "b_dec": self.b_dec[s] / c}
+        tensors = {"W_enc": self.W_enc[s], "W_dec": self.decoder()[s], "b_enc": self.b_enc[s] / c, "b_dec": self.b_dec[s] / c}
         tensors.update(self.extra_exports(s))
         return {name: t.detach().float().cpu().clone() for name, t in tensors.items()}
 
@@ -1025,11 +1095,11 @@ class TopKSAE(SAEEnsemble):
         x = acts * self.input_scale
         if triton:   # the fused path: the dense [S, B, m] pre-activation is never materialised
             values, indices = kernels.topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, triton=True)
-            x_hat = kernels.sparse_decode(values, indices, self.W_dec, self.b_dec, triton=True)
+            x_hat = kernels.sparse_decode(values, indices, self.decoder(), self.b_dec, triton=True)
             return x, x_hat, Codes(values=values, indices=indices)
         z = pre_activation(x, self.W_enc, self.b_enc, self.b_dec)
         values, indices = topk_kept(z, self.cfg.k)
-        x_hat = SeedwiseLinear.apply(scatter_latents(values, indices, z), self.W_dec, self.b_dec)
+        x_hat = SeedwiseLinear.apply(scatter_latents(values, indices, z), self.decoder(), self.b_dec)
         return x, x_hat, Codes(values=values, indices=indices)
 
     @staticmethod
@@ -1124,7 +1194,123 @@ class JumpReLUSAE(SAEEnsemble):
         return threshold_latents(z, tensors["threshold"])
 
 
-ARCHITECTURES: dict[str, type[SAEEnsemble]] = {cls.name: cls for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al. 2025): BatchTopK latents f, and nested prefixes of the latents,
+    sizes m_1 < ... < m_n = m, each reconstructing x on its own: x_hat_j = f[:m_j] W_dec[:m_j] + b_dec.
+    The reconstruction term is the mean over prefixes of ||x - x_hat_j||^2, so the first latents must
+    carry what matters most on their own. Inference, as BatchTopK, with the learned global threshold."""
+    name = "matryoshka"
+    settings = {**BatchTopKSAE.settings, "prefixes": setting(
+        (0.0625, 0.125, 0.25, 0.5, 1.0), "matryoshka: nested prefix sizes as fractions of the width, increasing, "
+        "the last 1 (halvings down to 1/16: lower FVU and dead fraction on the grokked model than down to 1/4 or 1/2)")}
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        fractions = cfg.prefixes
+        if not fractions or fractions[-1] != 1 or any(not 0 < f <= 1 for f in fractions):
+            raise HusaiError(f"prefixes {' '.join(map(str, fractions))}: need fractions in (0, 1], the last 1")
+        sizes = cls.prefix_sizes(cfg)
+        if sizes[0] < 1 or any(a >= b for a, b in zip(sizes, sizes[1:])):
+            raise HusaiError(f"prefixes {' '.join(map(str, fractions))}: of width {cfg.width} they give {sizes} "
+                             f"latents; need at least 1 and strictly increasing")
+
+    @staticmethod
+    def prefix_sizes(cfg: SAEConfig) -> list[int]:
+        """The number of latents in each prefix, round(fraction * width); the last is the width."""
+        return [round(fraction * cfg.width) for fraction in cfg.prefixes]
+
+    def reconstruction_loss(self, x, codes, error):
+        """Mean over prefixes of ||x - x_hat_j||^2 [S]; the whole width's error is given, the shorter
+        prefixes' are computed here from their latents and decoder rows."""
+        errors = [error]
+        for size in self.prefix_sizes(self.cfg)[:-1]:
+            x_hat = SeedwiseLinear.apply(codes.latents[..., :size], self.W_dec[:, :size], self.b_dec)
+            errors.append((x_hat - x).pow(2).sum(-1).mean(-1))
+        return torch.stack(errors).mean(dim=0)
+
+
+SHARED_CENTROIDS_SEED = 0        # the k-means seed of archetypal's --centroids shared
+
+
+class ArchetypalSAE(TopKSAE):
+    """Relaxed archetypal SAE with TopK latents (RA-SAE, Fel et al. 2025). The decoder rows are
+    D = (W C + Lambda) exp(s) [m, d]: C [n_c, d] fixed k-means centroids of the data, W [m, n_c]
+    row-stochastic (non-negative, rows summing to 1, so W C lies in the centroids' convex hull), Lambda
+    [m, d] a relaxation with every row's norm at most delta, s a learned scalar. As in the authors' code,
+    W starts as the identity on its first rows and Lambda at 0; after each step W is projected (ReLU, then
+    each row divided by its sum) and Lambda's rows are clipped to norm delta. s starts at -log of the
+    centroids' mean norm, so that the rows start at mean norm 1 like the other architectures' (the authors
+    start at s = 0; on the normalised grokked activations, rows of norm ~10 left FVU at 0.016 after the
+    default 1000 steps against 0.009 this way, with 24% dead latents against 34%). D is built afresh at
+    each forward, so the unit-norm decoder constraint does not apply; the saved W_dec is D.
+
+    The centroids are of the normalised data minus the initial b_dec: this SAE adds b_dec to its
+    reconstruction (the authors' has no decoder bias), so its rows describe data relative to that centre.
+    --centroids shared: one k-means for every seed (seed SHARED_CENTROIDS_SEED, the paper's setting);
+    per-seed: a k-means seeded by each SAE's own seed. The encoder starts as the base class draws it from
+    the seed (with tied_init: the transpose of random unit rows, which are not this decoder's). With
+    shared centroids every seed's decoder starts the same, as in the authors' code, and the encoder's
+    initialisation is all that tells the seeds apart; tying the encoder to D would make them identical."""
+    name = "archetypal"
+    settings = {**TopKSAE.settings,
+                "centroids": setting("shared", "archetypal: one k-means of the data for every seed (shared) or "
+                                               "one seeded by each seed (per-seed)", choices=("shared", "per-seed")),
+                "n_centroids": setting(0, "archetypal: k-means centroids in C (0: as many as latents)", NON_NEGATIVE),
+                "delta": setting(1.0, "archetypal: largest norm of a row of the relaxation Lambda (normalised units)",
+                                 NON_NEGATIVE)}
+    variant_settings = ("centroids",)
+
+    def __init__(self, cfg, seeds):
+        super().__init__(cfg, seeds)
+        del self.W_dec                                 # built by decoder() from the four below
+        S, m, n_c = len(self.seeds), cfg.width, self.centroid_count(cfg)
+        self.register_buffer("centroids", torch.zeros(S, n_c, cfg.d_in))   # filled by init_from_data
+        self.mixing = torch.nn.Parameter(torch.eye(m, n_c).expand(S, m, n_c).clone())
+        self.relaxation = torch.nn.Parameter(torch.zeros(S, m, cfg.d_in))
+        self.log_scale = torch.nn.Parameter(torch.zeros(S))
+
+    @staticmethod
+    def centroid_count(cfg: SAEConfig) -> int:
+        return cfg.n_centroids or cfg.width
+
+    @torch.no_grad()
+    def init_from_data(self, acts):
+        """The base initialisation, then the centroids C from k-means of c x - b_dec (on every row of acts),
+        and s from their norms."""
+        super().init_from_data(acts)
+        n_c = self.centroid_count(self.cfg)
+        if n_c > len(acts):
+            raise HusaiError(f"archetypal: {n_c} centroids from only {len(acts)} activations; "
+                             f"use a smaller --n-centroids")
+        points = acts * self.input_scale - self.b_dec[0]          # b_dec starts the same in every seed
+        seeds = [SHARED_CENTROIDS_SEED if self.cfg.centroids == "shared" else seed for seed in self.seeds]
+        found = {}
+        for s, seed in enumerate(seeds):
+            if seed not in found:
+                found[seed] = kmeans(points, n_c, seed)
+            self.centroids[s].copy_(found[seed])
+        self.log_scale.copy_(-self.centroids.norm(dim=-1).mean(dim=-1).log())
+
+    def decoder(self):
+        """D = (W C + Lambda) exp(s) [S, m, d]; W C one matmul per seed, as SeedwiseLinear does."""
+        mixed = torch.stack([W @ C for W, C in zip(self.mixing.unbind(), self.centroids.unbind())])
+        return (mixed + self.relaxation) * self.log_scale.exp()[:, None, None]
+
+    def constrain_gradients(self, triton):
+        """None: W, Lambda and s take their plain gradients; their constraints are projections after the step."""
+
+    @torch.no_grad()
+    def constrain_parameters(self, triton):
+        """W <- ReLU(W), each row divided by its sum (+1e-8); Lambda_i <- Lambda_i min(1, delta / ||Lambda_i||)."""
+        W = self.mixing.relu_()
+        W.div_(W.sum(dim=-1, keepdim=True) + 1e-8)
+        norms = self.relaxation.norm(dim=-1, keepdim=True)
+        self.relaxation.mul_((self.cfg.delta / norms.clamp_min(1e-12)).clamp(max=1))
+
+
+ARCHITECTURES: dict[str, type[SAEEnsemble]] = {
+    cls.name: cls for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ArchetypalSAE)}
 
 
 @dataclass
@@ -1135,7 +1321,8 @@ class CoreSettings:
     width: int = setting(512, "latents m", AT_LEAST_ONE, flag="")
     dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead", AT_LEAST_ONE)
     unit_norm_decoder: bool = setting(True, "unit-norm decoder rows: project W_dec's gradient tangent to the rows "
-                                            "and renormalise after each step", flag="unit-norm")
+                                            "and renormalise after each step (an architecture that builds its rows "
+                                            "has its own constraint instead)", flag="unit-norm")
     tied_init: bool = setting(True, "initialise W_enc as W_dec^T")
     b_dec_init: str = setting("median", "b_dec's start, from a sample of the data (median: geometric, by Weiszfeld)",
                               choices=("median", "mean", "zero"))
@@ -1145,6 +1332,8 @@ class CoreSettings:
         if self.arch not in ARCHITECTURES:
             raise HusaiError(f"unknown architecture {self.arch!r}; valid: {', '.join(ARCHITECTURES)}")
         for f in fields(self):
+            if isinstance(getattr(self, f.name), list):      # a list setting, as a flag or from JSON
+                setattr(self, f.name, tuple(getattr(self, f.name)))
             value, rule, choices = getattr(self, f.name), f.metadata["rule"], f.metadata["choices"]
             if isinstance(value, float) and not math.isfinite(value):
                 raise HusaiError(f"{f.name} {value}: must be a finite number")
@@ -1160,6 +1349,11 @@ class CoreSettings:
     def sparsity_name(self) -> str:
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return ARCHITECTURES[self.arch].sparsity_label(self)
+
+    @property
+    def folder_label(self) -> str:
+        """The output folder name after architecture and width: k32, l1_0.7, k32-per-seed."""
+        return ARCHITECTURES[self.arch].folder_label(self)
 
 
 def architecture_settings() -> list[tuple[str, type, Field]]:
@@ -1236,11 +1430,11 @@ class SAETrainer:
     def __init__(self, sae: SAEEnsemble, lr: float, steps: int, warmup_steps: int, decay_steps: int,
                  use_kernels: bool = True):
         self.sae, self.steps = sae, steps
-        self.triton = kernels.use_triton(sae.W_dec.device, use_kernels)
+        self.triton = kernels.use_triton(sae.b_dec.device, use_kernels)
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
-        self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.W_dec.device)
+        self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.b_dec.device)
         self.step_count = 0
         self.state = list(sae.state_dict().values())   # the ensemble's parameters and buffers, in place
         self.before: list[torch.Tensor] | None = None   # a copy of the state this step starts from
@@ -1253,7 +1447,7 @@ class SAETrainer:
         sae, cfg = self.sae, self.sae.cfg
         x, x_hat, codes = sae(acts, self.triton)
         x = x.expand_as(x_hat)
-        reconstruction = (x_hat - x).pow(2).sum(-1).mean(-1)
+        error = (x_hat - x).pow(2).sum(-1).mean(-1)
         if codes.latents is not None:
             active = codes.latents > 0
             l0, fired = active.sum(-1).float().mean(-1), active.any(dim=1)
@@ -1262,7 +1456,7 @@ class SAETrainer:
             hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, codes.indices.flatten(1),
                                                                           kept.flatten(1).float())
             l0, fired = kept.sum(-1).float().mean(-1), hits > 0   # integer counts: exact in any order
-        loss = reconstruction
+        loss = sae.reconstruction_loss(x, codes, error)
         penalty = sae.penalty(codes, self.step_count)
         if penalty is not None:
             loss = loss + penalty
@@ -1270,7 +1464,7 @@ class SAETrainer:
         if sae.uses_auxk and cfg.auxk:
             loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
         variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
-        fvu = torch.where(variance > 0, reconstruction / variance, float("nan"))   # a constant batch has no FVU
+        fvu = torch.where(variance > 0, error / variance, float("nan"))   # a constant batch has no FVU
         metrics = {"loss": loss.detach(), "fvu": fvu.detach(),
                    "l0": l0, "dead": dead.float().mean(-1)}
         self.inputs_since_fired = torch.where(fired, 0, self.inputs_since_fired + x.shape[1])
@@ -1289,13 +1483,10 @@ class SAETrainer:
         loss, metrics = self.losses(acts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
-        W_dec = self.sae.W_dec
-        if self.sae.cfg.unit_norm_decoder:
-            kernels.remove_parallel_grad_(W_dec.detach(), W_dec.grad, triton=self.triton)
+        self.sae.constrain_gradients(self.triton)
         self.optimizer.step()
         self.schedule.step()
-        if self.sae.cfg.unit_norm_decoder:
-            kernels.normalize_rows_(W_dec.data, triton=self.triton)
+        self.sae.constrain_parameters(self.triton)
         self.check_step(loss.detach(), metrics["fvu"])
         self.step_count += 1
         return metrics

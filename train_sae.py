@@ -7,9 +7,10 @@
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
 inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. Seeds share one data order
 unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
-runs/sae/<arch>-w<width>-<k or penalty>/:
+runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
-                                    activation units; metadata: config, metrics, provenance
+                                    activation units (archetypal: W_dec its built rows, not unit norm);
+                                    metadata: config, metrics, provenance
     seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with full-data FVU
     seed<N>.log.jsonl               training metrics every --log-every steps, then one line with the
                                     run's status and its wall-clock seconds (the only timing anywhere)
@@ -57,12 +58,15 @@ def flagged_settings() -> list:
 
 
 def add_config_flags(parser: CliParser) -> None:
-    """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, or for a
-    switch `--name` / `--no-name`."""
+    """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, for a
+    tuple `--name VALUE [VALUE ...]`, or for a switch `--name` / `--no-name`."""
     for f in flagged_settings():
         flag = f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, dest=f.name, nargs="+", type=type(f.default[0]), default=f.default,
                                 help=f.metadata["help"])
         else:   # allowed values are checked by SAEConfig itself, with its one-line errors
             choices = f.metadata["choices"]
@@ -96,7 +100,7 @@ def build_parser() -> CliParser:
     add("--snapshots", type=int, default=12, help="log-spaced weight snapshots, step 0 included (at most steps + 1)")
     add("--log-every", type=int, default=25, help="write training metrics every N steps")
     # where and how
-    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>)")
+    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>[-<variant>])")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="replace this seed set's earlier run in --out")
@@ -414,7 +418,7 @@ def main() -> None:
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "
                  f"and {n_snapshots} snapshots")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
-    name = f"{cfg.arch}-w{width}-{cfg.sparsity_name}"
+    name = f"{cfg.arch}-w{width}-{cfg.folder_label}"
     if args.acts:
         name += f"-acts-{Path(args.acts).stem}"
     elif args.hook or args.checkpoint is not None:
