@@ -939,6 +939,11 @@ class SAEEnsemble(torch.nn.Module):
         """Raise HusaiError for settings this architecture cannot train with (beyond each field's own rule)."""
 
     @classmethod
+    def check_data(cls, cfg: SAEConfig, n_rows: int) -> None:
+        """Raise HusaiError when this architecture cannot be initialised from n_rows activations (checked
+        before a run starts, so that a refusal writes nothing)."""
+
+    @classmethod
     def sparsity_label(cls, cfg: SAEConfig) -> str:
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return cls.sparsity_format.format(name=cls.sparsity, value=getattr(cfg, cls.sparsity))
@@ -1270,6 +1275,12 @@ class ArchetypalSAE(TopKSAE):
         self.relaxation = torch.nn.Parameter(torch.zeros(S, m, cfg.d_in))
         self.log_scale = torch.nn.Parameter(torch.zeros(S))
 
+    @classmethod
+    def check_data(cls, cfg, n_rows):
+        if cls.centroid_count(cfg) > n_rows:
+            raise HusaiError(f"archetypal: {cls.centroid_count(cfg)} centroids from only {n_rows} activations; "
+                             f"use a smaller --n-centroids")
+
     @staticmethod
     def centroid_count(cfg: SAEConfig) -> int:
         return cfg.n_centroids or cfg.width
@@ -1279,10 +1290,8 @@ class ArchetypalSAE(TopKSAE):
         """The base initialisation, then the centroids C from k-means of c x - b_dec (on every row of acts),
         and s from their norms."""
         super().init_from_data(acts)
+        self.check_data(self.cfg, len(acts))
         n_c = self.centroid_count(self.cfg)
-        if n_c > len(acts):
-            raise HusaiError(f"archetypal: {n_c} centroids from only {len(acts)} activations; "
-                             f"use a smaller --n-centroids")
         points = acts * self.input_scale - self.b_dec[0]          # b_dec starts the same in every seed
         seeds = [SHARED_CENTROIDS_SEED if self.cfg.centroids == "shared" else seed for seed in self.seeds]
         found = {}

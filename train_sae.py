@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_core import (MAX_SETTING, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, RunOutput,
-                      SAEConfig, SAETrainer, build_sae, check_activations, file_sha256, memory_limit_bytes,
-                      non_finite_tensors, pick_device, reconstruction_metrics, run_cli, sae_file_name, sae_reconstruct,
-                      save_tensors, snapshot_file_name, width_scaled_lr)
+from sae_core import (ARCHITECTURES, MAX_SETTING, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError,
+                      RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, file_sha256,
+                      memory_limit_bytes, non_finite_tensors, pick_device, reconstruction_metrics, run_cli,
+                      sae_file_name, sae_reconstruct, save_tensors, snapshot_file_name, width_scaled_lr)
 from train_transformer import activations_from, run_with_replacement
 
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
@@ -413,6 +413,7 @@ def main() -> None:
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
     if args.batch_size > n:
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
+    ARCHITECTURES[cfg.arch].check_data(cfg, n)
     n_snapshots = min(args.snapshots, args.steps + 1)
     check_memory(memory_estimate(n, d, width, len(seeds), args.batch_size, n_snapshots), device,
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "

@@ -174,7 +174,7 @@ def test_bench_encoder_forward(report, shape, dtype):
     _, n_seeds, n_rows, d, m, k = shape
     p = {name: t.detach() for name, t in make_sae(n_seeds, d, m, dtype).items()}
     args = (make_x(n_rows, d, dtype), p["W_enc"], p["b_enc"], p["b_dec"], k)
-    fused, torch_ = measure(lambda: kernels.topk_encode(*args)), measure(lambda: torch_encode(*args))
+    fused, torch_ = measure(lambda: kernels.topk_encode(*args, triton=True)), measure(lambda: torch_encode(*args))
     throughput = rates(2 * n_seeds * n_rows * d * m, fused, torch_, 1e12, "TFLOP/s")
     report.append(compare_row("encoder forward", shape_label(shape, dtype), fused, torch_, throughput))
 
@@ -183,9 +183,9 @@ def test_bench_encoder_forward(report, shape, dtype):
 def test_bench_decoder_forward(report, shape, dtype):
     _, n_seeds, n_rows, d, m, k = shape
     p = {name: t.detach() for name, t in make_sae(n_seeds, d, m, dtype).items()}
-    values, indices = kernels.topk_encode(make_x(n_rows, d, dtype), p["W_enc"], p["b_enc"], p["b_dec"], k)
+    values, indices = kernels.topk_encode(make_x(n_rows, d, dtype), p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)
     args = (values, indices, p["W_dec"], p["b_dec"])
-    fused, torch_ = measure(lambda: kernels.sparse_decode(*args)), measure(lambda: torch_decode(*args))
+    fused, torch_ = measure(lambda: kernels.sparse_decode(*args, triton=True)), measure(lambda: torch_decode(*args))
     gathered_bytes = n_seeds * n_rows * k * d * p["W_dec"].element_size()
     throughput = rates(gathered_bytes, fused, torch_, 1e9, "GB/s of gathered rows")
     report.append(compare_row("decoder forward", shape_label(shape, dtype), fused, torch_, throughput))
@@ -201,9 +201,9 @@ def test_bench_decoder_normalisation(report, shape, dtype):
     # the projection reads W and G and writes G; the renormalisation reads and writes W
     for what, bytes_moved, fused_fn, torch_fn in [
         ("decoder grad projection", 3 * W_dec.nbytes,
-         lambda: kernels.remove_parallel_grad_(W_dec, grad), lambda: torch_remove_parallel_grad_(W_dec, grad)),
+         lambda: kernels.remove_parallel_grad_(W_dec, grad, triton=True), lambda: torch_remove_parallel_grad_(W_dec, grad)),
         ("decoder renormalisation", 2 * W_dec.nbytes,
-         lambda: kernels.normalize_rows_(W_dec), lambda: torch_normalize_rows_(W_dec)),
+         lambda: kernels.normalize_rows_(W_dec, triton=True), lambda: torch_normalize_rows_(W_dec)),
     ]:
         fused, torch_ = measure(fused_fn), measure(torch_fn)
         note = f"kernel at {100 * bytes_moved / fused['ms'] / 1e6 / copy_gbs:.0f}% of clone bandwidth ({copy_gbs:.0f} GB/s)"

@@ -82,7 +82,7 @@ ENCODER_SHAPES = [(45, 37, 300), (20, 24, 520)]  # (B, d, m); m = 520 gives two 
 def test_topk_encode_matches_reference(n_rows, d, m, k, n_seeds, shared_x):
     p = make_sae(n_seeds, d, m)
     x = make_x(n_seeds, n_rows, d, shared=shared_x)
-    values, indices = kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+    values, indices = kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)
     assert_topk_matches(values, indices, x, p, k)
 
 
@@ -92,7 +92,7 @@ def test_topk_encode_wide_k_and_relu_zeros():
     p = make_sae(1, 16, 300, bias_shift=-1.0)
     x = make_x(1, 10, 16, shared=True)
     for k in (100, 128):
-        values, indices = kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+        values, indices = kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)
         assert (values == 0).any() and (values > 0).any()
         assert_topk_matches(values, indices, x, p, k)
 
@@ -103,7 +103,7 @@ def test_topk_encode_ties_go_to_the_smaller_index():
     # all pre-activations equal: the answer is latents 0..k-1 for every row
     zeros = {"W_enc": torch.zeros(1, d, m), "b_enc": torch.zeros(1, m), "b_dec": torch.zeros(1, d)}
     zeros = {name: t.to(DEVICE) for name, t in zeros.items()}
-    values, indices = kernels.topk_encode(make_x(1, n_rows, d, shared=True), **zeros, k=k)
+    values, indices = kernels.topk_encode(make_x(1, n_rows, d, shared=True), **zeros, k=k, triton=True)
     assert torch.equal(indices, torch.arange(k, device=DEVICE).expand(1, n_rows, k))
     assert torch.equal(values, torch.zeros_like(values))
 
@@ -117,7 +117,7 @@ def test_topk_encode_ties_go_to_the_smaller_index():
     }
     ints = {name: t.to(DEVICE, torch.float32) for name, t in ints.items()}
     x = torch.randint(-2, 3, (n_rows, d), generator=gen).to(DEVICE, torch.float32)
-    values, indices = kernels.topk_encode(x, **ints, k=k)
+    values, indices = kernels.topk_encode(x, **ints, k=k, triton=True)
     ref_values, ref_indices = kernels.topk_encode_reference(x, **ints, k=k)
     assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
 
@@ -164,8 +164,8 @@ def test_sparse_decode_and_gradients_match_reference(n_seeds, k, d):
 
 def run_encode_decode_backward(p: dict, x: torch.Tensor, k: int) -> list[torch.Tensor]:
     q = with_grad(p)
-    values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k)
-    x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"])
+    values, indices = kernels.topk_encode(x, q["W_enc"], q["b_enc"], q["b_dec"], k, triton=True)
+    x_hat = kernels.sparse_decode(values, indices, q["W_dec"], q["b_dec"], triton=True)
     ((x_hat - x) ** 2).sum().backward()
     return [values, indices, x_hat] + [q[name].grad for name in ("W_enc", "b_enc", "b_dec", "W_dec")]
 
@@ -179,8 +179,8 @@ def test_kernels_are_bitwise_deterministic():
     w_runs, g_runs = [], []
     for _ in range(2):
         w, g = p["W_dec"].clone() * 3, p["W_enc"].transpose(1, 2).contiguous()
-        kernels.remove_parallel_grad_(w, g)
-        kernels.normalize_rows_(w)
+        kernels.remove_parallel_grad_(w, g, triton=True)
+        kernels.normalize_rows_(w, triton=True)
         w_runs.append(w), g_runs.append(g)
     assert torch.equal(*w_runs) and torch.equal(*g_runs)
 
@@ -195,7 +195,7 @@ def test_encoder_saves_no_dense_tensor_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
-        kernels.topk_encode(make_x(n_seeds, n_rows, d, shared=True), p["W_enc"], p["b_enc"], p["b_dec"], k)
+        kernels.topk_encode(make_x(n_seeds, n_rows, d, shared=True), p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)
     assert saved_sizes and max(saved_sizes) < n_seeds * n_rows * m
     assert max(saved_sizes) == p["W_enc"].numel()  # the largest thing saved is the parameter itself
 
@@ -208,14 +208,14 @@ def test_decoder_norm_matches_reference(n_seeds, m, d):
     grad = torch.randn(n_seeds, m, d, generator=gen).to(DEVICE)
     w_kernel, g_kernel, w_ref, g_ref = W_dec.clone(), grad.clone(), W_dec.clone(), grad.clone()
 
-    kernels.remove_parallel_grad_(w_kernel, g_kernel)
+    kernels.remove_parallel_grad_(w_kernel, g_kernel, triton=True)
     kernels.remove_parallel_grad_(w_ref, g_ref, triton=False)
     torch.testing.assert_close(g_kernel, g_ref, atol=ATOL, rtol=RTOL)
     assert torch.equal(w_kernel, W_dec), "the projection must not touch W_dec"
     unit = torch.nn.functional.normalize(W_dec, dim=-1)
     assert (g_kernel * unit).sum(-1).abs().max() < 1e-5, "projected gradient not orthogonal to its row"
 
-    kernels.normalize_rows_(w_kernel)
+    kernels.normalize_rows_(w_kernel, triton=True)
     kernels.normalize_rows_(w_ref, triton=False)
     torch.testing.assert_close(w_kernel, w_ref, atol=ATOL, rtol=RTOL)
     norms = w_kernel.norm(dim=-1)
@@ -314,9 +314,9 @@ def test_bfloat16_matches_reference(n_seeds, shared_x, k):
 
     W_dec, grad = 2 * p["W_dec"], torch.randn_like(p["W_dec"])
     w_kernel, g_kernel, w_ref, g_ref = W_dec.clone(), grad.clone(), W_dec.clone(), grad.clone()
-    kernels.remove_parallel_grad_(w_kernel, g_kernel)
+    kernels.remove_parallel_grad_(w_kernel, g_kernel, triton=True)
     kernels.remove_parallel_grad_(w_ref, g_ref, triton=False)
-    kernels.normalize_rows_(w_kernel)
+    kernels.normalize_rows_(w_kernel, triton=True)
     kernels.normalize_rows_(w_ref, triton=False)
     torch.testing.assert_close(g_kernel, g_ref, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(w_kernel, w_ref, atol=1e-2, rtol=1e-2)
@@ -327,11 +327,11 @@ def test_encoder_forward_never_allocates_the_dense_preactivation():
     n_seeds, n_rows, d, m, k = 1, 4096, 128, 16384, 32
     p = make_sae(n_seeds, d, m)
     x = make_x(n_seeds, n_rows, d, shared=True)
-    kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)  # compile first
+    kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)  # compile first
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k)
+    kernels.topk_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], k, triton=True)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < n_seeds * n_rows * m * 4 // 4
 
