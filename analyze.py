@@ -1476,9 +1476,9 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
         result |= numbers
     result["planes"] = plane_summary(trained, initial, random, space, details)
     result["latent_types"] = type_summary_of_group(trained, initial, random, details) if space.grid else None
-    result["phase"] = ({statistic.removeprefix("phase."): mean_and_ci(matrix)
-                        for statistic, matrix in details["trained"].items() if statistic.startswith("phase.")}
-                       if details else None)
+    result["phase"] = {statistic.removeprefix("phase."): mean_and_ci(matrix)
+                       for statistic, matrix in (details or {}).get("trained", {}).items()
+                       if statistic.startswith("phase.")} or None   # None without c-latents in every pair
     result["match_vs_purity"] = match_vs_purity(trained, plots) if space.grid and details else None
     result["reruns"] = [rerun_similarity(a, b, acts, space, device, tau) for a, b in group.reruns]
     result["latents"] = latent_table(group.files, trained, plots)
@@ -2416,9 +2416,6 @@ def plot_purity(data: dict, result: dict, path: Path) -> None:
     finish(fig, path)
 
 
-DYNAMICS_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink")   # FVU is red
-
-
 def dynamics_names(result: dict) -> list[ScoreName]:
     """The dynamics scores the group has (functional ones only up to DYNAMICS_LATENT_LIMIT)."""
     return [n for n in score_names("dynamics") if n.name in result["dynamics"]["names"]]
@@ -2435,8 +2432,10 @@ def plot_dynamics(result: dict, path: Path) -> None:
     rows = result["dynamics"]["steps"]
     steps = [row["step"] for row in rows]
     names = dynamics_names(result)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, score, view), color in zip(names, DYNAMICS_COLORS):
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    colors = [f"C{i}" for i in range(10) if i != 3]   # C3 (red) is FVU's
+    for i, (name, score, view) in enumerate(names):
+        color = colors[i % len(colors)]
         values = [row[name] for row in rows]
         shown = [(step, v) for step, v in zip(steps, values) if v is not None]
         ax.plot([s for s, _ in shown], [v["mean"] for _, v in shown], "o-", color=color, label=score_short(score, view))
@@ -2450,10 +2449,10 @@ def plot_dynamics(result: dict, path: Path) -> None:
     ax.set(xscale="symlog", xlabel="training step (0: the initialisation)", ylabel=f"{scores} across seeds",
            ylim=(0, 1.02))
     twin = ax.twinx()
-    twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="tab:red", label="FVU")
+    twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="C3", label="FVU")
     twin.set(ylabel="FVU (full dataset)", yscale="log")
-    ax.legend(loc="lower left", fontsize=8)
-    twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1), fontsize=7)
+    twin.legend(loc="lower left", bbox_to_anchor=(1.12, 0), fontsize=7)
     ax.set_title(f"{result['name']}: stability and FVU during training")
     finish(fig, path)
 
