@@ -104,7 +104,7 @@ NULLS = {
             "the primary null of every score, and the one normalised scores use",
     "random": f"{NULL_PAIRS} independent pairs of random TopK SAEs of the group's width and k (penalised "
               "architectures: k = the trained seeds' mean L0) inside the data: decoder rows uniform on the sphere of "
-              f"the principal subspace holding {VARIANCE_SHARES[0]:.0%} of the variance, encoder = decoder^T, b_dec = "
+              f"the principal subspace holding {100 * VARIANCE_SHARES[0]:g}% of the variance, encoder = decoder^T, b_dec = "
               "the mean activation. Functional scores only",
     "subspace": f"{NULL_PAIRS} independent pairs of dictionaries of directions uniform in the principal subspace a "
                 "projected score is computed in. Direction scores inside a subspace only",
@@ -131,9 +131,14 @@ TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
 # others) plus one entry in SCORES: the entry alone puts it in report.json and in every table, sentence
 # and figure that its fields name.
 
+def percent(share: float) -> str:
+    """0.99 -> "99%", 0.999 -> "99.9%"."""
+    return f"{100 * share:g}%"
+
+
 PROJECTED_VIEWS = {f"decoder_{str(share)[2:]}": share for share in VARIANCE_SHARES}   # "decoder_99": 0.99
 VIEWS = {"decoder": "decoder rows", "encoder": "encoder columns",
-         **{view: f"decoder rows in the {share:.1%} subspace" for view, share in PROJECTED_VIEWS.items()}}
+         **{view: f"decoder rows in the {percent(share)} subspace" for view, share in PROJECTED_VIEWS.items()}}
 MATCHED_VIEWS = ("decoder", "encoder")   # one-to-one matching (the costliest step) in the raw views only
 PRIMARY_VIEW = "decoder"   # the view of the direction headline, comparison and trends
 LEVELS = {
@@ -170,7 +175,7 @@ class Score(NamedTuple):
     curve: str | None = None                # report.json name of its curve over TAU_GRID, drawn in the stability figure
 
 
-FUNCTION_COMPARISON = ("trained", "init", "random", "normalised")
+FUNCTION_COMPARISON = ("trained", "init", "random", "normalised")   # the headline scores' columns across groups
 SCORES = (
     Score("plane_agreement", "plane agreement (mean over key frequencies)", "plane agreement", 3,
           "**Plane agreement**: for each key frequency w, the plane each SAE's harmonic family writes at w (the "
@@ -179,7 +184,7 @@ SCORES = (
           "frequency is in the plane table.",
           lambda pair, view, tau: mean_or_none(list(pair.planes.values())) if pair.planes else None,
           level="function", views=(), sections=frozenset({"headline", "dynamics", "trends"}),
-          comparison=FUNCTION_COMPARISON),
+          comparison=("trained", "init", "random")),
     Score("act_match_weighted", "activation match, energy-weighted", "weighted activation match", 3,
           "**Energy-weighted activation match**: each latent's best Pearson correlation over all inputs with any "
           "latent of the other seed, weighted by its share of the reconstruction energy (sum_n f_ni^2 ||d_i||^2 "
@@ -191,8 +196,7 @@ SCORES = (
           f"**Partner energy**: the share of the reconstruction energy held by latents whose one-to-one (Hungarian, "
           f"on correlations) partner correlates above {PARTNER_CORRELATION}; the mean of the two directions.",
           lambda pair, view, tau: pair.activation["partner_energy"],
-          level="function", views=(), one_to_one=True, sections=frozenset({"headline"}),
-          comparison=FUNCTION_COMPARISON),
+          level="function", views=(), one_to_one=True, sections=frozenset({"headline"}), comparison=("trained",)),
     Score("act_hungarian_weighted", "activation match, one-to-one, energy-weighted", "weighted one-to-one match", 3,
           "**Energy-weighted one-to-one activation match**: as the energy-weighted match, with each latent's "
           "correlation to its Hungarian partner instead of its best.",
@@ -201,7 +205,7 @@ SCORES = (
     Score("act_match", "activation match, unweighted (alive latents)", "activation match", 3,
           "**Activation match (unweighted)**: each alive latent's best correlation in the other seed, averaged "
           "with equal weights: hundreds of rarely firing latents decide it.",
-          lambda pair, view, tau: pair.activation["max"], level="function", views=(), comparison=("trained", "init")),
+          lambda pair, view, tau: pair.activation["max"], level="function", views=()),
     Score("act_hungarian", "activation match, one-to-one, unweighted (alive latents)", "one-to-one match", 3,
           "**One-to-one activation match (unweighted)**: each alive latent's correlation to its Hungarian partner.",
           lambda pair, view, tau: pair.activation["hungarian"], level="function", views=(), one_to_one=True),
@@ -224,8 +228,7 @@ SCORES = (
           "decoder and encoder cosine matrices; a latent is shared when its partner in that matching has cosine "
           "> tau in the decoder AND in the encoder.",
           lambda pair, view, tau: shared_fraction(pair.shared, tau),
-          views=(), one_to_one=True, sections=frozenset({"headline"}), comparison=("trained", "init"),
-          curve="shared_curve"),
+          views=(), one_to_one=True, sections=frozenset({"headline"}), curve="shared_curve"),
 )
 PARETO_SCORE = "act_match_weighted"   # its normalised value is the stability axis of the Pareto frontier
 
@@ -2619,7 +2622,7 @@ def definitions_section(report: dict) -> list[str]:
     return DEFINITIONS.format(scores=scores, ci=f"{CI_LEVEL:.0%}", resamples=BOOTSTRAP_RESAMPLES,
                               type_share=TYPE_SHARE, family_r2=FAMILY_R2, harmonics=HARMONICS, draws=PHASE_DRAWS,
                               nulls="\n".join(f"  - *{kind}*: {what}" for kind, what in report["nulls"].items()),
-                              shares=" and ".join(f"{share:.1%}" for share in VARIANCE_SHARES)).split("\n")
+                              shares=" and ".join(percent(share) for share in VARIANCE_SHARES)).split("\n")
 
 
 def choices_section(settings: dict) -> list[str]:
@@ -2686,7 +2689,7 @@ def group_header(g: dict) -> list[str]:
     if g["notes"]:
         lines += ["Notes:"] + [f"- {n}" for n in g["notes"]] + [""]
     acts = g["activations"]
-    ranks = ", ".join(f"{float(share):.1%} in r = {rank}" for share, rank in acts["ranks"].items())
+    ranks = ", ".join(f"{percent(float(share))} in r = {rank}" for share, rank in acts["ranks"].items())
     lines += [f"Activations: {acts['n']} inputs x d = {acts['d']}; variance held by the top principal directions: "
               f"{ranks}."]
     planes = acts["variance_in_planes"]
@@ -2841,7 +2844,7 @@ def why_directions_mislead(g: dict) -> str:
     share, rank = next(iter(acts["ranks"].items()))
     inside = acts["decoder_in_subspace"][share]
     sentence = (f"Why raw decoder scores mislead here: a trained unit decoder row has only {fmt_ci(inside, 2)} of its "
-                f"squared length in the r = {rank} principal directions that hold {float(share):.0%} of the "
+                f"squared length in the r = {rank} principal directions that hold {percent(float(share))} of the "
                 f"activations' variance (r / d = {fmt(rank / acts['d'], 2)} for a random direction), so a raw cosine "
                 "mostly compares each seed's leftover initialisation in directions the data never visits")
     for name, score, _ in score_names("trends", "direction"):
