@@ -2448,8 +2448,7 @@ def plot_dynamics(result: dict, path: Path) -> None:
             mean = null_mean(result, kind, name) if kind != "init" else None
             if mean is not None:
                 ax.axhline(mean, color=color, ls=NULL_STYLES[kind], lw=1, label=f"{kind} null ({score_short(score, view)})")
-    scores = " / ".join(dict.fromkeys(score.short for _, score, _ in names))
-    ax.set(xscale="symlog", xlabel="training step (0: the initialisation)", ylabel=f"{scores} across seeds",
+    ax.set(xscale="symlog", xlabel="training step (0: the initialisation)", ylabel="score across seeds",
            ylim=(0, 1.02))
     twin = ax.twinx()
     twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="C3", label="FVU")
