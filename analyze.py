@@ -1,4 +1,4 @@
-"""Stage 3: do SAEs trained with different seeds learn the same latents, and are those the model's
+"""Stage 3: do SAEs trained with different seeds learn the same features, and are those the model's
 Fourier features?
 
     python analyze.py                                   # every runs/sae/*/seed<N>.safetensors
@@ -8,10 +8,10 @@ Fourier features?
 Reads the SAEs written by train_sae.py and the transformer (or activation file) that each one names in
 its provenance, groups them by configuration, and writes to --out:
     report.md       readable on its own: what each number is, every choice that moves the numbers, each
-                    score beside its baselines
+                    score beside its nulls
     report.json     every number in report.md and more (per-pair matrices, curves, per-seed values)
-    figures/*.png   similarity matrices, shared fraction vs tau, purity, training dynamics, comparisons
-                    across configurations, the transformer's grokking curve and Fourier spectrum
+    figures/*.png   planes and latent types, similarity matrices, shared fraction vs tau, purity, training
+                    dynamics, comparisons across configurations, the transformer's grokking curve and spectrum
 The report folder is written beside --out and moved into place whole (sae_core.RunOutput): --force
 replaces an earlier report entirely (no figure of it survives), and a second analysis writing to the same
 place at the same time is refused. SAE files with a non-finite tensor or metric are skipped and listed.
@@ -19,12 +19,22 @@ The same files give the same report byte for byte: nothing reads the clock, ever
 recorded fixed seed, and files, groups and seeds are visited in sorted order (the report is the same with
 any number of threads; on a CPU that other jobs keep busy, OMP_NUM_THREADS=1 is the faster setting).
 
+What is measured. The grokked model's features are circles: for each key frequency w, the activations at
+`=` trace the plane of cos(w c) and sin(w c), c the answer. A sparse code tiles a circle with arcs at an
+arbitrary phase, so two seeds can write the same planes with latents that do not match one to one, and
+a decoder row is mostly its seed's leftover initialisation in directions the data never visits. The
+report therefore leads with measures read from the latents' activations on every input: the plane each
+harmonic family of latents writes (across seeds and against the true plane), the energy-weighted
+activation match, and what each latent is a function of (its type). Every score stands beside nulls that
+suit it: the untrained initialisation of the same seeds (the primary null; normalised scores use it),
+random TopK dictionaries inside the data's subspace for the functional scores, and random directions in
+the subspace for direction scores computed there. Raw decoder and encoder cosines follow.
+
 The file reads top to bottom as the run goes: settings and the table of stability scores (SCORES), then
 what is computed, then how the inputs are loaded, then how the report and figures are rendered, then
 main(). A stability score is one function plus one entry in SCORES; the report's tables, definitions,
-comparison, dynamics and figures all read that table. The other metrics are one function each, here or
-in sae_core (Fourier basis, purity, FVU, SAE inference), used by the trained SAEs and by their baselines
-alike.
+comparison, dynamics and figures all read that table. The other measures are one function each, here or
+in sae_core (Fourier basis, FVU, SAE inference), used by the trained SAEs and by their nulls alike.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import glob
 import json
 import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -42,14 +52,15 @@ from typing import BinaryIO, Callable, NamedTuple
 
 import matplotlib
 import numpy as np
+import scipy.sparse
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 
-from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, RUN_DIR, SAE_VERSION,
-                      SNAPSHOT_FORMAT, CliParser, HusaiError, RunOutput, atomic_write, embedding_spectrum, file_sha256,
-                      fourier_purity, load_sae, load_tensors, non_finite_tensors, pick_device, reconstruction_metrics,
-                      run_cli, sae_latents, snapshot_file_name, sum_frequency_directions)
+from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, RUN_DIR, SAE_VERSION, SNAPSHOT_FORMAT, CliParser,
+                      HusaiError, RunOutput, atomic_write, embedding_spectrum, file_sha256, fourier_basis, load_sae,
+                      load_tensors, non_finite_tensors, pick_device, reconstruction_metrics, run_cli, sae_latents,
+                      snapshot_file_name)
 from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves, training_log_path
 
 matplotlib.use("Agg")   # figures go to files; no display is needed or used
@@ -60,39 +71,57 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 SHARED_TAU = 0.7                 # a latent is "shared" above this matched cosine (Paulo & Belrose 2025)
 TAU_GRID = tuple(round(0.05 * i, 2) for i in range(21))   # the shared-fraction curve
-PURE_LATENT = PURE_NEURON_THRESHOLD   # a latent is Fourier-pure at purity >= 0.85: the neuron rule of stage 1
-SUBSPACE_VARIANCE = 0.99         # the subspace baseline draws from the top principal directions holding this
+VARIANCE_SHARES = (0.99, 0.999)  # principal subspaces holding these shares of the variance: decoder scores are
+                                 # repeated inside each, and the random TopK null lives in the first
 HUNGARIAN_MAX_LATENTS = 16_384   # one-to-one matching needs the whole [m, m] matrix: 2 GiB in float64 here,
                                  # 4.6 GB peak and ~10 s per matching of a planted pair, measured on this CPU
-CHUNK_ELEMENTS = 1 << 24         # max-cosine works on [c, m] blocks of at most this many cosines (64 MiB)
-PURITY_CHUNK = 256               # latents per fourier_purity call (its float64 temporaries are [p, p, chunk])
-BASELINE_DICTIONARIES = 2        # dictionaries per baseline, so one pair: random baselines barely vary at a given
-                                 # shape, and each pair costs two one-to-one matchings (most of the run time)
+CHUNK_ELEMENTS = 1 << 24         # max-cosine, correlations and the phase question work on blocks of at most
+                                 # this many numbers (64 MiB of float32)
+DENSE_LATENTS_BYTES = 1 << 30    # SAEs are read side by side while their dense latents [N, m] fit in this
 BOOTSTRAP_RESAMPLES = 2000       # resamples of the seeds for every confidence interval
 CI_LEVEL = 0.95
 RECOMMENDED_SEEDS = 5
 FIGURE_LATENTS = 128             # latents shown in a similarity heat map
-# Fixed generator seeds; replicate i of a baseline uses seed + 2i (decoder) and seed + 2i + 1 (encoder).
-GENERATOR_SEEDS = {"bootstrap": 0, "isotropic": 1000, "covariance": 2000, "subspace": 3000, "random_latents": 4000}
+VARIABLES = ("c", "a", "b", "other")   # of an input (a, b): c the answer ((a + b) mod p; (a - b) for sub), the two
+                                       # inputs, and the other combination ((a - b) mod p; (a + b) for sub)
+LATENT_TYPES = VARIABLES + ("unexplained", "dead")
+TYPE_SHARE = 0.5                 # a latent is a v-latent when >= this share of its variance is a function of v
+FAMILY_R2 = 0.9                  # two groups are one harmonic family when either's cos/sin decode from the other's
+                                 # group this well (grokked model: harmonic pairs 0.88-0.98, other pairs <= 0.84)
+HARMONICS = 10                   # harmonic purity counts a latent's c-energy at j w, j = 1..HARMONICS: an arc
+                                 # firing on 20% of inputs keeps 0.997 of its variance there, on 10% 0.98
+PARTNER_CORRELATION = 0.9        # a latent "has a partner" when its one-to-one partner correlates above this
+SPARSE_DENSITY = 0.1             # latents non-zero on fewer than this share of (input, latent) pairs correlate
+                                 # through an exact float64 sparse product (cost ~ density^2); denser ones in
+                                 # float32 blocks
+NULL_PAIRS = 5                   # random nulls: this many independent pairs of dictionaries, with their spread
+PHASE_DRAWS = 5                  # phase question: this many independent per-latent phase shuffles
+DYNAMICS_LATENT_LIMIT = 1024     # functional scores over the training snapshots only up to this width: each
+                                 # step costs as much as the trained SAEs (direction scores: every width)
+# Fixed generator seeds. Random pair i uses seed + 2i and seed + 2i + 1; phase draw i uses seed + i.
+GENERATOR_SEEDS = {"bootstrap": 0, "subspace": 3000, "random": 5000, "phase": 6000}
 KEY_FREQUENCY_RULE = (f"embedding Fourier share >= {KEY_FREQUENCY_MIN_SHARE} "
                       f"({embedding_spectrum.__module__}.{embedding_spectrum.__name__})")
 
-BASELINES = {
-    "isotropic": "unit vectors from N(0, I_d): pure geometry, depends only on d and m",
-    "covariance": "vectors from N(0, Sigma_x), the activations' own covariance",
-    "subspace": f"uniform directions in the top-r principal subspace holding {SUBSPACE_VARIANCE:.0%} of the "
-                "variance (the honest baseline; normalised scores use it)",
-    "init": "the same SAEs at step 0 (untrained initialisation, from the snapshot files)",
+NULLS = {
+    "init": "the same seeds' SAEs at step 0 (the untrained initialisation, from the snapshot files), all seed pairs: "
+            "the primary null of every score, and the one normalised scores use",
+    "random": f"{NULL_PAIRS} independent pairs of random TopK SAEs of the group's width and k (penalised "
+              "architectures: k = the trained seeds' mean L0) inside the data: decoder rows uniform on the sphere of "
+              f"the principal subspace holding {100 * VARIANCE_SHARES[0]:g}% of the variance, encoder = decoder^T, b_dec = "
+              "the mean activation. Functional scores only",
+    "subspace": f"{NULL_PAIRS} independent pairs of dictionaries of directions uniform in the principal subspace a "
+                "projected score is computed in. Direction scores inside a subspace only",
 }
 
 
 class Variant(NamedTuple):
     absolute: bool      # |cos| instead of the signed cosine
     alive_only: bool    # dead latents left out
-    hungarian: bool     # one-to-one matching too (the |cos| check is max-based only: matching costs most)
+    hungarian: bool     # one-to-one matching too (it costs most: the primary variant only)
 
 
-VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive latents": Variant(False, True, True),
+VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive latents": Variant(False, True, False),
             "|cos|, all latents": Variant(True, False, False)}
 PRIMARY_VARIANT = "signed, all latents"
 TRAINING_SETTINGS = ("steps", "batch_size", "lr", "normalize", "data_seed", "vary_data_order")   # shown per group
@@ -102,104 +131,163 @@ DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
 TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
 
 # --------------------------------------------------------------------------------------------------
-# The stability scores of a pair of dictionaries. A new score is its function (in the next part, beside
-# the others) plus one entry in SCORES: the entry alone puts it in report.json and in every table,
-# sentence and figure that its fields name.
+# The stability scores of a pair of SAEs. A new score is its function (in the next part, beside the
+# others) plus one entry in SCORES: the entry alone puts it in report.json and in every table, sentence
+# and figure that its fields name.
 
-VIEWS = {"decoder": "decoder rows", "encoder": "encoder columns"}   # each dictionary is compared both ways
-PRIMARY_VIEW = "decoder"   # the view of the headline, the comparison across groups and the trends figure
-SECTIONS = {
-    "headline": "the group's verdict: one sentence against the subspace baseline (primary view)",
-    "dynamics": "stability at every snapshot step: table, figure and report.json (scores without matching)",
-    "trends": "the figure of stability against width, k and penalty (primary view; its comparison statistics "
-              "must include trained, subspace and isotropic)",
+def percent(share: float) -> str:
+    """0.99 -> "99%", 0.999 -> "99.9%"."""
+    return f"{100 * share:g}%"
+
+
+PROJECTED_VIEWS = {f"decoder_{str(share)[2:]}": share for share in VARIANCE_SHARES}   # "decoder_99": 0.99
+VIEWS = {"decoder": "decoder rows", "encoder": "encoder columns",
+         **{view: f"decoder rows in the {percent(share)} subspace" for view, share in PROJECTED_VIEWS.items()}}
+MATCHED_VIEWS = ("decoder", "encoder")   # one-to-one matching (the costliest step) in the raw views only
+PRIMARY_VIEW = "decoder"   # the view of the direction headline, comparison and trends
+LEVELS = {
+    "function": "read from the latents' activations on every input and the planes they write (primary variant only)",
+    "direction": "read from the latents' decoder rows and encoder columns (every variant)",
 }
-COMPARISON_STATISTICS = ("trained", *BASELINES, "normalised")   # a baseline's statistic is its mean score
+SECTIONS = {
+    "headline": "the group's verdicts: one sentence per score against its nulls (functional scores lead the group, "
+                "direction scores open the direction part)",
+    "dynamics": "stability at every snapshot step: table, figure and report.json (scores without matching; "
+                f"functional ones up to width {DYNAMICS_LATENT_LIMIT})",
+    "trends": "the figure of stability against width, k and penalty (trained beside its nulls)",
+}
+COMPARISON_STATISTICS = ("trained", *NULLS, "normalised")   # a null's statistic is its mean score
 
 
 class Score(NamedTuple):
     """One stability score and where the report shows it. Every score that is not directional is also in
-    the group's stability table (each variant, beside its baselines, normalised), in the reruns table, and
-    in report.json's summaries; every score's per-pair matrix is in report.json."""
-    key: str                # report.json name, after "decoder." or "encoder." for a score of one view
+    the group's score table (beside its nulls, normalised against the initialisation), in the reruns
+    table, and in report.json's summaries; every score's per-pair matrix is in report.json."""
+    key: str                # report.json name, after "<view>." for a score of one view
     label: str              # report.md name; "{tau}" stands for the threshold
     short: str              # shorter name: headline, comparison, dynamics and figures
     digits: int             # decimals in report.md
     definition: str         # its line in report.md's definitions ("{tau}" allowed)
-    compute: Callable       # (PairMatches, view or None, tau) -> the score; tau may be an array (then a curve)
-    views: tuple[str, ...] = tuple(VIEWS)   # (): one number that reads both views
-    one_to_one: bool = False                # needs the Hungarian matchings (none for |cos| or above the limit)
+    compute: Callable       # (pair, view or None, tau) -> the score; tau may be an array (then a curve). The pair
+                            # is a PairMatches for a direction score, a PairFunctions for a functional one
+    level: str = "direction"                # among LEVELS
+    views: tuple[str, ...] = tuple(VIEWS)   # (): one number (a functional score, or one that reads both raw views)
+    one_to_one: bool = False                # needs a one-to-one matching (none above HUNGARIAN_MAX_LATENTS)
     directional: bool = False               # compute returns (A -> B, B -> A): a per-pair matrix, shown seed by seed
     sections: frozenset[str] = frozenset()  # among SECTIONS
     comparison: tuple[str, ...] = ()        # among COMPARISON_STATISTICS: columns of the comparison across groups
     curve: str | None = None                # report.json name of its curve over TAU_GRID, drawn in the stability figure
 
 
+FUNCTION_COMPARISON = ("trained", "init", "random", "normalised")   # the headline scores' columns across groups
 SCORES = (
+    Score("plane_agreement", "plane agreement (mean over key frequencies)", "plane agreement", 3,
+          "**Plane agreement**: for each key frequency w, the plane each SAE's harmonic family writes at w (the "
+          "regression of the family's reconstruction on cos(w c), sin(w c)); the smaller principal-angle cosine "
+          "between two seeds' planes (0 when either writes none); the mean over the key frequencies. Each "
+          "frequency is in the plane table.",
+          lambda pair, view, tau: mean_or_none(list(pair.planes.values())) if pair.planes else None,
+          level="function", views=(), sections=frozenset({"headline", "dynamics", "trends"}),
+          comparison=("trained", "init", "random")),
+    Score("act_match_weighted", "activation match, energy-weighted", "weighted activation match", 3,
+          "**Energy-weighted activation match**: each latent's best Pearson correlation over all inputs with any "
+          "latent of the other seed, weighted by its share of the reconstruction energy (sum_n f_ni^2 ||d_i||^2 "
+          "over all latents' total); the mean of the two directions.",
+          lambda pair, view, tau: pair.activation["max_weighted"],
+          level="function", views=(), sections=frozenset({"headline", "dynamics", "trends"}),
+          comparison=FUNCTION_COMPARISON),
+    Score("partner_energy", f"energy with a one-to-one partner above {PARTNER_CORRELATION}", "partner energy", 3,
+          f"**Partner energy**: the share of the reconstruction energy held by latents whose one-to-one (Hungarian, "
+          f"on correlations) partner correlates above {PARTNER_CORRELATION}; the mean of the two directions.",
+          lambda pair, view, tau: pair.activation["partner_energy"],
+          level="function", views=(), one_to_one=True, sections=frozenset({"headline"}), comparison=("trained",)),
+    Score("act_hungarian_weighted", "activation match, one-to-one, energy-weighted", "weighted one-to-one match", 3,
+          "**Energy-weighted one-to-one activation match**: as the energy-weighted match, with each latent's "
+          "correlation to its Hungarian partner instead of its best.",
+          lambda pair, view, tau: pair.activation["hungarian_weighted"],
+          level="function", views=(), one_to_one=True),
+    Score("act_match", "activation match, unweighted (alive latents)", "activation match", 3,
+          "**Activation match (unweighted)**: each alive latent's best correlation in the other seed, averaged "
+          "with equal weights: hundreds of rarely firing latents decide it.",
+          lambda pair, view, tau: pair.activation["max"], level="function", views=()),
+    Score("act_hungarian", "activation match, one-to-one, unweighted (alive latents)", "one-to-one match", 3,
+          "**One-to-one activation match (unweighted)**: each alive latent's correlation to its Hungarian partner.",
+          lambda pair, view, tau: pair.activation["hungarian"], level="function", views=(), one_to_one=True),
     Score("mmcs", "MMCS", "MMCS", 3,
-          "**MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022), reported both ways.",
+          "**MMCS(A -> B)** = (1/m_A) sum_i max_j C_ij (Sharkey et al. 2022) on cosines C of unit directions, "
+          "reported both ways.",
           lambda pair, view, tau: (mmcs(pair.best[view].best_a), mmcs(pair.best[view].best_b)), directional=True),
     Score("pwmcc", "PWMCC (max-based)", "PWMCC", 3,
           "**PWMCC** (max-based) = (MMCS(A -> B) + MMCS(B -> A)) / 2. A latent may be matched more than once, so "
           "PWMCC >= the Hungarian score.",
           lambda pair, view, tau: pwmcc(pair.best[view]),
-          sections=frozenset({"headline", "dynamics", "trends"}),
-          comparison=("trained", "subspace", "isotropic", "normalised")),
+          sections=frozenset({"headline", "dynamics", "trends"}), comparison=("trained", "init", "normalised")),
     Score("hungarian", "Hungarian mean cosine (one-to-one)", "Hungarian mean cosine", 3,
           "**Hungarian mean cosine** (one-to-one): the assignment maximising the total cosine, mean cosine over "
           "matched pairs. (Song et al. 2025 call this PW-MCC; it is kept apart from PWMCC here.)",
           lambda pair, view, tau: hungarian_mean_cosine(pair.matchings[view]),
-          one_to_one=True, sections=frozenset({"headline"}), comparison=("normalised",)),
-    Score("shared_fraction", "shared fraction at tau = {tau} (Hungarian, decoder AND encoder)", "shared fraction", 3,
-          "**Shared fraction at tau = {tau}** (Paulo & Belrose 2025): a latent is shared when its Hungarian partner "
-          "has cosine > tau under both the decoder and the encoder matching (two separate matchings).",
-          lambda pair, view, tau: shared_fraction(pair.matchings["decoder"], pair.matchings["encoder"], tau),
-          views=(), one_to_one=True, sections=frozenset({"headline"}), comparison=("trained",),
-          curve="shared_curve"),
+          one_to_one=True, sections=frozenset({"headline"})),
+    Score("shared_fraction", "shared fraction at tau = {tau} (one matching, decoder AND encoder)", "shared fraction",
+          3, "**Shared fraction at tau = {tau}** (Paulo & Belrose 2025): ONE Hungarian matching on the mean of the "
+          "decoder and encoder cosine matrices; a latent is shared when its partner in that matching has cosine "
+          "> tau in the decoder AND in the encoder.",
+          lambda pair, view, tau: shared_fraction(pair.shared, tau),
+          views=(), one_to_one=True, sections=frozenset({"headline"}), curve="shared_curve"),
 )
-PARETO_SCORE = "pwmcc"   # its normalised value (primary view) is the stability axis of the Pareto frontier
+PARETO_SCORE = "act_match_weighted"   # its normalised value is the stability axis of the Pareto frontier
 
 
 class ScoreName(NamedTuple):
     """One number of a score: the score for one view (or for both, when it reads both)."""
-    name: str               # report.json key: "decoder.pwmcc", "shared_fraction"
+    name: str               # report.json key: "decoder.pwmcc", "plane_agreement"
     score: Score
     view: str | None
 
 
 def places(score: Score) -> set[str]:
-    """Where a score appears: "directional" or "group" (the stability table, reruns and summaries), its
+    """Where a score appears: "directional" or "group" (the score table, reruns and summaries), its
     SECTIONS, and "comparison" when it has comparison statistics."""
     return ({"directional" if score.directional else "group"} | set(score.sections)
             | ({"comparison"} if score.comparison else set()))
 
 
-def score_names(where: str) -> list[ScoreName]:
+def score_names(where: str, level: str | None = None) -> list[ScoreName]:
     """The numbers shown `where` (a place of places(), or "all": the group's scores, then the directional
-    ones), in a fixed order: view by view, then the scores that read both views. The headline, the
-    comparison and the trends figure show the primary view only."""
+    ones), of one level or of both, in a fixed order: the functional scores, then view by view, then the
+    direction scores that read both views. The headline, the comparison and the trends figure show the
+    primary view only; a one-to-one score exists in the matched views only."""
     if where == "all":
-        return score_names("group") + score_names("directional")
+        return score_names("group", level) + score_names("directional", level)
     views = [PRIMARY_VIEW] if where in ("headline", "comparison", "trends") else list(VIEWS)
-    chosen = [score for score in SCORES if where in places(score)]
-    return ([ScoreName(f"{view}.{score.key}", score, view) for view in views for score in chosen if view in score.views]
-            + [ScoreName(score.key, score, None) for score in chosen if not score.views])
+    chosen = [score for score in SCORES if where in places(score) and level in (None, score.level)]
+    return ([ScoreName(score.key, score, None) for score in chosen if score.level == "function"]
+            + [ScoreName(f"{view}.{score.key}", score, view) for view in views for score in chosen
+               if view in score.views and (view in MATCHED_VIEWS or not score.one_to_one)]
+            + [ScoreName(score.key, score, None) for score in chosen if not score.views and score.level != "function"])
+
+
+def nulls_of(score: Score, view: str | None) -> tuple[str, ...]:
+    """The nulls a score is read against: the initialisation always; random TopK SAEs for a functional
+    score; random directions in the subspace for a direction score computed inside one."""
+    if score.level == "function":
+        return ("init", "random")
+    return ("init", "subspace") if view in PROJECTED_VIEWS else ("init",)
 
 
 def comparison_key(score: Score, statistic: str) -> str:
-    """The comparison row's key for one statistic of a score: "pwmcc", "pwmcc_subspace", ..."""
+    """The comparison row's key for one statistic of a score: "pwmcc", "pwmcc_init", ..."""
     return score.key if statistic == "trained" else f"{score.key}_{statistic}"
 
 
 def build_parser() -> CliParser:
-    parser = CliParser(description="Stage 3: cross-seed stability of SAE latents, against baselines and the "
+    parser = CliParser(description="Stage 3: cross-seed stability of SAE latents, against nulls and the "
                                    "transformer's Fourier features.")
     add = parser.add_argument
     add("inputs", nargs="*", help=f"SAE files, folders or globs (default: {DEFAULT_INPUTS})")
     add("--out", default="runs/analysis", help="folder for report.md, report.json and figures/")
     add("--tau", type=float, default=SHARED_TAU, help="matched cosine above which a latent counts as shared")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="where SAE latents, purity and the max-cosine blocks are computed (auto: the GPU when there is one)")
+        help="where SAE latents and the max-cosine blocks are computed (auto: the GPU when there is one)")
     add("--force", action="store_true", help="replace an existing report in --out, whole")
     return parser
 
@@ -207,37 +295,41 @@ def build_parser() -> CliParser:
 # ==================================================================================================
 # COMPUTE
 # --------------------------------------------------------------------------------------------------
-# Stability: how alike two dictionaries are. A dictionary is m latent directions in activation space.
+# Directions: how alike two dictionaries' latent directions are.
 
 
 class Dictionary(NamedTuple):
-    """One SAE's latents: decoder rows and encoder columns, each as unit rows [m, d], and which latents
-    fire on the dataset (alive [m], bool)."""
-    decoder: torch.Tensor
-    encoder: torch.Tensor
+    """One SAE's latent directions as unit rows [m, d'] per view (VIEWS: decoder rows, encoder columns,
+    decoder rows inside each principal subspace), and which latents fire on the dataset (alive [m], bool).
+    A null may carry some views only."""
+    rows: dict[str, torch.Tensor]
     alive: torch.Tensor
 
 
 def unit_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Rows [m, d] scaled to unit length (cosines are then plain dot products)."""
-    rows = rows.float()
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """Rows [m, d] scaled to unit length in float64, returned as float32 (a zero row stays zero); cosines are
+    then plain dot products."""
+    rows = rows.double()
+    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)).float()
 
 
-def make_dictionary(W_dec: torch.Tensor, W_enc: torch.Tensor, alive: torch.Tensor) -> Dictionary:
-    """From SAELens-shaped weights W_dec [m, d] and W_enc [d, m]."""
-    return Dictionary(unit_rows(W_dec), unit_rows(W_enc.T), alive.bool().cpu())
+def project_rows(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Rows [m, d] expressed in an orthonormal basis [d, r] of a subspace and renormalised to unit length
+    [m, r]: cosines between them are cosines inside the subspace. (How much of each row was inside is the
+    squared norm of rows @ basis for unit rows: subspace_share.)"""
+    if rows.shape[1] != basis.shape[0]:
+        raise HusaiError(f"rows of dimension {rows.shape[1]} and a basis of R^{basis.shape[0]}")
+    return unit_rows(rows.double() @ basis.to(rows.device).double())
 
 
-def read_dictionary(sae_file: SAEFile, acts: torch.Tensor, device: torch.device) -> tuple[Dictionary, torch.Tensor,
-                                                                                           dict]:
-    """One SAE file's dictionary (alive = fires on some row of acts [N, d]), its latents on acts [N, m] and
-    its weights on the device."""
-    weights = {name: t.to(device) for name, t in sae_file.tensors.items()}
-    with torch.no_grad():
-        latents = sae_latents(weights, sae_file.config, acts)
-    dictionary = make_dictionary(sae_file.tensors["W_dec"], sae_file.tensors["W_enc"], (latents > 0).any(dim=0))
-    return dictionary, latents, weights
+def make_dictionary(W_dec: torch.Tensor, W_enc: torch.Tensor, alive: torch.Tensor,
+                    bases: dict[float, torch.Tensor]) -> Dictionary:
+    """From SAELens-shaped weights W_dec [m, d] and W_enc [d, m]: every view of VIEWS, the projected ones
+    through the principal bases (bases[share] [d, r])."""
+    W_dec, W_enc = W_dec.cpu(), W_enc.cpu()
+    rows = {"decoder": unit_rows(W_dec), "encoder": unit_rows(W_enc.T)}
+    rows |= {view: project_rows(W_dec, bases[share]) for view, share in PROJECTED_VIEWS.items()}
+    return Dictionary(rows, alive.bool().cpu())
 
 
 class MaxCosine(NamedTuple):
@@ -284,6 +376,30 @@ def pwmcc(best: MaxCosine) -> float:
     return (mmcs(best.best_a) + mmcs(best.best_b)) / 2
 
 
+def one_to_one(C: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The one-to-one matching maximising the total of C [m_A, m_B] (Hungarian, scipy
+    linear_sum_assignment; it needs C whole, as float64). Returns each A row's partner column and each
+    B column's partner row, -1 where unmatched (unequal sizes). The float64 cost -C is made once, in
+    place (maximize=True would make a second [m_A, m_B] float64 copy: 2 GiB at 16,384 latents)."""
+    cost = C.double().neg_()
+    rows, cols = linear_sum_assignment(cost.numpy())
+    del cost
+    partner_a, partner_b = np.full(C.shape[0], -1), np.full(C.shape[1], -1)
+    partner_a[rows], partner_b[cols] = cols, rows
+    return partner_a, partner_b
+
+
+def partner_values(C: torch.Tensor, partner_a: np.ndarray, partner_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C at each latent's partner, [m_A] and [m_B] float64, NaN where a latent has none."""
+    C = C.double().numpy()
+    at_a, at_b = np.full(C.shape[0], np.nan), np.full(C.shape[1], np.nan)
+    rows = np.nonzero(partner_a >= 0)[0]
+    at_a[rows] = C[rows, partner_a[rows]]
+    cols = np.nonzero(partner_b >= 0)[0]
+    at_b[cols] = C[partner_b[cols], cols]
+    return at_a, at_b
+
+
 class Matching(NamedTuple):
     """A one-to-one matching of the rows of A [m_A, d] and B [m_B, d]."""
     partner_a: np.ndarray   # [m_A] index in B of latent i's partner, -1 when unmatched (m_A > m_B)
@@ -292,16 +408,13 @@ class Matching(NamedTuple):
 
 
 def hungarian_match(A: torch.Tensor, B: torch.Tensor, absolute: bool = False) -> Matching:
-    """The one-to-one assignment maximising the total cosine (scipy linear_sum_assignment on C = A B^T,
-    or |C|). It needs C whole, so callers keep m <= HUNGARIAN_MAX_LATENTS."""
-    C = (A.cpu() @ B.cpu().T).double().numpy()
+    """The one-to-one assignment maximising the total cosine (C = A B^T, or |C|). It needs C whole, so
+    callers keep m <= HUNGARIAN_MAX_LATENTS."""
+    C = A.cpu() @ B.cpu().T
     if absolute:
-        C = np.abs(C)
-    rows, cols = linear_sum_assignment(C, maximize=True)
-    partner_a = np.full(len(A), -1)
-    cos_a, cos_b = np.full(len(A), np.nan), np.full(len(B), np.nan)
-    partner_a[rows], cos_a[rows], cos_b[cols] = cols, C[rows, cols], C[rows, cols]
-    return Matching(partner_a, cos_a, cos_b)
+        C = C.abs()
+    partner_a, partner_b = one_to_one(C)
+    return Matching(partner_a, *partner_values(C, partner_a, partner_b))
 
 
 def hungarian_mean_cosine(matching: Matching) -> float:
@@ -310,108 +423,180 @@ def hungarian_mean_cosine(matching: Matching) -> float:
     return float(np.nanmean(matching.cos_a))
 
 
-def shared_fraction(decoder: Matching, encoder: Matching, tau: float | np.ndarray) -> float | np.ndarray:
-    """Paulo & Belrose 2025: a latent is shared when its Hungarian partner has cosine > tau under BOTH the
-    decoder matching and the encoder matching (two separate matchings). The fraction of shared latents of
-    each SAE, averaged over the two SAEs of the pair; tau may be an array of thresholds (the curve)."""
+class SharedMatching(NamedTuple):
+    """ONE one-to-one matching on the mean of the decoder and encoder cosine matrices, and each latent's
+    decoder and encoder cosine with its partner in it (NaN when unmatched)."""
+    decoder_a: np.ndarray   # [m_A]
+    encoder_a: np.ndarray
+    decoder_b: np.ndarray   # [m_B]
+    encoder_b: np.ndarray
+
+
+def shared_matching(decoder: torch.Tensor, encoder: torch.Tensor) -> SharedMatching:
+    """Paulo & Belrose 2025's matching, from the decoder and encoder cosine matrices [m_A, m_B]."""
+    if decoder.shape != encoder.shape:
+        raise HusaiError(f"decoder cosines {tuple(decoder.shape)} and encoder cosines {tuple(encoder.shape)} differ")
+    partner_a, partner_b = one_to_one((decoder.double() + encoder.double()) / 2)
+    decoder_a, decoder_b = partner_values(decoder, partner_a, partner_b)
+    encoder_a, encoder_b = partner_values(encoder, partner_a, partner_b)
+    return SharedMatching(decoder_a, encoder_a, decoder_b, encoder_b)
+
+
+def shared_fraction(shared: SharedMatching, tau: float | np.ndarray) -> float | np.ndarray:
+    """Paulo & Belrose 2025: a latent is shared when its partner in the ONE matching has decoder cosine
+    > tau AND encoder cosine > tau (an unmatched latent never is). The fraction of shared latents of each
+    SAE, averaged over the two; tau may be an array of thresholds (the curve)."""
     tau = np.asarray(tau, dtype=float)[..., None]
     def fraction(dec_cos, enc_cos):   # NaN (unmatched) compares False: never shared
         return ((dec_cos > tau) & (enc_cos > tau)).mean(axis=-1)
-    return (fraction(decoder.cos_a, encoder.cos_a) + fraction(decoder.cos_b, encoder.cos_b)) / 2
+    return (fraction(shared.decoder_a, shared.encoder_a) + fraction(shared.decoder_b, shared.encoder_b)) / 2
 
 
 class PairMatches(NamedTuple):
-    """What every score of one pair of dictionaries is computed from, per view."""
+    """What every direction score of one pair of dictionaries is computed from."""
     best: dict[str, MaxCosine]        # view -> the best cosines both ways
-    matchings: dict[str, Matching]    # view -> the one-to-one matching; empty when none was made
+    matchings: dict[str, Matching]    # matched view -> the one-to-one matching; empty when none was made
+    shared: SharedMatching | None     # the one matching of the shared fraction; None when none was made
+
+
+def available(score: Score, view: str | None, pair: PairMatches) -> bool:
+    """Whether a pair has what a direction score needs (its view, and a matching when it needs one)."""
+    if view is not None:
+        return view in pair.best and (not score.one_to_one or view in pair.matchings)
+    return not score.one_to_one or pair.shared is not None
 
 
 def compare_pair(a: Dictionary, b: Dictionary, variant: Variant, device: torch.device,
                  tau: float) -> tuple[dict, MaxCosine | None]:
-    """Every score of SCORES for one pair of SAEs, under its report.json name, and the curves over TAU_GRID
-    of the scores that have one. Returns (scores, the decoder MaxCosine); a score is absent where the pair
-    has no latents to compare, or where it needs the one-to-one matching and the variant has none or m is
-    too large for Hungarian."""
+    """Every direction score of SCORES for one pair of dictionaries, under its report.json name, and the
+    curves over TAU_GRID of the scores that have one. Returns (scores, the decoder MaxCosine or None); a
+    score is absent where the pair lacks its view or latents, or where it needs a one-to-one matching
+    and the variant makes none or m is too large for Hungarian."""
     if variant.alive_only:
-        a = Dictionary(a.decoder[a.alive], a.encoder[a.alive], a.alive[a.alive])
-        b = Dictionary(b.decoder[b.alive], b.encoder[b.alive], b.alive[b.alive])
+        a = Dictionary({view: rows[a.alive] for view, rows in a.rows.items()}, a.alive[a.alive])
+        b = Dictionary({view: rows[b.alive] for view, rows in b.rows.items()}, b.alive[b.alive])
     if not len(a.alive) or not len(b.alive):
         return {}, None
-    one_to_one = variant.hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
-    best = {view: max_cosine(getattr(a, view), getattr(b, view), variant.absolute, device) for view in VIEWS}
-    matchings = ({view: hungarian_match(getattr(a, view), getattr(b, view), variant.absolute) for view in VIEWS}
-                 if one_to_one else {})
-    pair = PairMatches(best, matchings)
-    scores = {name: score.compute(pair, view, tau) for name, score, view in score_names("all")
-              if one_to_one or not score.one_to_one}
+    views = [view for view in VIEWS if view in a.rows and view in b.rows]
+    matched = variant.hungarian and max(len(a.alive), len(b.alive)) <= HUNGARIAN_MAX_LATENTS
+    best = {view: max_cosine(a.rows[view], b.rows[view], variant.absolute, device) for view in views}
+    matchings = {view: hungarian_match(a.rows[view], b.rows[view], variant.absolute)
+                 for view in views if matched and view in MATCHED_VIEWS}
+    shared = (shared_matching(a.rows["decoder"] @ b.rows["decoder"].T, a.rows["encoder"] @ b.rows["encoder"].T)
+              if matched and {"decoder", "encoder"} <= set(views) else None)
+    pair = PairMatches(best, matchings, shared)
+    scores = {name: score.compute(pair, view, tau) for name, score, view in score_names("all", "direction")
+              if available(score, view, pair)}
     for score in SCORES:
-        if score.curve and (one_to_one or not score.one_to_one):
-            scores[score.curve] = score.compute(pair, PRIMARY_VIEW if score.views else None, np.array(TAU_GRID))
-    return scores, best["decoder"]
+        view = PRIMARY_VIEW if score.views else None
+        if score.curve and score.level == "direction" and available(score, view, pair):
+            scores[score.curve] = score.compute(pair, view, np.array(TAU_GRID))
+    return scores, best.get("decoder")
 
 
-def stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
-              variants: dict[str, Variant] = VARIANTS) -> dict:
-    """compare_pair on every pair of seeds (i < j), for each variant, pairs side by side on the CPU's
-    threads (scipy's matching releases the GIL; the results do not depend on the order). Returns
+def in_threads(compute: Callable, items: list, workers: int | None = None) -> list:
+    """[compute(item) for item in items], side by side on the CPU's threads (torch's kernels, scipy's
+    matching and sparse products release the GIL; no result depends on the order), torch at one thread per
+    item instead of a team per item. workers: at most this many at once (default: torch's thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, workers or threads))) as pool:
+            return list(pool.map(compute, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_pairs(compute: Callable[[int, int], object], pairs: list[tuple[int, int]]) -> list:
+    """compute(i, j) for every pair, side by side on the CPU's threads (in_threads)."""
+    return in_threads(lambda ij: compute(*ij), pairs)
+
+
+def pair_matrices(S: int, pairs: list[tuple[int, int]], outcomes: list[dict]) -> dict[str, np.ndarray]:
+    """One [S, S] matrix (or [S, S, ...] for an array value) per name from one dict of values per pair
+    (i, j): a tuple (i -> j, j -> i) fills the two directions, anything else both cells. The diagonal and
+    a pair without the value stay NaN."""
+    matrices = {}
+    for (i, j), outcome in zip(pairs, outcomes):
+        for name, value in outcome.items():
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                matrix = matrices.setdefault(name, np.full((S, S), np.nan))
+                matrix[i, j], matrix[j, i] = value
+            else:
+                value = np.asarray(value, dtype=float)
+                matrix = matrices.setdefault(name, np.full((S, S) + value.shape, np.nan))
+                matrix[i, j] = matrix[j, i] = value
+    return matrices
+
+
+def direction_stability(dictionaries: list[Dictionary], device: torch.device, tau: float,
+                        variants: dict[str, Variant] = VARIANTS) -> dict:
+    """compare_pair on every pair of seeds (i < j), for each variant. Returns
         scores[variant][name]   [S, S] matrix per score name (directional: entry (i, j) is i -> j; the others
-                                symmetric), [S, S, len(TAU_GRID)] per curve; the diagonal is NaN
+                                symmetric), [S, S, len(TAU_GRID)] per curve; absent when no pair has it
         latent_match            per seed [m]: each latent's best decoder cosine in another seed (signed, all
                                 latents), averaged over the other seeds
         first_pair              the decoder MaxCosine of seeds 0 and 1 (signed, all latents), for a heat map
     Variants that coincide (alive-only when no latent is dead) are computed once."""
     S = len(dictionaries)
     everything_alive = all(bool(dictionary.alive.all()) for dictionary in dictionaries)
-    directional = {name for name, _, _ in score_names("directional")}
-    curves = [score.curve for score in SCORES if score.curve]
+    pairs = list(combinations(range(S), 2))
     computed, scores = {}, {}
     latent_match = [torch.zeros(len(dictionary.alive), dtype=torch.float64) for dictionary in dictionaries]
     first_pair = None
-    pairs = list(combinations(range(S), 2))
     for name_of_variant, variant in variants.items():
         effective = variant._replace(alive_only=variant.alive_only and not everything_alive)
-        if effective in computed:
-            scores[name_of_variant] = computed[effective]
-            continue
-        matrices = ({name: np.full((S, S), np.nan) for name, _, _ in score_names("all")}
-                    | {curve: np.full((S, S, len(TAU_GRID)), np.nan) for curve in curves})
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)   # one thread per pair instead of a team per pair: no oversubscribed cores
-        try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                outcomes = list(pool.map(lambda ij: compare_pair(dictionaries[ij[0]], dictionaries[ij[1]],
-                                                                 effective, device, tau), pairs))
-        finally:
-            torch.set_num_threads(threads)
-        for (i, j), (pair, best) in zip(pairs, outcomes):
-            for name, value in pair.items():
-                if name in directional:
-                    matrices[name][i, j], matrices[name][j, i] = value
-                else:
-                    matrices[name][i, j] = matrices[name][j, i] = value
+        if effective not in computed:
+            outcomes = run_pairs(lambda i, j: compare_pair(dictionaries[i], dictionaries[j], effective, device, tau),
+                                 pairs)
+            computed[effective] = pair_matrices(S, pairs, [pair for pair, _ in outcomes])
             if not effective.absolute and not effective.alive_only:
-                latent_match[i] += best.best_a.double()
-                latent_match[j] += best.best_b.double()
-                if (i, j) == (0, 1):
-                    first_pair = best
-        computed[effective] = scores[name_of_variant] = matrices
+                for (i, j), (_, best) in zip(pairs, outcomes):
+                    if best is not None:
+                        latent_match[i] += best.best_a.double()
+                        latent_match[j] += best.best_b.double()
+                first_pair = outcomes[0][1] if outcomes else None
+        scores[name_of_variant] = computed[effective]
     return {"scores": scores, "latent_match": [m / max(1, S - 1) for m in latent_match], "first_pair": first_pair}
+
+
+def null_pairs(dictionaries: list[Dictionary], device: torch.device, tau: float,
+               variants: dict[str, Variant] = VARIANTS) -> dict[str, dict[str, list]]:
+    """A random null's direction scores: compare_pair on its independent pairs (dictionaries 2i and 2i + 1).
+    Returns {variant: {name: [one value per pair]}}."""
+    pairs = [(i, i + 1) for i in range(0, len(dictionaries) - 1, 2)]
+    result = {}
+    for name_of_variant, variant in variants.items():
+        outcomes = run_pairs(lambda i, j: compare_pair(dictionaries[i], dictionaries[j], variant, device, tau)[0],
+                             pairs)
+        result[name_of_variant] = values_by_name(outcomes)
+    return result
+
+
+def values_by_name(outcomes: list[dict]) -> dict[str, list]:
+    """{name: [value per outcome]} from one dict per outcome (a name missing from one is None there)."""
+    names = dict.fromkeys(name for outcome in outcomes for name in outcome)
+    return {name: [outcome.get(name) for outcome in outcomes] for name in names}
 
 
 # --------------------------------------------------------------------------------------------------
 # Statistics: seed pairs share seeds, so intervals come from resampling seeds, never the list of pairs.
 
 
-def mean_and_ci(values: np.ndarray) -> dict | None:
+def mean_and_ci(values: np.ndarray | None) -> dict | None:
     """Mean and percentile confidence interval (CI_LEVEL) from BOOTSTRAP_RESAMPLES resamples of the seeds.
 
     values [S]: one number per seed; the statistic is their mean. values [S, S]: one number per ordered
     pair of seeds (diagonal ignored); the statistic is the mean over the pairs of DISTINCT seeds in the
     resample (a seed drawn twice is not paired with itself). None when a value is missing (NaN)."""
+    if values is None:
+        return None
     values = np.asarray(values, dtype=float)
     S = len(values)
     off_diagonal = ~np.eye(S, dtype=bool) if values.ndim == 2 else None
-    if np.isnan(values[off_diagonal] if values.ndim == 2 else values).any() or S == 0:
+    if S == 0 or np.isnan(values[off_diagonal] if values.ndim == 2 else values).any():
         return None
     idx = np.random.default_rng(GENERATOR_SEEDS["bootstrap"]).integers(0, S, size=(BOOTSTRAP_RESAMPLES, S))
     if values.ndim == 1:
@@ -426,290 +611,888 @@ def mean_and_ci(values: np.ndarray) -> dict | None:
     return {"mean": float(mean), "ci": [float(lo), float(hi)]}
 
 
-def mean_curve(curve: np.ndarray) -> list[float] | None:
+def mean_curve(curve: np.ndarray | None) -> list[float] | None:
     """A curve's mean over the pairs of seeds, from [S, S, len(TAU_GRID)]; None when a pair lacks it."""
+    if curve is None:
+        return None
     off_diagonal = ~np.eye(len(curve), dtype=bool)
     if np.isnan(curve[off_diagonal]).any() or not off_diagonal.any():
         return None
     return curve[off_diagonal].mean(axis=0).tolist()
 
 
-def normalised(score: dict | None, baseline: dict | None) -> float | None:
-    """(S - S_rand) / (1 - S_rand): 0 at the baseline, 1 at perfect agreement."""
-    if score is None or baseline is None or baseline["mean"] >= 1:
+def null_spread(values: list | None) -> dict | None:
+    """A random null's independent draws: mean, standard deviation (n - 1), min and max; None without a
+    value (or when a draw lacks it)."""
+    if not values or any(v is None for v in values):
         return None
-    return (score["mean"] - baseline["mean"]) / (1 - baseline["mean"])
+    x = np.asarray(values, dtype=float)
+    return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+            "min": float(x.min()), "max": float(x.max()), "n": len(x)}
 
 
-def summarise(result: dict) -> dict:
-    """stability()'s matrices -> {variant: {score name: mean and CI, curve name: mean per tau}}."""
-    summary = {}
-    for variant, matrices in result["scores"].items():
-        summary[variant] = {name: mean_and_ci(matrices[name]) for name, _, _ in score_names("group")}
-        summary[variant] |= {score.curve: mean_curve(matrices[score.curve]) for score in SCORES if score.curve}
-    return summary
+def normalised(score: dict | None, null: dict | None) -> float | None:
+    """(S - S_init) / (1 - S_init): 0 at the initialisation's score, 1 at perfect agreement."""
+    if score is None or null is None or null["mean"] >= 1:
+        return None
+    return (score["mean"] - null["mean"]) / (1 - null["mean"])
+
+
+def upper_end(null: dict) -> float:
+    """The highest value a null reaches: its CI's upper end (the initialisation) or its largest draw."""
+    return null["ci"][1] if "ci" in null else null["max"]
+
+
+def above_nulls(score: dict | None, nulls: dict[str, dict | None]) -> dict[str, bool] | None:
+    """Per null: whether the trained score is above it, i.e. the lower end of its CI exceeds the highest
+    value the null reaches (upper_end). None without a trained score."""
+    if score is None:
+        return None
+    return {kind: score["ci"][0] > upper_end(null) for kind, null in nulls.items() if null is not None}
+
+
+def summarise(matrices: dict[str, np.ndarray], names: list[ScoreName]) -> dict:
+    """{score name: mean and CI, curve name: mean per tau} over the pairs of seeds."""
+    summary = {name: mean_and_ci(matrices.get(name)) for name, _, _ in names}
+    return summary | {score.curve: mean_curve(matrices.get(score.curve)) for score in SCORES
+                      if score.curve and any(s is score for _, s, _ in names)}
+
+
+def mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 # --------------------------------------------------------------------------------------------------
-# Baselines: dictionaries of the same shape, from random directions or the untrained initialisation.
+# Latents on every input, kept sparse; the (a, b) grid and its Fourier functions
+#
+# Inputs are the p^2 pairs (a, b) in the order n = a p + b (train_transformer.make_dataset). For each
+# variable v of VARIABLES and frequency w = 1..(p-1)/2, the grid functions cos(2 pi w v / p) and
+# sin(2 pi w v / p), scaled to unit norm over the grid, are orthonormal, orthogonal to the constant and to
+# each other across variables: a function of one variable projects onto that variable's functions only.
 
 
-class ActivationGeometry(NamedTuple):
-    """The shape of the activations' distribution that the random baselines copy."""
-    eigenvalues: torch.Tensor   # [d] of the covariance, descending (float64)
-    eigenvectors: torch.Tensor  # [d, d] columns, same order
-    rank: int                   # principal directions holding SUBSPACE_VARIANCE of the variance
+def sparse_matrix(f: torch.Tensor) -> scipy.sparse.csr_matrix:
+    """Latents f [N, m] as a float64 CSR matrix of their non-zeros (TopK latents are 1-6% non-zero here)."""
+    f = f.detach().cpu()
+    rows, cols = torch.nonzero(f, as_tuple=True)
+    values = f[rows, cols].double().numpy()
+    return scipy.sparse.csr_matrix((values, (rows.numpy(), cols.numpy())), shape=tuple(f.shape))
 
 
-def activation_geometry(acts: torch.Tensor) -> ActivationGeometry:
-    """Covariance spectrum and the SUBSPACE_VARIANCE rank of activations acts [N, d]."""
-    acts = acts.double()
-    mean = acts.mean(dim=0)
-    eigenvalues, eigenvectors = torch.linalg.eigh((acts - mean).T @ (acts - mean) / len(acts))
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
-    share = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-30)
-    rank = int((share < SUBSPACE_VARIANCE - 1e-12).sum()) + 1
-    return ActivationGeometry(eigenvalues, eigenvectors, min(rank, len(eigenvalues)))
+def column_moments(x: scipy.sparse.spmatrix | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of x [N, k] (a sparse matrix or a dense tensor): mean and root of the centred sum of
+    squares, float64. Sparse: from the non-zeros alone, sum_n (x_n - mu)^2 = sum_n x_n^2 - N mu^2 (no
+    cancellation to fear in float64 for latents that are mostly zero)."""
+    n = x.shape[0]
+    if scipy.sparse.issparse(x):
+        mean = torch.from_numpy(np.asarray(x.sum(axis=0), dtype=float).ravel()) / n
+        squares = torch.from_numpy(np.asarray(x.multiply(x).sum(axis=0), dtype=float).ravel())
+        return mean, (squares - n * mean * mean).clamp_min(0).sqrt()
+    x = x.detach().cpu().double()
+    mean = x.mean(dim=0)
+    return mean, (x - mean).pow(2).sum(dim=0).sqrt()
 
 
-def subspace_share(rows: torch.Tensor, geometry: ActivationGeometry) -> float:
-    """Mean over unit rows [m, d] of the fraction of their squared length inside the top-`rank` principal
-    subspace: 1 for directions in the data's subspace, rank / d on average for isotropic ones."""
-    return float((rows.double() @ geometry.eigenvectors[:, :geometry.rank]).pow(2).sum(dim=1).mean())
+def grid_side(n_inputs: int) -> int:
+    """p for N = p^2 inputs, p odd; anything else is not the full grid of a modular-arithmetic task."""
+    p = math.isqrt(n_inputs)
+    if p * p != n_inputs or p % 2 == 0 or p < 3:
+        raise HusaiError(f"{n_inputs} inputs: the plane measures need all p^2 pairs (a, b) for an odd p >= 3")
+    return p
 
 
-def random_directions(kind: str, n: int, geometry: ActivationGeometry, seed: int) -> torch.Tensor:
-    """n random directions [n, d] (not normalised) of a baseline kind: isotropic N(0, I), the activations'
-    N(0, Sigma_x), or isotropic within the top-`rank` principal subspace."""
-    generator = torch.Generator().manual_seed(seed)
-    V, d = geometry.eigenvectors, len(geometry.eigenvalues)
-    if kind == "isotropic":
-        return torch.randn(n, d, generator=generator)
-    if kind == "covariance":
-        standard = torch.randn(n, d, generator=generator, dtype=torch.float64)
-        return ((standard * geometry.eigenvalues.sqrt()) @ V.T).float()
-    if kind == "subspace":
-        standard = torch.randn(n, geometry.rank, generator=generator, dtype=torch.float64)
-        return (standard @ V[:, :geometry.rank].T).float()
-    raise ValueError(f"unknown baseline {kind!r}")
+def grid_variables(p: int, op: str = "add") -> torch.Tensor:
+    """[4, p^2] long: the values of VARIABLES on input n = a p + b: the answer c, a, b, and the other
+    combination of a and b (c = (a + b) mod p and other = (a - b) mod p for add; swapped for sub)."""
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    plus, minus = (a + b) % p, (a - b) % p
+    return torch.stack([minus, a, b, plus] if op == "sub" else [plus, a, b, minus])
 
 
-def baseline_dictionaries(kind: str, trained: list[Dictionary], geometry: ActivationGeometry,
-                          initial: list[dict] | None) -> tuple[list[Dictionary], list[int]]:
-    """BASELINE_DICTIONARIES dictionaries shaped like the trained ones. Replicate i takes trained seed i's
-    alive mask (random rows are exchangeable, so only the count matters), so alive-only numbers compare
-    like with like. Random kinds draw decoder and encoder independently. Returns (dictionaries, the
-    generator seeds used)."""
-    dictionaries, seeds = [], []
-    for i, reference in enumerate(trained[:BASELINE_DICTIONARIES]):
-        m = len(reference.alive)
-        if kind == "init":
-            dictionaries.append(make_dictionary(initial[i]["W_dec"], initial[i]["W_enc"], reference.alive))
-            continue
-        seed = GENERATOR_SEEDS[kind] + 2 * i
-        seeds += [seed, seed + 1]
-        dictionaries.append(Dictionary(unit_rows(random_directions(kind, m, geometry, seed)),
-                                       unit_rows(random_directions(kind, m, geometry, seed + 1)), reference.alive))
-    return dictionaries, seeds
+def class_sums(x: scipy.sparse.spmatrix | torch.Tensor, labels: np.ndarray, p: int) -> list[np.ndarray]:
+    """For each row of labels [V, N] (values in 0..p-1), the sums of the columns of x [N, k] over the inputs
+    of each label: V arrays [p, k] float64. Sparse x: one bincount over its non-zeros per variable."""
+    k = x.shape[1]
+    if scipy.sparse.issparse(x):
+        coo = x.tocoo()
+        return [np.bincount(label[coo.row] * k + coo.col, weights=coo.data, minlength=p * k).reshape(p, k)
+                for label in labels]
+    x = x.detach().cpu().double()
+    return [torch.zeros(p, k, dtype=torch.float64).index_add_(0, torch.from_numpy(label), x).numpy()
+            for label in labels]
+
+
+class GridFourier(NamedTuple):
+    """Columns x [N, k] on the grid, projected onto each variable's Fourier functions."""
+    coefficients: torch.Tensor   # [4, n_freq, 2, k] float64: <x_col - mean, g> for g = cos, sin(2 pi w v / p)
+                                 # scaled to unit norm; variable v in VARIABLES order, w = 1..n_freq
+    variance: torch.Tensor       # [k] float64: sum_n (x_nk - mean_k)^2, the total the energies are shares of
+
+    def energy(self) -> torch.Tensor:
+        """[4, n_freq, k]: squared length of each column in each (variable, frequency) plane."""
+        return self.coefficients.pow(2).sum(dim=2)
+
+
+def grid_fourier(x: scipy.sparse.spmatrix | torch.Tensor, p: int, op: str = "add") -> GridFourier:
+    """Project every column of x [p^2, k] (latents as a sparse matrix, or a dense tensor) onto the
+    orthonormal grid functions of the four variables.
+
+    A grid function of variable v is h(v_n) / sqrt(p) for h a non-constant row of the orthonormal basis on
+    Z_p; it sums to zero over the grid, so <x - mean, g> = <x, g> = sqrt(p) sum_u h(u) M_v(u) with M_v(u)
+    the mean of x over the p inputs where v = u (class_sums / p)."""
+    if x.shape[0] != p * p:
+        raise HusaiError(f"{x.shape[0]} rows: expected p^2 = {p * p}, one per input (a, b)")
+    k, n_freq = x.shape[1], (p - 1) // 2
+    F = fourier_basis(p)[0].double()[1:].numpy()                            # [p - 1, p]: cos_1, sin_1, cos_2, ...
+    coefficients = np.stack([p**-0.5 * F @ sums for sums in class_sums(x, grid_variables(p, op).numpy(), p)])
+    _, norm = column_moments(x)
+    return GridFourier(torch.from_numpy(coefficients).view(4, n_freq, 2, k), norm.pow(2))
 
 
 # --------------------------------------------------------------------------------------------------
-# Ground truth: the transformer's Fourier features, mapped into the latents' space through activations.
+# What each latent is: energy share, firing rate, type, fundamental frequency, harmonic purity
 
 
-def latent_purity(latents: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fourier purity and best frequency of every latent from its activations latents [p*p, m] on all
-    inputs (row a*p + b): sae_core.fourier_purity on the [p, p] grid, PURITY_CHUNK latents at a time."""
-    grid = latents.reshape(p, p, -1)
-    parts = [fourier_purity(grid[:, :, start:start + PURITY_CHUNK])
-             for start in range(0, latents.shape[1], PURITY_CHUNK)]
-    if not parts:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    return torch.cat([purity for purity, _ in parts]), torch.cat([best for _, best in parts])
+def energy_shares(f: scipy.sparse.spmatrix, W_dec: torch.Tensor) -> torch.Tensor:
+    """Each latent's share of the reconstruction energy [m] (float64, sums to 1 unless all are dead):
+    e_i = sum_n f_ni^2 ||W_dec_i||^2 / sum_j sum_n f_nj^2 ||W_dec_j||^2, the squared Frobenius norm of
+    latent i's rank-one contribution f_:i W_dec_i to the reconstruction, over all latents' total."""
+    if f.shape[1] != W_dec.shape[0]:
+        raise HusaiError(f"{f.shape[1]} latents but {W_dec.shape[0]} decoder rows")
+    squares = torch.from_numpy(np.asarray(f.multiply(f).sum(axis=0), dtype=float).ravel())
+    energy = squares * W_dec.detach().cpu().double().pow(2).sum(dim=1)
+    return energy / energy.sum().clamp_min(1e-300)
 
 
-def frequency_plane(acts: torch.Tensor, p: int, op: str, k: int) -> tuple[torch.Tensor, float] | None:
-    """The plane in activation space that carries frequency k of (a + b) (a - b for sub): the centred
-    activations acts [p*p, d] projected on the unit input patterns cos(w_k (a+b)) and sin(w_k (a+b)) give
-    two vectors in activation space. Returns (orthonormal basis [d, 2], share of the activations' variance
-    in those two patterns), or None where the operation has no such plane (mul)."""
-    patterns = sum_frequency_directions(p, op, [k])
-    if patterns is None:
-        return None
-    centred = (acts - acts.mean(dim=0)).double()
-    vectors = centred.T @ patterns.double()                        # [d, 2]
-    basis, _ = torch.linalg.qr(vectors)
-    return basis, float(vectors.pow(2).sum() / centred.pow(2).sum())
+def firing_rates(f: scipy.sparse.spmatrix) -> torch.Tensor:
+    """Share of inputs on which each latent is non-zero [m] (float64)."""
+    return torch.from_numpy(np.asarray(f.getnnz(axis=0), dtype=float)) / f.shape[0]
 
 
-def plane_coverage(plane: torch.Tensor, vectors: torch.Tensor) -> list[float]:
-    """Cosines of the two principal angles between a plane (orthonormal basis [d, 2]) and the span of
-    vectors [n, d]: the singular values of plane^T Q, Q an orthonormal basis of the span. [1, 1] means
-    the plane lies inside the span; [0, 0] that they are orthogonal (or n = 0)."""
-    cosines = torch.zeros(2, dtype=torch.float64)
-    if len(vectors):
-        U, S, _ = torch.linalg.svd(vectors.double().T, full_matrices=False)
-        span = U[:, S > S.max() * 1e-6]
-        values = torch.linalg.svdvals(plane.T @ span).clamp(max=1)
-        cosines[:len(values)] = values
-    return cosines.tolist()
+def variable_shares(fourier: GridFourier) -> torch.Tensor:
+    """[4, k]: the share of each column's variance that is a function of c, a, b and the other
+    combination. The four function spaces are orthogonal, so the shares add up to at most 1; the rest is
+    interaction."""
+    return fourier.energy().sum(dim=1) / fourier.variance.clamp_min(1e-300)
 
 
-def coverage(cosines: list[float]) -> float:
-    """Coverage of a plane = mean squared principal-angle cosine: the share of a random in-plane vector's
-    squared length that the span captures (1: the plane is spanned)."""
-    return sum(c * c for c in cosines) / len(cosines)
+def latent_types(fourier: GridFourier) -> torch.Tensor:
+    """[k] long index into LATENT_TYPES: the variable holding >= TYPE_SHARE of the latent's variance (at
+    most one can), "unexplained" when none does, "dead" when the latent never varies on the grid."""
+    shares = variable_shares(fourier)
+    best_share, best = shares.max(dim=0)
+    types = torch.where(best_share >= TYPE_SHARE, best, LATENT_TYPES.index("unexplained"))
+    dead = fourier.variance <= 1e-12 * fourier.variance.max().clamp_min(1e-300)
+    return torch.where(dead, LATENT_TYPES.index("dead"), types)
 
 
-class FourierSetup(NamedTuple):
-    """What the Fourier analysis of a group needs, computed once per group."""
+def c_energy(fourier: GridFourier) -> torch.Tensor:
+    """[n_freq, k]: energy of each column at each frequency of the answer c."""
+    return fourier.energy()[0]
+
+
+def fundamental_frequencies(fourier: GridFourier) -> torch.Tensor:
+    """[k]: the frequency of c (1..n_freq) holding the most energy, a latent's fundamental."""
+    return c_energy(fourier).argmax(dim=0) + 1
+
+
+def harmonic_table(p: int, harmonics: int = HARMONICS) -> torch.Tensor:
+    """[n_freq, J] long: for fundamental w (row w - 1) the frequencies j w mod p, j = 1..J, folded into
+    1..n_freq (w and p - w are one frequency), as 0-based rows; J = min(harmonics, n_freq)."""
+    n_freq = (p - 1) // 2
+    j = torch.arange(1, min(harmonics, n_freq) + 1)
+    multiples = (torch.arange(1, n_freq + 1)[:, None] * j) % p
+    return torch.minimum(multiples, p - multiples) - 1
+
+
+def harmonic_purity(fourier: GridFourier, p: int) -> torch.Tensor:
+    """Density-independent purity [k]: the share of a column's variance that is a function of c and
+    lies in one harmonic family, max over fundamentals w of sum_{j <= HARMONICS} E_c(j w) / variance.
+
+    An arc relu(cos(w c - phi) - t) is a function of c whose spectrum is w's harmonics, so it scores
+    ~1 whatever its firing rate (>= 0.99 from ~15% of inputs up; the neuron purity of sae_core, one
+    frequency's block only, gives a half circle 0.84 and a 20% arc 0.37). A latent that is a function
+    of a, b or the other combination, or of no single variable, scores low."""
+    in_family = c_energy(fourier)[harmonic_table(p)].sum(dim=1)            # [n_freq, k]
+    return in_family.max(dim=0).values / fourier.variance.clamp_min(1e-300)
+
+
+def type_summary(types: torch.Tensor, energy: torch.Tensor) -> dict:
+    """Per latent type: how many latents and what share of the reconstruction energy they hold."""
+    return {name: {"count": int((types == t).sum()), "energy": float(energy[types == t].sum())}
+            for t, name in enumerate(LATENT_TYPES)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Planes: the true planes, harmonic families, and the plane each family writes
+
+
+def orthonormal_span(vectors: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal basis [d, r] of the column span of vectors [d, k] (float64); directions whose
+    singular value is below rtol times the largest are dropped, so a degenerate plane stays a line."""
+    if vectors.numel() == 0:
+        return torch.zeros(vectors.shape[0], 0, dtype=torch.float64)
+    U, S, _ = torch.linalg.svd(vectors.double(), full_matrices=False)
+    return U[:, S > rtol * S.max()] if S.max() > 0 else U[:, :0]
+
+
+def principal_cosines(P: torch.Tensor | None, Q: torch.Tensor | None) -> list[float]:
+    """Cosines of the two principal angles between two planes given by orthonormal bases [d, <= 2]
+    (singular values of P^T Q), largest first, padded with 0 where a basis has fewer than two columns
+    or is missing (None)."""
+    cosines = [0.0, 0.0]
+    if P is not None and Q is not None and P.shape[1] and Q.shape[1]:
+        values = torch.linalg.svdvals(P.T.double() @ Q.double()).clamp(max=1).tolist()
+        cosines[:len(values)] = values[:2]
+    return cosines
+
+
+def plane_similarity(P: torch.Tensor | None, Q: torch.Tensor | None) -> float:
+    """The smaller principal-angle cosine of two planes: every direction of either plane lies within
+    arccos of it of the other plane. 1 for the same plane; 0 when they share no direction, when either
+    is missing (no latent writes it), or when either is only a line."""
+    return min(principal_cosines(P, Q))
+
+
+def centred_gram(f: scipy.sparse.spmatrix, latents: torch.Tensor) -> torch.Tensor:
+    """X^T X [k, k] float64 for X the chosen latents' centred activations: a sparse product, centred
+    afterwards (F^T F - N mu mu^T)."""
+    X = f[:, latents.numpy()]
+    mean = np.asarray(X.mean(axis=0), dtype=float).ravel()
+    return torch.from_numpy(np.asarray((X.T @ X).todense(), dtype=float) - X.shape[0] * np.outer(mean, mean))
+
+
+def frequency_r2(f: scipy.sparse.spmatrix, fourier: GridFourier, latents: torch.Tensor,
+                 gram: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_freq]: for every frequency w, the R^2 of decoding the unit grid functions cos(w c), sin(w c)
+    linearly (with intercept) from the chosen latents of f [N, m] (sparse), averaged over the two. With X
+    [N, k] the latents' centred activations and q = X^T g their coefficients, R^2(g) = q^T (X^T X)^+ q:
+    the targets are centred and unit length, so the intercept adds nothing and the total sum of squares
+    is 1. One Gram matrix (centred_gram, or its slice when given) and pseudo-inverse serve every w. With k
+    latents and N inputs, chance alone gives about k / N."""
+    if len(latents) == 0:
+        return torch.zeros(fourier.coefficients.shape[1], dtype=torch.float64)
+    gram = centred_gram(f, latents) if gram is None else gram
+    inverse = torch.linalg.pinv(gram, hermitian=True, rtol=1e-10)
+    q = fourier.coefficients[0][:, :, latents]                                 # [n_freq, 2, k]
+    return torch.einsum("wik,kl,wil->w", q, inverse, q).div(2).clamp(0, 1)
+
+
+def c_latent_gram(f: scipy.sparse.spmatrix, chosen: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One centred_gram of the chosen latents (mask [m]); returns the function that slices it for any
+    subset of them (a group or a family)."""
+    latents = torch.nonzero(chosen).squeeze(1)
+    gram = centred_gram(f, latents)
+    position = torch.full((len(chosen),), -1, dtype=torch.long)
+    position[latents] = torch.arange(len(latents))
+
+    def of(subset: torch.Tensor) -> torch.Tensor:
+        rows = position[subset]
+        return gram[rows][:, rows]
+    return of
+
+
+class Family(NamedTuple):
+    """A harmonic family: groups of c-latents (one per fundamental frequency) linked by decoding."""
+    root: int                    # the fundamental of the family's group holding the most energy
+    frequencies: list[int]       # root first, then the other members in increasing order
+    latents: torch.Tensor        # [k] long: the c-latents of every group in the family
+    links: dict                  # member w -> the best R^2 of decoding cos/sin(w c) from another member's group
+
+
+def harmonic_families(f: scipy.sparse.spmatrix, fourier: GridFourier, types: torch.Tensor, energy: torch.Tensor,
+                      candidates: list[int], gram: Callable | None = None) -> list[Family]:
+    """Group the c-latents by fundamental frequency and merge the groups into harmonic families.
+
+    Groups w and w' are linked when cos/sin(w' c) decode from w's group, or cos/sin(w c) from w''s, with
+    R^2 >= FAMILY_R2; families are the linked components. Both directions are tried because a harmonic
+    decodes from its fundamental's arcs and not the reverse (arcs of w carry j w; those of j w cannot
+    make w). For p prime every w' is +-j w mod p for some j, so the relation alone says nothing: decoding
+    is the test. A candidate frequency with no group of its own joins the family whose group decodes it
+    best, when that R^2 >= FAMILY_R2; otherwise it stays unplaced (no plane). gram: c_latent_gram of the
+    c-latents, when the caller has it."""
+    is_c = types == LATENT_TYPES.index("c")
+    fundamental = fundamental_frequencies(fourier)
+    groups = {int(w): torch.nonzero(is_c & (fundamental == w)).squeeze(1) for w in fundamental[is_c].unique()}
+    gram = gram or c_latent_gram(f, is_c)
+    decodes = {w: frequency_r2(f, fourier, latents, gram(latents)) for w, latents in groups.items()}   # group -> R^2 of every w'
+    parent = {w: w for w in groups}
+
+    def find(w: int) -> int:
+        while parent[w] != w:
+            w = parent[w]
+        return w
+
+    for w in groups:
+        for other in groups:
+            if other != w and float(decodes[w][other - 1]) >= FAMILY_R2:
+                parent[find(other)] = find(w)
+    members = {}
+    for w in groups:
+        members.setdefault(find(w), []).append(w)
+    for w in sorted(set(candidates) - set(groups)):
+        r2, best = max((float(decodes[g][w - 1]), g) for g in groups) if groups else (0.0, None)
+        if r2 >= FAMILY_R2:
+            members[find(best)].append(w)
+    families = []
+    for ws in members.values():
+        in_groups = [w for w in ws if w in groups]
+        root = max(in_groups, key=lambda w: (float(energy[groups[w]].sum()), -w))
+        links = {w: max((float(decodes[g][w - 1]) for g in in_groups if g != w), default=0.0) for w in ws}
+        families.append(Family(root, [root] + sorted(set(ws) - {root}),
+                               torch.cat([groups[w] for w in in_groups]).sort().values, links))
+    return sorted(families, key=lambda family: (-float(energy[family.latents].sum()), family.root))
+
+
+class PlaneFit(NamedTuple):
+    """What one SAE does with the plane of frequency w."""
+    family: int | None           # root of the family that holds w, None when no family does
+    frequencies: list[int]       # that family's frequencies (empty when none)
+    latents: int                 # how many latents that family has
+    basis: torch.Tensor | None   # [d, <= 2] orthonormal: the plane the family's reconstruction writes at w
+    cosines_to_truth: list[float] | None   # principal-angle cosines between that plane and the true plane
+                                           # (None for a family frequency whose true plane was not given)
+    r2: float                    # R^2 of decoding cos/sin(w c) from the family's latents
+
+
+def written_plane(fourier: GridFourier, W_dec: torch.Tensor, latents: torch.Tensor, w: int) -> torch.Tensor:
+    """The plane a group of latents writes at frequency w: the regression of the group's reconstruction
+    x_hat_n = sum_{i in group} f_ni W_dec_i on the unit grid functions cos(w c), sin(w c). Its two
+    coefficient vectors are sum_i <f_i, g> W_dec_i (no [N, d] reconstruction is formed); orthonormalised."""
+    coefficients = fourier.coefficients[0, w - 1][:, latents]             # [2, k]
+    return orthonormal_span(W_dec[latents].detach().double().cpu().T @ coefficients.T)
+
+
+class PlaneAnalysis(NamedTuple):
+    """One SAE's latents seen through the planes: per latent, per family and per frequency."""
+    types: torch.Tensor          # [m] index into LATENT_TYPES
+    fundamental: torch.Tensor    # [m] fundamental frequency of c (meaningful for c-latents)
+    purity: torch.Tensor         # [m] harmonic purity
+    families: list[Family]       # largest energy first
+    planes: dict                 # w -> PlaneFit, for every requested and every family frequency
+    types_summary: dict          # type -> {"count", "energy"}
+
+
+class Grid(NamedTuple):
+    """The (a, b) grid of a transformer whose answer has Fourier planes, and the true planes."""
     p: int
-    keys: list[int]              # key frequencies, largest embedding share first
-    planes: dict                 # k -> (orthonormal basis [d, 2] of its plane, variance share)
-    random_rows: torch.Tensor    # [m, d] unit random directions of the subspace baseline
+    op: str                              # add or sub
+    frequencies: list[int]               # the key frequencies
+    truth: dict[int, torch.Tensor]       # w -> [d, 2] orthonormal: the activations' plane of cos/sin(w c)
 
 
-def fourier_setup(model, acts: torch.Tensor, geometry: ActivationGeometry, m: int) -> FourierSetup:
-    """Key frequencies, their planes in activation space, and the random directions of the baselines."""
-    p = model.cfg.p
-    keys = embedding_spectrum(model.W_E[:p])[1]
-    planes = {k: plane for k in keys if (plane := frequency_plane(acts, p, model.cfg.op, k)) is not None}
-    random_rows = unit_rows(random_directions("subspace", m, geometry, GENERATOR_SEEDS["random_latents"]))
-    return FourierSetup(p, keys, planes, random_rows)
+def true_planes(acts: torch.Tensor, frequencies: list[int], op: str = "add") -> dict[int, torch.Tensor]:
+    """For each frequency w, the plane in activation space that carries w of c: the activations'
+    regression on the unit grid functions cos(w c) and sin(w c) (two vectors of R^d), orthonormalised
+    [d, 2]."""
+    fourier = grid_fourier(acts, grid_side(len(acts)), op)
+    return {w: orthonormal_span(fourier.coefficients[0, w - 1].T) for w in frequencies}
 
 
-def fourier_recovery(latents: torch.Tensor, decoder: torch.Tensor, fourier: FourierSetup) -> dict:
-    """Ground-truth numbers for one dictionary: latents [p*p, m] on all inputs, decoder rows [m, d].
-    Per alive latent, its purity and best frequency; the fraction of alive latents that are pure
-    (>= PURE_LATENT) and the fraction pure AND on a key frequency; per key frequency k, the principal-angle
-    cosines between k's plane and the span of the decoder rows of the alive latents whose best
-    frequency is k, their coverage, and the coverage of as many of the random directions (the baseline:
-    a span grows with its number of vectors)."""
-    alive = (latents > 0).any(dim=0)
-    purity, best = torch.zeros(latents.shape[1]), torch.zeros(latents.shape[1], dtype=torch.long)
-    alive_purity, alive_best = latent_purity(latents[:, alive], fourier.p)
-    alive = alive.cpu()
-    purity[alive], best[alive] = alive_purity.cpu(), alive_best.cpu()
-    pure = alive & (purity >= PURE_LATENT)
-    n_alive = max(1, int(alive.sum()))
-    per_frequency = {}
-    for k, (plane, _) in fourier.planes.items():
-        assigned = alive & (best == k)
-        n = int(assigned.sum())
-        cosines = plane_coverage(plane, decoder[assigned])
-        per_frequency[k] = {"latents": n, "cosines": cosines, "coverage": coverage(cosines),
-                            "random_coverage": coverage(plane_coverage(plane, fourier.random_rows[:n]))}
-    keys = torch.tensor(fourier.keys, dtype=torch.long)
-    return {"alive": alive, "purity": purity, "best": best,
-            "frac_pure": int(pure.sum()) / n_alive,
-            "frac_pure_key": int((pure & torch.isin(best, keys)).sum()) / n_alive,
-            "per_frequency": per_frequency,
-            "coverage": float(np.mean([v["coverage"] for v in per_frequency.values()])) if per_frequency else None}
+def plane_analysis(f: scipy.sparse.spmatrix, energy: torch.Tensor, W_dec: torch.Tensor, grid: Grid) -> PlaneAnalysis:
+    """Everything the plane-level measures need from one SAE (trained or null alike): latents f [p^2, m]
+    on the whole grid (sparse), their energy shares, decoder rows W_dec [m, d] and the grid with its true
+    planes. Classifies the latents, builds the harmonic families and fits every plane."""
+    p, frequencies = grid.p, grid.frequencies
+    if f.shape[0] != p * p:
+        raise HusaiError(f"latents on {f.shape[0]} inputs: the plane measures need all {p * p} pairs (a, b)")
+    if f.shape[1] != W_dec.shape[0]:
+        raise HusaiError(f"{f.shape[1]} latents but {W_dec.shape[0]} decoder rows")
+    if not set(frequencies) <= set(grid.truth):
+        raise HusaiError(f"frequencies {sorted(set(frequencies) - set(grid.truth))} have no true plane")
+    if any(not 1 <= w <= (p - 1) // 2 for w in frequencies):
+        raise HusaiError(f"frequencies {frequencies}: each must lie in 1..{(p - 1) // 2} for p = {p}")
+    fourier = grid_fourier(f, p, grid.op)
+    types = latent_types(fourier)
+    gram = c_latent_gram(f, types == LATENT_TYPES.index("c"))
+    families = harmonic_families(f, fourier, types, energy, frequencies, gram)
+    planes = {w: PlaneFit(None, [], 0, None, [0.0, 0.0], 0.0) for w in frequencies}
+    for family in families:
+        r2 = frequency_r2(f, fourier, family.latents, gram(family.latents))
+        for w in family.frequencies:
+            basis = written_plane(fourier, W_dec, family.latents, w)
+            to_truth = principal_cosines(basis, grid.truth[w]) if w in grid.truth else None
+            planes[w] = PlaneFit(family.root, family.frequencies, len(family.latents), basis, to_truth,
+                                 float(r2[w - 1]))
+    return PlaneAnalysis(types, fundamental_frequencies(fourier), harmonic_purity(fourier, p), families,
+                         dict(sorted(planes.items())), type_summary(types, energy))
 
 
-def random_direction_latents(acts: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """The baseline's latents: relu((x - mean x) . r) for each row x of acts [N, d] and unit random
-    directions r [m, d] -> [N, m], a readout that fires on half the inputs, like a latent with its bias at
-    the mean."""
-    return torch.relu((acts - acts.mean(dim=0)) @ unit_rows(directions).T)
+def plane_agreement(A: PlaneAnalysis, B: PlaneAnalysis, frequencies: list[int]) -> dict[int, float]:
+    """Plane-level stability of two SAEs: for each frequency w, the plane_similarity of the planes their
+    families write at w (0 when either writes none)."""
+    return {w: plane_similarity(A.planes[w].basis, B.planes[w].basis) for w in frequencies}
 
 
-def match_purity_correlation(latent_match: list[torch.Tensor], recovery: list[dict], tau: float) -> dict:
-    """Are the stable latents the Fourier-pure ones? Over the alive latents of all seeds of a group:
-    Spearman correlation between a latent's cross-seed match (stability()'s latent_match) and its
-    purity, and the fraction pure among latents with match > tau vs <= tau."""
-    alive = torch.cat([r["alive"] for r in recovery])
-    match = torch.cat(latent_match)[alive].numpy()
-    purity = torch.cat([r["purity"] for r in recovery])[alive].double().numpy()
-    result = {"latents": int(alive.sum()), "spearman": None, "p_value": None}
-    if len(match) > 2 and np.ptp(match) > 0 and np.ptp(purity) > 0:
-        rho, p_value = spearmanr(match, purity)
-        result.update(spearman=float(rho), p_value=float(p_value))
-    for name, chosen in (("frac_pure_if_stable", match > tau), ("frac_pure_if_unstable", match <= tau)):
-        result[name] = float((purity[chosen] >= PURE_LATENT).mean()) if chosen.any() else None
-        result[name.replace("frac_pure", "latents")] = int(chosen.sum())
-    return result
+class Profile(NamedTuple):
+    """One SAE's latents on every input and the per-latent numbers every functional measure reads."""
+    f: scipy.sparse.csr_matrix       # [N, m] float64: the latents' non-zeros
+    mean: torch.Tensor               # [m] float64
+    norm: torch.Tensor               # [m] root of the centred sum of squares
+    firing: torch.Tensor             # [m] share of inputs on which the latent is non-zero
+    energy: torch.Tensor             # [m] share of the reconstruction energy
+    planes: PlaneAnalysis | None     # with a Grid
 
 
-def ground_truth(source: Source, fourier: FourierSetup, recovery: list[dict], baseline: dict,
-                 latent_match: list[torch.Tensor] | None, tau: float) -> tuple[dict, dict]:
-    """The group's Fourier numbers from each seed's fourier_recovery: means over seeds with CIs beside the
-    random-direction baseline, per key frequency, and the match-purity correlation. Returns (numbers for
-    report.json, data for the purity figure)."""
-    planes, m = fourier.planes, len(fourier.random_rows)
-    result = {
-        "transformer": source.transformer_id, "p": fourier.p, "op": source.model.cfg.op,
-        "key_frequencies": fourier.keys,
-        "key_frequency_rule": KEY_FREQUENCY_RULE,
-        "plane_variance_share": {k: share for k, (_, share) in planes.items()},
-        "frac_pure": mean_and_ci([r["frac_pure"] for r in recovery]),
-        "frac_pure_key": mean_and_ci([r["frac_pure_key"] for r in recovery]),
-        "coverage": mean_and_ci([r["coverage"] for r in recovery]) if planes else None,
-        "per_frequency": {k: {"latents": mean_and_ci([r["per_frequency"][k]["latents"] for r in recovery]),
-                              "coverage": mean_and_ci([r["per_frequency"][k]["coverage"] for r in recovery]),
-                              "cosines_per_seed": [r["per_frequency"][k]["cosines"] for r in recovery],
-                              "baseline_coverage": mean_and_ci([r["per_frequency"][k]["random_coverage"]
-                                                                for r in recovery])}
-                          for k in planes},
-        "per_seed": [{"frac_pure": r["frac_pure"], "frac_pure_key": r["frac_pure_key"], "coverage": r["coverage"]}
-                     for r in recovery],
-        "baseline": {"what": f"{m} random directions r from the subspace baseline; purity of the latents "
-                             "f = relu((x - mean) . r); coverage of as many of them as the SAE assigns to k",
-                     "generator_seed": GENERATOR_SEEDS["random_latents"], "frac_pure": baseline["frac_pure"],
-                     "frac_pure_key": baseline["frac_pure_key"],
-                     "coverage": mean_and_ci([np.mean([v["random_coverage"] for v in r["per_frequency"].values()])
-                                              for r in recovery]) if planes else None},
-        "match_vs_purity": match_purity_correlation(latent_match, recovery, tau) if latent_match else None,
-    }
-    plots = {"purity": [r["purity"][r["alive"]] for r in recovery],
-             "baseline_purity": baseline["purity"][baseline["alive"]], "alive": [r["alive"] for r in recovery],
-             "spearman": result["match_vs_purity"]}
-    return result, plots
+def latent_profile(f: torch.Tensor, W_dec: torch.Tensor, grid: Grid | None = None) -> Profile:
+    """A Profile from latents f [N, m] on every input (dense, any device) and decoder rows W_dec [m, d];
+    the plane analysis too when there is a grid."""
+    sparse = sparse_matrix(f)
+    mean, norm = column_moments(sparse)
+    energy = energy_shares(sparse, W_dec)
+    planes = plane_analysis(sparse, energy, W_dec, grid) if grid is not None else None
+    return Profile(sparse, mean, norm, firing_rates(sparse), energy, planes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation-based matching: latents compared by what they do on the dataset, not by direction
+
+
+def inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
+    return torch.where(norm > 0, 1 / norm.clamp_min(1e-300), 0.0)
+
+
+def standardised(f: scipy.sparse.spmatrix, columns: slice | np.ndarray, mean: torch.Tensor,
+                 norm: torch.Tensor) -> torch.Tensor:
+    """The chosen columns of f [N, m] (sparse), centred and scaled to unit norm, dense float32 [N, k]
+    (computed in float64); a constant column (norm 0) is 0."""
+    block = torch.from_numpy(f[:, columns].toarray())
+    return ((block - mean[columns]) * inverse_or_zero(norm[columns])).float()
+
+
+def latent_correlations(A: Profile, B: Profile) -> torch.Tensor:
+    """Pearson correlation [m_A, m_B] (float32) of every latent of A with every latent of B over the N
+    inputs: C_ij = sum_n (f_ni - mu_i)(g_nj - nu_j) / (||f_i - mu_i|| ||g_j - nu_j||); 0 for a constant
+    latent. Sparse latents (density < SPARSE_DENSITY) go through an exact float64 sparse product
+    S = f^T g and C = (S - N mu nu^T) / (norms), written into C in row blocks; denser ones are
+    standardised and multiplied in float32 blocks of rows of C. Only C itself is ever [m_A, m_B]."""
+    n = A.f.shape[0]
+    if B.f.shape[0] != n:
+        raise HusaiError(f"latents over {n} and {B.f.shape[0]} inputs: compare them on the same inputs")
+    m_a, m_b = A.f.shape[1], B.f.shape[1]
+    C = torch.empty(m_a, m_b, dtype=torch.float32)
+    rows = max(1, CHUNK_ELEMENTS // max(1, m_b))
+    density = max(A.f.nnz / max(1, n * m_a), B.f.nnz / max(1, n * m_b))
+    if density < SPARSE_DENSITY:
+        S = (A.f.T.tocsr() @ B.f).tocsr()
+        inv_a, inv_b = inverse_or_zero(A.norm), inverse_or_zero(B.norm)
+        for start in range(0, m_a, rows):
+            stop = min(start + rows, m_a)
+            block = torch.from_numpy(S[start:stop].toarray()) - n * A.mean[start:stop, None] * B.mean[None]
+            C[start:stop] = (block * inv_a[start:stop, None] * inv_b[None]).float()
+    else:
+        zB = standardised(B.f, slice(None), B.mean, B.norm)
+        for start in range(0, m_a, rows):
+            C[start:start + rows] = standardised(A.f, slice(start, start + rows), A.mean, A.norm).T @ zB
+    return C.clamp_(-1, 1)
+
+
+def matching_scores(C: torch.Tensor, energy_a: torch.Tensor, energy_b: torch.Tensor, alive_a: torch.Tensor,
+                    alive_b: torch.Tensor, matched: bool = True) -> dict:
+    """Scores of one pair from its latent-to-latent similarity C [m_A, m_B] (correlations here).
+
+    Per latent: best = its max over the other SAE; matched = its value with its Hungarian partner (0 when
+    unmatched). Each score is the mean of the A -> B and B -> A sides:
+      max / hungarian:            unweighted mean over the alive latents of best / matched;
+      max_weighted / hungarian_weighted: sum_i e_i best_i (e the energy shares, which sum to 1);
+      partner_energy:             energy share of the latents whose matched value > PARTNER_CORRELATION.
+    Without `matched` (or above HUNGARIAN_MAX_LATENTS) the one-to-one scores are None."""
+    best_a = C.max(dim=1).values.double() if C.shape[1] else torch.zeros(C.shape[0], dtype=torch.float64)
+    best_b = C.max(dim=0).values.double() if C.shape[0] else torch.zeros(C.shape[1], dtype=torch.float64)
+
+    def both(score_a: float, score_b: float) -> float:
+        return (score_a + score_b) / 2
+
+    def mean_alive(values: torch.Tensor, alive: torch.Tensor) -> float:
+        return float(values[alive].mean()) if alive.any() else 0.0
+
+    scores = {"max": both(mean_alive(best_a, alive_a), mean_alive(best_b, alive_b)),
+              "max_weighted": both(float(energy_a @ best_a), float(energy_b @ best_b)),
+              "hungarian": None, "hungarian_weighted": None, "partner_energy": None,
+              "best_a": best_a, "best_b": best_b}
+    if matched and max(C.shape) <= HUNGARIAN_MAX_LATENTS:
+        matched_a, matched_b = (torch.from_numpy(np.nan_to_num(values)) for values in partner_values(C, *one_to_one(C)))
+        scores |= {"hungarian": both(mean_alive(matched_a, alive_a), mean_alive(matched_b, alive_b)),
+                   "hungarian_weighted": both(float(energy_a @ matched_a), float(energy_b @ matched_b)),
+                   "partner_energy": both(float(energy_a[matched_a > PARTNER_CORRELATION].sum()),
+                                          float(energy_b[matched_b > PARTNER_CORRELATION].sum())),
+                   "matched_a": matched_a, "matched_b": matched_b}
+    return scores
+
+
+def activation_matching(A: Profile, B: Profile, matched: bool = True) -> dict:
+    """Activation-based matching of two SAEs on the same inputs: matching_scores on the latents' Pearson
+    correlations. With plane analyses, also each latent type's stability ("by_type"): the energy-weighted
+    (within the type) mean best correlation of A's and of B's latents of that type with any latent of the
+    other SAE, averaged over the sides that have such latents (None when neither has)."""
+    scores = matching_scores(latent_correlations(A, B), A.energy, B.energy, A.firing > 0, B.firing > 0, matched)
+    if A.planes is not None and B.planes is not None:
+        scores["by_type"] = {}
+        for t, name in enumerate(LATENT_TYPES[:-1]):
+            sides = [(profile.energy[profile.planes.types == t], best[profile.planes.types == t])
+                     for profile, best in ((A, scores["best_a"]), (B, scores["best_b"]))]
+            weighted = [float(e @ b / e.sum()) for e, b in sides if e.sum() > 0]
+            scores["by_type"][name] = sum(weighted) / len(weighted) if weighted else None
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------
+# The phase question: do c-latents match because they are the same arcs, or only because they tile alike?
+
+
+def rotation_spectra(z: torch.Tensor, p: int) -> torch.Tensor:
+    """[(p+1)/2, p, m] complex: standardised latents z [p^2, m] laid out on the [a, b] grid, Fourier
+    transformed along a (rfft: real signals need only frequencies 0..(p-1)/2)."""
+    return torch.fft.rfft(z.double().view(p, p, -1), dim=0)
+
+
+def shifted_correlations(FA: torch.Tensor, FB: torch.Tensor, p: int) -> torch.Tensor:
+    """[p, m_A, m_B] float64 from rotation_spectra: R[s, i, j] = Pearson correlation of A's latent i with
+    B's latent j read at (a + s, b), i.e. with B's c rotated by s (a with it, b fixed). A rotation
+    permutes the inputs, so means and norms are unchanged and R[s] is a circular cross-correlation along
+    a: R[s] = irfft_k(sum_b conj(FA[k, b]) FB[k, b]) at s, for all s at once."""
+    cross = torch.einsum("kbi,kbj->kij", FA.conj(), FB)
+    return torch.fft.irfft(cross, n=p, dim=0).clamp(-1, 1)
+
+
+def phase_question(A: Profile, B: Profile, p: int, draws: int = PHASE_DRAWS) -> dict:
+    """c-latent matching (matching_scores on correlations, energy shares renormalised within the
+    c-latents) three ways: as trained; with each of B's c-latents rotated by its own random shift of c
+    (its phase shuffled; `draws` independent shuffles, generator seeds GENERATOR_SEEDS["phase"] + i); under
+    a common rotation of all of B's c-latents, the best of the p shifts and the mean over them (by
+    max_weighted; the best of p is biased upwards by the choice). If shuffled phases score as high as
+    trained ones, the arcs' phases are arbitrary and per-latent identity is not what makes two SAEs
+    agree. A's c-latents are taken in blocks, so no [p, m_A, m_B] array is held whole."""
+    c = LATENT_TYPES.index("c")
+    ca = torch.nonzero(A.planes.types == c).squeeze(1).numpy()
+    cb = torch.nonzero(B.planes.types == c).squeeze(1).numpy()
+    if len(ca) == 0 or len(cb) == 0:
+        return {"latents": [len(ca), len(cb)], "trained": None, "shuffled": None, "best_rotation": None,
+                "mean_over_rotations": None}
+    energy_a, energy_b = A.energy[ca] / A.energy[ca].sum(), B.energy[cb] / B.energy[cb].sum()
+    alive_a, alive_b = A.firing[ca] > 0, B.firing[cb] > 0
+    zA, zB = standardised(A.f, ca, A.mean, A.norm), standardised(B.f, cb, B.mean, B.norm)
+    FA, FB = rotation_spectra(zA, p), rotation_spectra(zB, p)
+    shifts = [torch.randint(p, (len(cb),), generator=torch.Generator().manual_seed(GENERATOR_SEEDS["phase"] + i))
+              for i in range(draws)]
+    columns = torch.arange(len(cb))
+    trained = torch.empty(len(ca), len(cb))
+    shuffled = [torch.empty(len(ca), len(cb)) for _ in shifts]
+    row_max = torch.empty(p, len(ca), dtype=torch.float64)
+    col_max = torch.full((p, len(cb)), -math.inf, dtype=torch.float64)
+    rows = max(1, CHUNK_ELEMENTS // (2 * p * len(cb)))
+    for start in range(0, len(ca), rows):
+        R = shifted_correlations(FA[:, :, start:start + rows], FB, p)                # [p, c, m_B]
+        trained[start:start + rows] = R[0]
+        for matrix, shift in zip(shuffled, shifts):
+            matrix[start:start + rows] = R[shift, :, columns].T
+        row_max[:, start:start + rows] = R.max(dim=2).values
+        col_max = torch.maximum(col_max, R.max(dim=1).values)
+    weighted = (row_max @ energy_a + col_max @ energy_b) / 2                          # [p]: max_weighted per shift
+    best = int(weighted.argmax())
+    a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
+    rotated = zB[((a + best) % p) * p + b]                                           # B read at c + best
+
+    def scores(C: torch.Tensor) -> dict:
+        return {name: value for name, value in matching_scores(C, energy_a, energy_b, alive_a, alive_b).items()
+                if not torch.is_tensor(value)}
+
+    drawn = [scores(matrix) for matrix in shuffled]
+    return {"latents": [len(ca), len(cb)], "trained": scores(trained),
+            "shuffled": {name: null_spread([d[name] for d in drawn]) for name in drawn[0]} if drawn else None,
+            "best_rotation": {"shift": best, **scores((zA.T @ rotated).clamp(-1, 1))},
+            "mean_over_rotations": float(weighted.mean())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Are the stable latents the pure ones, or only the ones that fire often?
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float | None:
+    """Spearman correlation of x and y with z controlled: the partial correlation of their ranks,
+    (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2)(1 - r_yz^2)), r the Pearson correlation of ranks. None when a
+    variable is constant or z explains x or y completely."""
+    ranks = [rankdata(np.asarray(v, dtype=float)) for v in (x, y, z)]
+    if len(ranks[0]) < 4 or any(np.ptp(r) == 0 for r in ranks):
+        return None
+    r = np.corrcoef(np.stack(ranks))
+    denominator = (1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2)
+    return float((r[0, 1] - r[0, 2] * r[1, 2]) / math.sqrt(denominator)) if denominator > 1e-12 else None
+
+
+def match_purity_correlation(match: torch.Tensor, purity: torch.Tensor, firing: torch.Tensor,
+                             alive: torch.Tensor) -> dict:
+    """Over the alive latents: Spearman correlation of each latent's cross-seed match with its purity,
+    and the same with the firing rate controlled (partial_spearman), beside each one's correlation with
+    the firing rate (a purity that tracks density makes the raw correlation a density effect)."""
+    x, y, z = (t[alive].double().numpy() for t in (match, purity, firing))
+    ranks = [rankdata(v) for v in (x, y, z)]
+    ok = len(x) >= 4 and all(np.ptp(r) > 0 for r in ranks)
+    r = np.corrcoef(np.stack(ranks)) if ok else None
+    return {"latents": len(x), "spearman": float(r[0, 1]) if ok else None,
+            "partial_spearman": partial_spearman(x, y, z) if ok else None,
+            "match_vs_firing": float(r[0, 2]) if ok else None, "purity_vs_firing": float(r[1, 2]) if ok else None}
+
+
+# --------------------------------------------------------------------------------------------------
+# The data: its principal subspaces and, on the (a, b) grid, its true planes
+
+
+def principal_basis(acts: torch.Tensor, share: float) -> torch.Tensor:
+    """Orthonormal basis [d, r] (float64) of the top-r principal directions of acts [N, d], r the smallest
+    number whose eigenvalues hold at least `share` of the variance."""
+    if not 0 < share <= 1:
+        raise HusaiError(f"variance share {share}: must lie in (0, 1]")
+    X = acts.detach().double().cpu()
+    X = X - X.mean(dim=0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(X.T @ X)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+    held = eigenvalues.cumsum(0) / eigenvalues.sum().clamp_min(1e-300)
+    rank = min(int((held < share - 1e-12).sum()) + 1, len(eigenvalues))
+    return eigenvectors[:, :rank]
+
+
+def subspace_share(rows: torch.Tensor, basis: torch.Tensor) -> float:
+    """Mean over unit rows [m, d] of the share of their squared length inside the subspace of basis [d, r]:
+    1 for directions in it, r / d on average for isotropic ones."""
+    return float((rows.double() @ basis.double()).pow(2).sum(dim=1).mean())
+
+
+class DataSpace(NamedTuple):
+    """What a group's activations are, computed once per group."""
+    bases: dict[float, torch.Tensor]     # variance share -> orthonormal basis [d, r] of the principal subspace
+    grid: Grid | None                    # with a transformer whose answer has Fourier planes (add, sub)
+    variance: dict | None                # shares of the activations' variance in known planes (variance_in_planes)
+
+
+def data_space(source: Source) -> DataSpace:
+    """Principal subspaces of a source's activations; with a transformer whose answer has planes (add or
+    sub; mul's Fourier structure lives in discrete logarithms), its key frequencies (KEY_FREQUENCY_RULE,
+    from the embedding of the exact checkpoint) and the true planes."""
+    bases = {share: principal_basis(source.acts, share) for share in VARIANCE_SHARES}
+    model = source.model
+    if model is None or model.cfg.op not in ("add", "sub") or len(source.acts) != model.cfg.p ** 2:
+        return DataSpace(bases, None, None)
+    p, op = model.cfg.p, model.cfg.op
+    keys = embedding_spectrum(model.W_E[:p].detach().cpu())[1]
+    fourier = grid_fourier(source.acts, p, op)
+    truth = {w: orthonormal_span(fourier.coefficients[0, w - 1].T) for w in keys}
+    return DataSpace(bases, Grid(p, op, keys, truth), variance_in_planes(fourier, keys))
+
+
+def variance_in_planes(fourier: GridFourier, keys: list[int]) -> dict:
+    """Shares of the activations' total variance (over all d dimensions) in known planes: for each
+    variable, its planes at the key frequencies together; for each key frequency, the answer's plane."""
+    total = float(fourier.variance.sum())
+    energy = fourier.energy().sum(dim=2) / max(total, 1e-300)                # [4, n_freq]
+    rows = [w - 1 for w in keys]
+    return {"by_variable": {v: float(energy[i, rows].sum()) for i, v in enumerate(VARIABLES)},
+            "answer_plane": {w: float(energy[0, w - 1]) for w in keys}}
+
+
+# --------------------------------------------------------------------------------------------------
+# One SAE, trained or a null, as every measure reads it
+
+
+class SAEData(NamedTuple):
+    """One SAE (trained, or a null) as the measures read it."""
+    dictionary: Dictionary | None    # None for the random TopK null (functional scores only)
+    profile: Profile
+
+
+def read_sae(weights: dict, config: dict, acts: torch.Tensor, space: DataSpace, with_dictionary: bool = True,
+             with_metrics: bool = False) -> tuple[SAEData, dict | None]:
+    """An SAE's latents on every row of acts [N, d] (on acts' device), its Profile and Dictionary (alive =
+    fires on some input), and with_metrics its reconstruction numbers (sae_core.reconstruction_metrics).
+    The dense latents [N, m] are freed before the next SAE's are made: at m = 65,536 they take 3 GiB."""
+    weights = {name: t.to(acts.device) for name, t in weights.items()}
+    with torch.no_grad():
+        latents = sae_latents(weights, config, acts)
+    metrics = reconstruction_metrics(weights, config, acts, latents) if with_metrics else None
+    profile = latent_profile(latents, weights["W_dec"], space.grid)
+    del latents
+    dictionary = (make_dictionary(weights["W_dec"], weights["W_enc"], profile.firing > 0, space.bases)
+                  if with_dictionary else None)
+    return SAEData(dictionary, profile), metrics
+
+
+def read_saes(weights: list[dict], config: dict, acts: torch.Tensor, space: DataSpace, with_dictionary: bool = True,
+              with_metrics: bool = False) -> list[tuple[SAEData, dict | None]]:
+    """read_sae for several SAEs, side by side on the CPU's threads, as many at once as keep their dense
+    latents [N, m] float32 within DENSE_LATENTS_BYTES."""
+    workers = DENSE_LATENTS_BYTES // max(1, 4 * acts.shape[0] * int(weights[0]["W_dec"].shape[0])) if weights else 1
+    return in_threads(lambda w: read_sae(w, config, acts, space, with_dictionary, with_metrics), weights, workers)
+
+
+def random_topk_weights(acts: torch.Tensor, width: int, k: int, basis: torch.Tensor, seed: int) -> dict:
+    """A random TopK SAE of the same shape, inside the data: decoder rows uniform on the unit sphere of
+    the principal subspace `basis` [d, r], encoder W_enc = W_dec^T, b_dec = the mean activation, b_enc = 0.
+    Its latents are sae_core.sae_latents(weights, {"arch": "topk", "k": k}, acts): the k largest
+    positive projections of (x - mean) on the rows."""
+    if not 1 <= k <= width:
+        raise HusaiError(f"random TopK null: k {k} must lie between 1 and the width {width}")
+    generator = torch.Generator().manual_seed(seed)
+    rows = unit_rows(torch.randn(width, basis.shape[1], generator=generator, dtype=torch.float64) @ basis.T.cpu())
+    return {"W_dec": rows, "W_enc": rows.T.clone(), "b_enc": torch.zeros(width),
+            "b_dec": acts.detach().double().mean(dim=0).float().cpu()}
+
+
+def random_null_seeds(pairs: int = NULL_PAIRS) -> list[int]:
+    """Generator seeds of the random TopK null's dictionaries, two per pair (no dictionary is reused)."""
+    return [GENERATOR_SEEDS["random"] + i for i in range(2 * pairs)]
+
+
+def null_k(config: dict, per_seed: list[dict]) -> int:
+    """k of the random TopK null: the group's k for TopK and BatchTopK, the trained seeds' mean L0 for the
+    penalised architectures."""
+    if "k" in config and ARCHITECTURES[config["arch"]].sparsity == "k":
+        return int(config["k"])
+    return max(1, round(float(np.mean([row["l0"] for row in per_seed]))))
+
+
+def random_topk_null(acts: torch.Tensor, space: DataSpace, width: int, k: int) -> list[SAEData]:
+    """NULL_PAIRS pairs of random TopK SAEs (random_topk_weights, in the first principal subspace), read
+    like the trained ones: 2 NULL_PAIRS SAEData, pair i being entries 2i and 2i + 1."""
+    basis = space.bases[VARIANCE_SHARES[0]]
+    weights = [random_topk_weights(acts, width, min(k, width), basis, seed) for seed in random_null_seeds()]
+    return [sae for sae, _ in read_saes(weights, {"arch": "topk", "k": k}, acts, space, with_dictionary=False)]
+
+
+def subspace_null(space: DataSpace, width: int) -> list[Dictionary]:
+    """NULL_PAIRS pairs of dictionaries of random directions for the projected views: rows uniform on the
+    unit sphere of each view's principal subspace, in its basis' coordinates (as projected rows are).
+    Generator seed GENERATOR_SEEDS["subspace"] + i for dictionary i."""
+    dictionaries = []
+    for i in range(2 * NULL_PAIRS):
+        generator = torch.Generator().manual_seed(GENERATOR_SEEDS["subspace"] + i)
+        rows = {view: unit_rows(torch.randn(width, space.bases[share].shape[1], generator=generator))
+                for view, share in PROJECTED_VIEWS.items()}
+        dictionaries.append(Dictionary(rows, torch.ones(width, dtype=torch.bool)))
+    return dictionaries
+
+
+class NullCache(dict):
+    """Random nulls depend only on the activations and the shape, so groups that share both share them:
+    key (id of the activations, width, k) or (id, width) -> the null."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Functional scores of a pair of SAEs
+
+
+class PairFunctions(NamedTuple):
+    """What every functional score of one pair of SAEs is computed from."""
+    activation: dict                 # activation_matching's scores
+    planes: dict[int, float] | None  # plane agreement per key frequency; None without a grid
+
+
+def compare_functions(A: Profile, B: Profile, grid: Grid | None, tau: float, matched: bool = True,
+                      phase: bool = False) -> dict:
+    """Every functional score of SCORES for one pair of SAEs (a one-to-one score only when `matched`),
+    and the details behind the plane, type and phase tables: plane agreement per key frequency
+    ("plane.<w>"), each latent type's stability ("type.<type>"), and with `phase` the phase question
+    ("phase.<statistic>"); "best" holds each latent's best correlation both ways (tensors, for the
+    per-latent match)."""
+    activation = activation_matching(A, B, matched)
+    planes = (plane_agreement(A.planes, B.planes, grid.frequencies)
+              if grid is not None and A.planes is not None and B.planes is not None else None)
+    pair = PairFunctions(activation, planes)
+    outcome = {name: score.compute(pair, view, tau) for name, score, view in score_names("all", "function")}
+    outcome |= {f"plane.{w}": value for w, value in (planes or {}).items()}
+    outcome |= {f"type.{name}": value for name, value in activation.get("by_type", {}).items()}
+    if phase and planes is not None:
+        q = phase_question(A, B, grid.p)
+        if q["trained"] is not None:
+            outcome |= {"phase.latents": float(np.mean(q["latents"])),
+                        "phase.trained": q["trained"]["max_weighted"],
+                        "phase.shuffled": q["shuffled"]["max_weighted"]["mean"],
+                        "phase.best_rotation": q["best_rotation"]["max_weighted"],
+                        "phase.mean_over_rotations": q["mean_over_rotations"],
+                        "phase.trained_one_to_one": q["trained"]["hungarian_weighted"],
+                        "phase.shuffled_one_to_one": q["shuffled"]["hungarian_weighted"]["mean"]}
+    outcome["best"] = (activation["best_a"], activation["best_b"])
+    return outcome
+
+
+def function_stability(saes: list[SAEData], grid: Grid | None, tau: float, phase: bool = False,
+                       matched: bool = True) -> dict:
+    """compare_functions on every pair of seeds. Returns {"matrices": [S, S] per name, "latent_match": per
+    seed [m], each latent's best activation correlation in another seed averaged over the other seeds}."""
+    S = len(saes)
+    pairs = list(combinations(range(S), 2))
+    outcomes = run_pairs(lambda i, j: compare_functions(saes[i].profile, saes[j].profile, grid, tau, matched, phase),
+                         pairs)
+    latent_match = [torch.zeros(sae.profile.f.shape[1], dtype=torch.float64) for sae in saes]
+    for (i, j), outcome in zip(pairs, outcomes):
+        best_a, best_b = outcome.pop("best")
+        latent_match[i] += best_a
+        latent_match[j] += best_b
+    return {"matrices": pair_matrices(S, pairs, outcomes), "latent_match": [m / max(1, S - 1) for m in latent_match]}
+
+
+def function_null(saes: list[SAEData], grid: Grid | None, tau: float) -> dict[str, list]:
+    """A random null's functional scores on its independent pairs (2i, 2i + 1): {name: [value per pair]}."""
+    pairs = [(i, i + 1) for i in range(0, len(saes) - 1, 2)]
+    outcomes = run_pairs(lambda i, j: compare_functions(saes[i].profile, saes[j].profile, grid, tau), pairs)
+    for outcome in outcomes:
+        del outcome["best"]
+    return values_by_name(outcomes)
 
 
 # --------------------------------------------------------------------------------------------------
 # The analysis of one group, section by section
 
 
-def analyse_group(group: Group, source: Source, device: torch.device, tau: float) -> tuple[dict, dict]:
+def analyse_group(group: Group, source: Source, device: torch.device, tau: float,
+                  cache: NullCache) -> tuple[dict, dict]:
     """Everything about one configuration. Returns (numbers for report.json, data for the figures)."""
     result = describe_group(group)
-    geometry = activation_geometry(source.acts)
-    fourier = (fourier_setup(source.model, source.acts, geometry, group.key.width)
-               if source.model is not None else None)
+    config = group.first.config
+    space = data_space(source)
     acts = source.acts.to(device)
-    dictionaries, result["per_seed"], recovery = analyse_seeds(group.files, acts, device, fourier)
+    trained, result["per_seed"] = analyse_seeds(group.files, acts, space)
     result["reconstruction"] = summarise_reconstruction(result["per_seed"])
-    result["activations"] = summarise_activations(source.acts, geometry, dictionaries)
+    result["activations"] = summarise_activations(source.acts, space, trained)
     snapshots, snapshot_problem = load_snapshots(group.files)
     if snapshot_problem:
-        result["notes"].append(f"{snapshot_problem}; no init baseline and no dynamics")
+        result["notes"].append(f"{snapshot_problem}; no initialisation null and no dynamics")
+    initial = [sae for sae, _ in read_saes(snapshots["weights"][0], config, acts, space)] if snapshots else None
+    k = null_k(config, result["per_seed"])
+    random_key = (id(source.acts), group.key.width, k)
+    if random_key not in cache:
+        cache[random_key] = random_topk_null(acts, space, group.key.width, k)
+    random = cache[random_key]
+    result["null_k"] = k
+    if space.grid is None:
+        result["notes"].append("activations from a file, or a transformer whose answer has no Fourier planes (mul): "
+                               "no planes and no latent types")
 
-    plots, latent_match = {}, None
+    plots, details = {}, {}
     if len(group.files) < 2:
         result["stability"] = None
         result["notes"].append(f"only one seed ({group.first.seed}): stability needs at least two seeds of one "
                                "configuration")
     else:
         result["notes"] += stability_notes(group)
-        initial = snapshots["weights"][0] if snapshots else None
-        numbers, plots = analyse_stability(dictionaries, geometry, initial, device, tau)
+        subspace_key = (id(source.acts), group.key.width)
+        if subspace_key not in cache:
+            cache[subspace_key] = subspace_null(space, group.key.width)
+        subspace = cache[subspace_key]
+        numbers, plots, details = analyse_stability(trained, initial, random, subspace, space.grid, device, tau)
         result |= numbers
-        latent_match = plots["latent_match"]
-
-    result["reruns"] = [rerun_similarity(a, b, acts, device, tau) for a, b in group.reruns]
-
-    if fourier is None:
-        result["ground_truth"] = None
-        result["notes"].append("activations come from a file, not the (a, b) grid of a transformer: "
-                               "no Fourier analysis")
-    else:
-        baseline = fourier_recovery(random_direction_latents(acts, fourier.random_rows.to(device)),
-                                    fourier.random_rows, fourier)
-        result["ground_truth"], plots["purity"] = ground_truth(source, fourier, recovery, baseline, latent_match, tau)
-
-    result["latents"] = latent_table(group.files, dictionaries, latent_match, recovery)
-    result["dynamics"] = dynamics(snapshots, device, tau) if snapshots is not None and len(group.files) > 1 else None
+    result["planes"] = plane_summary(trained, initial, random, space, details)
+    result["latent_types"] = type_summary_of_group(trained, initial, random, details) if space.grid else None
+    result["phase"] = {statistic.removeprefix("phase."): mean_and_ci(matrix)
+                       for statistic, matrix in (details or {}).get("trained", {}).items()
+                       if statistic.startswith("phase.")} or None   # None without c-latents in every pair
+    result["match_vs_purity"] = match_vs_purity(trained, plots) if space.grid and details else None
+    result["reruns"] = [rerun_similarity(a, b, acts, space, device, tau) for a, b in group.reruns]
+    result["latents"] = latent_table(group.files, trained, plots)
+    result["dynamics"] = (dynamics(snapshots, initial, trained, [f.tensors for f in group.files], config, acts, space,
+                                   device, tau)
+                          if snapshots is not None and len(group.files) > 1 else None)
+    plots["purity"] = purity_plot_data(trained, initial, random) if space.grid else None
     return result, plots
 
 
@@ -737,22 +1520,13 @@ def settings_of(files: list[SAEFile]) -> dict:
     return {"shared": shared, "varying": varying}
 
 
-def analyse_seeds(files: list[SAEFile], acts: torch.Tensor, device: torch.device,
-                  fourier: FourierSetup | None) -> tuple[list[Dictionary], list[dict], list[dict]]:
-    """Per seed, on every input acts [N, d]: its dictionary (which latents fire), reconstruction and the
-    downstream numbers train_sae.py recorded, and (with a transformer) the latents' Fourier structure.
-    One seed's latents [N, m] at a time: at m = 65,536 they take 3 GiB each."""
-    dictionaries, per_seed, recovery = [], [], []
-    for sae_file in files:
-        dictionary, latents, weights = read_dictionary(sae_file, acts, device)
-        dictionaries.append(dictionary)
-        downstream = {k: sae_file.metrics.get(k) for k in DOWNSTREAM}
-        per_seed.append({"seed": sae_file.seed, **reconstruction_metrics(weights, sae_file.config, acts),
-                         **downstream})
-        if fourier is not None:
-            recovery.append(fourier_recovery(latents, dictionary.decoder, fourier))
-        del latents   # freed before the next seed's are made
-    return dictionaries, per_seed, recovery
+def analyse_seeds(files: list[SAEFile], acts: torch.Tensor, space: DataSpace) -> tuple[list[SAEData], list[dict]]:
+    """Per seed, on every input acts [N, d]: its SAEData, and its reconstruction with the downstream numbers
+    train_sae.py recorded."""
+    read = read_saes([sae_file.tensors for sae_file in files], files[0].config, acts, space, with_metrics=True)
+    per_seed = [{"seed": sae_file.seed, **metrics, **{k: sae_file.metrics.get(k) for k in DOWNSTREAM}}
+                for sae_file, (_, metrics) in zip(files, read)]
+    return [sae for sae, _ in read], per_seed
 
 
 def summarise_reconstruction(per_seed: list[dict]) -> dict:
@@ -762,12 +1536,15 @@ def summarise_reconstruction(per_seed: list[dict]) -> dict:
             for values in [[row[name] for row in per_seed]]}
 
 
-def summarise_activations(acts: torch.Tensor, geometry: ActivationGeometry, dictionaries: list[Dictionary]) -> dict:
-    """The activations' size and principal rank, and how much of each view's unit rows lies in that subspace."""
-    return {"n": len(acts), "d": acts.shape[1], "subspace_rank": geometry.rank,
-            **{f"{view}_in_subspace": mean_and_ci([subspace_share(getattr(dictionary, view), geometry)
-                                                   for dictionary in dictionaries])
-               for view in VIEWS}}
+def summarise_activations(acts: torch.Tensor, space: DataSpace, saes: list[SAEData]) -> dict:
+    """The activations' size, principal ranks and known planes, and how much of each unit decoder row and
+    encoder column lies in each principal subspace."""
+    return {"n": len(acts), "d": acts.shape[1], "ranks": {share: basis.shape[1] for share, basis in space.bases.items()},
+            **{f"{view}_in_subspace": {share: mean_and_ci([subspace_share(sae.dictionary.rows[view], basis)
+                                                           for sae in saes])
+                                       for share, basis in space.bases.items()}
+               for view in MATCHED_VIEWS},
+            "variance_in_planes": space.variance}
 
 
 def stability_notes(group: Group) -> list[str]:
@@ -783,30 +1560,67 @@ def stability_notes(group: Group) -> list[str]:
     return notes
 
 
-def analyse_stability(dictionaries: list[Dictionary], geometry: ActivationGeometry, initial: list[dict] | None,
-                      device: torch.device, tau: float) -> tuple[dict, dict]:
-    """Stability of the trained dictionaries and of each baseline's (init only with snapshots), and the
-    trained scores normalised against the subspace baseline. Returns (numbers for report.json, data for
-    the figures: the heat maps and each latent's cross-seed match)."""
-    trained = stability(dictionaries, device, tau)
-    numbers = {"stability": summarise(trained),
-               "pair_matrices": {variant: {name: matrices[name].tolist() for name, _, _ in score_names("all")}
-                                 for variant, matrices in trained["scores"].items()},
-               "baselines": {}, "baseline_generator_seeds": {}}
-    heatmaps = {"trained": heatmap_matrix(dictionaries[0], dictionaries[1], trained["first_pair"])}
-    for kind in BASELINES:
-        if kind == "init" and initial is None:
-            continue
-        baseline, generator_seeds = baseline_dictionaries(kind, dictionaries, geometry, initial)
-        scores = stability(baseline, device, tau)
-        numbers["baselines"][kind] = summarise(scores)
-        numbers["baseline_generator_seeds"][kind] = generator_seeds
-        if kind == "subspace":
-            heatmaps["subspace baseline"] = heatmap_matrix(baseline[0], baseline[1], scores["first_pair"])
-    numbers["normalised"] = {variant: {name: normalised(summary[name], numbers["baselines"]["subspace"][variant][name])
-                                       for name, _, _ in score_names("group")}
-                             for variant, summary in numbers["stability"].items()}
-    return numbers, {"heatmaps": heatmaps, "latent_match": trained["latent_match"]}
+def all_scores(saes: list[SAEData], grid: Grid | None, device: torch.device, tau: float,
+               phase: bool = False) -> tuple[dict, dict]:
+    """Every pair score of a set of SAEs (trained, or the initialisation): {variant: {name: [S, S] matrix}}
+    with the functional scores and their details (plane.<w>, type.<t>, phase.<s>) under the primary
+    variant; and the per-latent matches {"decoder": per seed [m], "activation": per seed [m]} and the
+    first pair's decoder MaxCosine."""
+    directions = direction_stability([sae.dictionary for sae in saes], device, tau)
+    functions = function_stability(saes, grid, tau, phase=phase)
+    matrices = dict(directions["scores"])
+    matrices[PRIMARY_VARIANT] = functions["matrices"] | matrices[PRIMARY_VARIANT]
+    return matrices, {"decoder": directions["latent_match"], "activation": functions["latent_match"],
+                      "first_pair": directions["first_pair"]}
+
+
+def variant_names(variant: str) -> list[ScoreName]:
+    """The group scores a variant has: every one for the primary variant, direction scores for the others."""
+    return score_names("group") if variant == PRIMARY_VARIANT else score_names("group", "direction")
+
+
+def analyse_stability(trained: list[SAEData], initial: list[SAEData] | None, random: list[SAEData],
+                      subspace: list[Dictionary], grid: Grid | None, device: torch.device,
+                      tau: float) -> tuple[dict, dict, dict]:
+    """The trained seeds' scores and every null's, the trained scores normalised against the
+    initialisation, and whether each is above each of its nulls. Returns (numbers for report.json, data
+    for the figures, the pair matrices of the details {"trained": ..., "init": ..., "random": ...})."""
+    matrices, matches = all_scores(trained, grid, device, tau, phase=True)
+    numbers = {"stability": {variant: summarise(m, variant_names(variant)) for variant, m in matrices.items()},
+               "pair_matrices": {variant: {name: matrices[variant][name].tolist()
+                                           for name, _, _ in score_names("all") if name in matrices[variant]}
+                                 for variant in matrices}}
+    details = {"trained": {name: m for name, m in matrices[PRIMARY_VARIANT].items() if "." in name
+                           and name.split(".")[0] in ("plane", "type", "phase")}}
+    nulls = {}
+    heatmaps = {"trained": heatmap_matrix(trained[0].dictionary, trained[1].dictionary, matches["first_pair"])}
+    if initial is not None:
+        init_matrices, init_matches = all_scores(initial, grid, device, tau)
+        nulls["init"] = {variant: summarise(m, variant_names(variant)) for variant, m in init_matrices.items()}
+        details["init"] = init_matrices[PRIMARY_VARIANT]
+        heatmaps["initialisation"] = heatmap_matrix(initial[0].dictionary, initial[1].dictionary,
+                                                    init_matches["first_pair"])
+    random_values = function_null(random, grid, tau)
+    nulls["random"] = {PRIMARY_VARIANT: {name: null_spread(random_values.get(name))
+                                         for name, _, _ in score_names("group", "function")}}
+    details["random"] = random_values
+    subspace_values = null_pairs(subspace, device, tau)
+    nulls["subspace"] = {variant: {name: null_spread(values.get(name)) for name, score, view in variant_names(variant)
+                                   if "subspace" in nulls_of(score, view)}
+                         for variant, values in subspace_values.items()}
+    numbers["nulls"] = nulls
+    numbers["null_generator_seeds"] = {"random": random_null_seeds(),
+                                       "subspace": [GENERATOR_SEEDS["subspace"] + i for i in range(2 * NULL_PAIRS)]}
+    numbers["normalised"], numbers["above_nulls"] = {}, {}
+    for variant, summary in numbers["stability"].items():
+        init = nulls.get("init", {}).get(variant, {})
+        numbers["normalised"][variant] = {name: normalised(summary[name], init.get(name))
+                                          for name, _, _ in variant_names(variant)}
+        numbers["above_nulls"][variant] = {
+            name: above_nulls(summary[name], {kind: nulls.get(kind, {}).get(variant, {}).get(name)
+                                              for kind in nulls_of(score, view)})
+            for name, score, view in variant_names(variant)}
+    return numbers, {"heatmaps": heatmaps, "matches": matches}, details
 
 
 def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
@@ -814,45 +1628,162 @@ def heatmap_matrix(a: Dictionary, b: Dictionary, best: MaxCosine) -> np.ndarray:
     against their best partners in B: decoder cosines [n, n] whose diagonal holds each latent's max cosine."""
     order = torch.argsort(best.best_a, descending=True, stable=True)
     chosen = order[torch.linspace(0, len(order) - 1, min(FIGURE_LATENTS, len(order))).long()]
-    return (a.decoder[chosen] @ b.decoder[best.index_a[chosen]].T).numpy()
+    return (a.rows["decoder"][chosen] @ b.rows["decoder"][best.index_a[chosen]].T).numpy()
 
 
-def rerun_similarity(a: SAEFile, b: SAEFile, acts: torch.Tensor, device: torch.device, tau: float) -> dict:
+def family_consensus(families: list[list[int]]) -> dict:
+    """The family (its frequencies, root first) that holds a frequency in most seeds, and in how many."""
+    counts = Counter(tuple(frequencies) for frequencies in families)
+    (frequencies, seeds), = counts.most_common(1)
+    return {"frequencies": list(frequencies), "seeds": seeds, "of": len(families)}
+
+
+def plane_summary(trained: list[SAEData], initial: list[SAEData] | None, random: list[SAEData], space: DataSpace,
+                  details: dict) -> dict | None:
+    """Per key frequency: the family that writes it (the most common over seeds), the family's size,
+    its written plane's recovery of the true plane (plane_similarity) and the R^2 of decoding cos/sin(w c)
+    from it, each for the trained seeds [CI], the initialisation [CI] and the random null (spread over
+    its dictionaries); and cross-seed plane agreement (from the pair details; None with one seed). Also
+    every seed's families. None without a grid."""
+    grid = space.grid
+    if grid is None:
+        return None
+
+    def per_sae(saes: list[SAEData] | None, read: Callable[[PlaneFit, int], float]) -> list[float] | None:
+        return [read(sae.profile.planes.planes[w], w) for sae in saes] if saes else None
+
+    def recovery(fit: PlaneFit, w: int) -> float:
+        return plane_similarity(fit.basis, grid.truth[w])
+
+    per_frequency = {}
+    for w in grid.frequencies:
+        agreement = {"trained": mean_and_ci(details.get("trained", {}).get(f"plane.{w}")),
+                     "init": mean_and_ci(details.get("init", {}).get(f"plane.{w}")),
+                     "random": null_spread(details.get("random", {}).get(f"plane.{w}"))} if details else None
+        per_frequency[w] = {
+            "variance_share": space.variance["answer_plane"][w],
+            "family": family_consensus([sae.profile.planes.planes[w].frequencies for sae in trained]),
+            "latents": mean_and_ci(per_sae(trained, lambda fit, w: fit.latents)),
+            "agreement": agreement,
+            "recovery": {"trained": mean_and_ci(per_sae(trained, recovery)),
+                         "init": mean_and_ci(per_sae(initial, recovery)),
+                         "random": null_spread(per_sae(random, recovery))},
+            "r2": {"trained": mean_and_ci(per_sae(trained, lambda fit, w: fit.r2)),
+                   "init": mean_and_ci(per_sae(initial, lambda fit, w: fit.r2)),
+                   "random": null_spread(per_sae(random, lambda fit, w: fit.r2))},
+            "per_seed": [{"family": fit.frequencies, "latents": fit.latents, "cosines_to_truth": fit.cosines_to_truth,
+                          "r2": fit.r2} for fit in (sae.profile.planes.planes[w] for sae in trained)]}
+    families = {kind: [[{"root": family.root, "frequencies": family.frequencies, "latents": len(family.latents),
+                         "energy": float(sae.profile.energy[family.latents].sum()),
+                         "links": {str(w): r2 for w, r2 in family.links.items()}}
+                        for family in sae.profile.planes.families] for sae in saes]
+                for kind, saes in (("trained", trained), ("init", initial)) if saes}
+    return {"frequencies": grid.frequencies, "variance_in_planes": space.variance, "per_frequency": per_frequency,
+            "families": families}
+
+
+def type_summary_of_group(trained: list[SAEData], initial: list[SAEData] | None, random: list[SAEData],
+                          details: dict) -> dict:
+    """Per latent type: count and share of the reconstruction energy for the trained seeds [CI], the
+    initialisation [CI] and the random null (spread over its dictionaries); and each type's stability
+    (activation_matching's by_type) across seeds, trained [CI], init [CI], random (spread over pairs)."""
+    def per_sae(saes, t, what):
+        return [sae.profile.planes.types_summary[t][what] for sae in saes] if saes else None
+
+    table = {}
+    for t in LATENT_TYPES:
+        table[t] = {what: {"trained": mean_and_ci(per_sae(trained, t, what)),
+                           "init": mean_and_ci(per_sae(initial, t, what)),
+                           "random": null_spread(per_sae(random, t, what))} for what in ("count", "energy")}
+        if details and t != "dead":
+            table[t]["stability"] = {"trained": mean_and_ci(details["trained"].get(f"type.{t}")),
+                                     "init": mean_and_ci(details.get("init", {}).get(f"type.{t}")),
+                                     "random": null_spread(details["random"].get(f"type.{t}"))}
+    return table
+
+
+def match_vs_purity(trained: list[SAEData], plots: dict) -> dict:
+    """Are the stable latents the pure ones? Over the alive latents of all seeds, harmonic purity against
+    each latent's cross-seed match, by activations (best correlation) and by decoder direction (best
+    cosine), each averaged over the other seeds: raw Spearman and with the firing rate controlled."""
+    purity = torch.cat([sae.profile.planes.purity for sae in trained])
+    firing = torch.cat([sae.profile.firing for sae in trained])
+    alive = firing > 0
+    return {kind: match_purity_correlation(torch.cat(plots["matches"][kind]), purity, firing, alive)
+            for kind in ("activation", "decoder")}
+
+
+def purity_plot_data(trained: list[SAEData], initial: list[SAEData] | None, random: list[SAEData]) -> dict:
+    """Harmonic purity of the alive latents of each set, for the purity figure."""
+    def alive_purity(saes):
+        return torch.cat([sae.profile.planes.purity[sae.profile.firing > 0] for sae in saes]) if saes else None
+    return {"trained": alive_purity(trained), "init": alive_purity(initial), "random": alive_purity(random)}
+
+
+def rerun_similarity(a: SAEFile, b: SAEFile, acts: torch.Tensor, space: DataSpace, device: torch.device,
+                     tau: float) -> dict:
     """Two files of one seed and configuration. Identical bits, or how far apart rounding alone (another
     thread count, machine or library version) carried one training run: the ceiling that no cross-seed
     stability can be read above. Scores as for a pair of seeds (signed, all latents)."""
-    scores, _ = compare_pair(read_dictionary(a, acts, device)[0], read_dictionary(b, acts, device)[0],
-                             VARIANTS[PRIMARY_VARIANT], device, tau)
-    identical = a.tensors.keys() == b.tensors.keys() and all(torch.equal(t, b.tensors[n]) for n, t in a.tensors.items())
+    A, B = (read_sae(f.tensors, f.config, acts, space)[0] for f in (a, b))
+    scores, _ = compare_pair(A.dictionary, B.dictionary, VARIANTS[PRIMARY_VARIANT], device, tau)
+    scores |= compare_functions(A.profile, B.profile, space.grid, tau)
+    identical = same_weights(a.tensors, b.tensors)
     return {"seed": a.seed, "files": [str(a.path), str(b.path)], "identical": identical,
             **{name: scores.get(name) for name, _, _ in score_names("group")}}
 
 
-def latent_table(files: list[SAEFile], dictionaries: list[Dictionary], latent_match: list[torch.Tensor] | None,
-                 recovery: list[dict]) -> list[dict]:
-    """Per seed and latent: the numbers behind the histograms and the correlation."""
-    return [{"seed": sae_file.seed, "alive": dictionary.alive.int().tolist(),
-             "match": latent_match[i].tolist() if latent_match else None,
-             "purity": recovery[i]["purity"].tolist() if recovery else None,
-             "best_frequency": recovery[i]["best"].tolist() if recovery else None}
-            for i, (sae_file, dictionary) in enumerate(zip(files, dictionaries))]
+def latent_table(files: list[SAEFile], saes: list[SAEData], plots: dict) -> list[dict]:
+    """Per seed and latent: the numbers behind the figures and the correlations."""
+    matches = plots.get("matches")
+    rows = []
+    for i, (sae_file, sae) in enumerate(zip(files, saes)):
+        profile, planes = sae.profile, sae.profile.planes
+        rows.append({"seed": sae_file.seed, "alive": (profile.firing > 0).int().tolist(),
+                     "firing": profile.firing.tolist(), "energy": profile.energy.tolist(),
+                     "activation_match": matches["activation"][i].tolist() if matches else None,
+                     "decoder_match": matches["decoder"][i].tolist() if matches else None,
+                     "type": [LATENT_TYPES[t] for t in planes.types.tolist()] if planes else None,
+                     "fundamental": planes.fundamental.tolist() if planes else None,
+                     "harmonic_purity": planes.purity.tolist() if planes else None})
+    return rows
 
 
-def dynamics(snapshots: dict, device: torch.device, tau: float) -> dict:
+def dynamics(snapshots: dict, initial: list[SAEData], trained: list[SAEData], final: list[dict], config: dict,
+             acts: torch.Tensor, space: DataSpace, device: torch.device, tau: float) -> dict:
     """Stability across seeds at each snapshot step (the scores of the "dynamics" section, signed, all
-    latents, without matching: they need no m x m matrix) beside the full-dataset FVU at that step."""
-    names = score_names("dynamics")
+    latents, without matching: no m x m assignment) beside the full-dataset FVU at that step. Functional
+    scores need every seed's latents at every step, so they are computed up to DYNAMICS_LATENT_LIMIT
+    latents; direction scores at every width. Step 0 is the initialisation and a step whose weights are
+    the trained files' (final [per seed]) is the trained SAEs: neither is read again."""
+    width = len(initial[0].profile.firing)
+    functional = width <= DYNAMICS_LATENT_LIMIT
+    names = [n for n in score_names("dynamics") if functional or n.score.level != "function"]
     variant = {PRIMARY_VARIANT: VARIANTS[PRIMARY_VARIANT]._replace(hungarian=False)}
     rows = []
     for step, weights in snapshots["weights"].items():
-        dictionaries = [make_dictionary(w["W_dec"], w["W_enc"], torch.ones(len(w["W_dec"]), dtype=torch.bool))
-                        for w in weights]
-        matrices = stability(dictionaries, device, tau, variants=variant)["scores"][PRIMARY_VARIANT]
-        rows.append({"step": step, **{name: mean_and_ci(matrices[name]) for name, _, _ in names},
+        if step == 0:
+            saes = initial
+        elif all(same_weights(w, f) for w, f in zip(weights, final)):
+            saes = trained
+        elif functional:
+            saes = [sae for sae, _ in read_saes(weights, config, acts, space)]
+        else:
+            saes = [SAEData(make_dictionary(w["W_dec"], w["W_enc"], torch.ones(width, dtype=torch.bool), space.bases),
+                            None) for w in weights]
+        matrices = direction_stability([sae.dictionary for sae in saes], device, tau, variant)["scores"][PRIMARY_VARIANT]
+        if functional:
+            matrices = matrices | function_stability(saes, space.grid, tau, matched=False)["matrices"]
+        rows.append({"step": step, **{name: mean_and_ci(matrices.get(name)) for name, _, _ in names},
                      "fvu": mean_and_ci(snapshots["fvu"][step])})
-    scores = " and ".join(dict.fromkeys(score.short for _, score, _ in names))
-    return {"what": f"{scores} ({PRIMARY_VARIANT}) and FVU at each snapshot step; step 0 is the initialisation",
-            "steps": rows}
+    shown = " and ".join(dict.fromkeys(n.score.short for n in names))
+    return {"what": f"{shown} ({PRIMARY_VARIANT}) and FVU at each snapshot step; step 0 is the initialisation"
+                    + ("" if functional else f"; functional scores only up to width {DYNAMICS_LATENT_LIMIT}"),
+            "names": [name for name, _, _ in names], "steps": rows}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(t, b[name]) for name, t in a.items())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -861,10 +1792,10 @@ def dynamics(snapshots: dict, device: torch.device, tau: float) -> dict:
 
 def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
     """Every group that could be loaded, the comparison across them, and each transformer's spectrum."""
-    results, plots = [], []
+    results, plots, cache = [], [], NullCache()
     for group, source in inputs.groups:
         print(f"group {group.name}: {len(group.files)} seed(s)")
-        result, group_plots = analyse_group(group, source, device, tau)
+        result, group_plots = analyse_group(group, source, device, tau, cache)
         results.append(result)
         plots.append(group_plots)
     rows, pareto = comparison(results)
@@ -875,7 +1806,7 @@ def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
 
 def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
     """One row per group, and the names of the groups on the Pareto frontier of stability (PARETO_SCORE
-    normalised, primary view, signed, all latents: higher is better) against FVU (lower is better)."""
+    normalised against the initialisation: higher is better) against FVU (lower is better)."""
     rows = [comparison_row(result) for result in results]
     stability_key = comparison_key(next(s for s in SCORES if s.key == PARETO_SCORE), "normalised")
     candidates = [row for row in rows if row[stability_key] is not None]
@@ -888,8 +1819,8 @@ def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
 
 def comparison_row(result: dict) -> dict:
     """A group in one row: configuration, reconstruction, each comparison score's statistics (primary view,
-    signed, all latents; None with one seed), and Fourier recovery beside its baseline."""
-    rec, gt = result["reconstruction"], result["ground_truth"]
+    signed, all latents; None with one seed), and the answer's share of the energy and plane recovery."""
+    rec = result["reconstruction"]
     row = {"name": result["name"], "arch": result["arch"], "width": result["width"],
            "sparsity": ", ".join(f"{k}={v:g}" for k, v in result["sparsity"].items()),
            "sparsity_parameter": next(iter(result["sparsity"])),
@@ -900,20 +1831,23 @@ def comparison_row(result: dict) -> dict:
         for statistic in score.comparison:
             row[comparison_key(score, statistic)] = (comparison_statistic(result, name, statistic)
                                                      if result["stability"] else None)
-    row |= {"frac_pure_key": gt["frac_pure_key"]["mean"] if gt else None,
-            "frac_pure_key_baseline": gt["baseline"]["frac_pure_key"] if gt else None,
-            "coverage": gt["coverage"]["mean"] if gt and gt["coverage"] else None,
-            "coverage_baseline": gt["baseline"]["coverage"]["mean"] if gt and gt["coverage"] else None}
+    types, planes = result["latent_types"], result["planes"]
+    for kind in ("trained", *NULLS):
+        c_energy_stat = types["c"]["energy"].get(kind) if types else None
+        row[f"c_energy_{kind}"] = c_energy_stat["mean"] if c_energy_stat else None
+        recovered = [entry["recovery"].get(kind) for entry in planes["per_frequency"].values()] if planes else []
+        row[f"recovery_{kind}"] = (float(np.mean([r["mean"] for r in recovered]))
+                                   if recovered and None not in recovered else None)
     return row
 
 
 def comparison_statistic(result: dict, name: str, statistic: str) -> float | None:
-    """One statistic of a score of a group with two or more seeds: the trained mean, a baseline's mean or
-    the normalised score (signed, all latents); None where it was not computed."""
+    """One statistic of a score of a group with two or more seeds: the trained mean, a null's mean or the
+    normalised score (signed, all latents); None where it was not computed."""
     if statistic == "normalised":
-        return result["normalised"][PRIMARY_VARIANT][name]
-    summary = result["stability"] if statistic == "trained" else result["baselines"].get(statistic)
-    return (summary[PRIMARY_VARIANT][name] or {}).get("mean") if summary else None
+        return result["normalised"][PRIMARY_VARIANT].get(name)
+    summary = result["stability"] if statistic == "trained" else result["nulls"].get(statistic)
+    return ((summary or {}).get(PRIMARY_VARIANT, {}).get(name) or {}).get("mean")
 
 
 def describe_transformer(source: Source) -> dict:
@@ -1169,7 +2103,7 @@ def read_training_log(path: Path) -> list[dict] | None:
 
 
 def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
-    """Each seed's snapshot file, over the steps all seeds share: ({"weights": {step: [W_dec and W_enc per
+    """Each seed's snapshot file, over the steps all seeds share: ({"weights": {step: [the SAE's tensors per
     seed]}, "fvu": {step: [FVU per seed]}}, None), step 0 being the initialisation; or (None, why not)."""
     try:
         loaded = []
@@ -1184,14 +2118,26 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
         steps = sorted(set.intersection(*(set(fvu) for _, fvu in loaded)))
         if 0 not in steps:
             raise KeyError("step 0, the initialisation, is not in every file's steps")
-        weights = {t: [{name: tensors[f"step{t}.{name}"] for name in ("W_dec", "W_enc")} for tensors, _ in loaded]
-                   for t in steps}
+        weights = {t: [step_weights(tensors, t) for tensors, _ in loaded] for t in steps}
         snapshots = {"weights": weights, "fvu": {t: [fvu[t] for _, fvu in loaded] for t in steps}}
     except HusaiError as e:
         return None, f"snapshots unusable: {e}"
     except (KeyError, TypeError, ValueError) as e:
         return None, f"snapshots unusable: their steps, FVUs and tensors do not agree ({e!r})"
     return snapshots, None
+
+
+def step_weights(tensors: dict, step: int) -> dict:
+    """One step's tensors of a snapshot file ("step<t>.W_dec", ...), named as in an SAE file; a KeyError
+    when W_dec or W_enc is missing."""
+    prefix = f"step{step}."
+    weights = {name.removeprefix(prefix): t for name, t in tensors.items() if name.startswith(prefix)}
+    missing = [name for name in ("W_dec", "W_enc") if name not in weights]
+    if missing:
+        raise KeyError(f"{prefix}{missing[0]}")
+    return weights
+
+
 
 
 # ==================================================================================================
@@ -1210,6 +2156,13 @@ def fmt_ci(stat: dict | None, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} [{stat['ci'][0]:.{digits}f}, {stat['ci'][1]:.{digits}f}]"
 
 
+def fmt_stat(stat: dict | None, digits: int = 3) -> str:
+    """A mean with its CI (`mean [low, high]`, seeds resampled) or a random null's spread (`mean ± sd`)."""
+    if stat is None:
+        return "n/a"
+    return fmt_ci(stat, digits) if "ci" in stat else f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
 def fixed(digits: int) -> Callable[[float | None], str]:
     """A cell format: the number with `digits` decimals."""
     return lambda value: fmt(value, digits)
@@ -1220,14 +2173,21 @@ def with_ci(digits: int) -> Callable[[dict | None], str]:
     return lambda stat: fmt_ci(stat, digits)
 
 
-def estimate(value: dict | float | None) -> str:
-    """A cell format for a column that holds plain numbers and means with CIs alike."""
-    return fmt_ci(value) if isinstance(value, dict) else fmt(value)
+def stat_cell(digits: int) -> Callable[[dict | None], str]:
+    """A cell format: fmt_stat with `digits` decimals."""
+    return lambda stat: fmt_stat(stat, digits)
 
 
-def beside_baseline(value: float | None, baseline: float | None) -> str:
-    """A cell format: the number, its baseline in brackets."""
-    return f"{fmt(value)} ({fmt(baseline)})"
+def beside_nulls(*values: float | None) -> str:
+    """A cell format: the trained number, its nulls' after a slash each."""
+    return " / ".join(fmt(value) for value in values)
+
+
+def above_cell(above: dict[str, bool] | None) -> str:
+    """A cell format: per null, whether the trained score is above it; NOT in capitals where it is not."""
+    if not above:
+        return "n/a"
+    return ", ".join(f"{kind}: {'yes' if is_above else 'NOT above'}" for kind, is_above in above.items())
 
 
 class Column(NamedTuple):
@@ -1242,7 +2202,7 @@ def table(columns: list[Column], rows: list[dict]) -> list[str]:
     """A markdown table, one line per row (a dict), each cell column.format(row[key], ...)."""
     def cell(column: Column, row: dict) -> str:
         keys = (column.key,) if isinstance(column.key, str) else column.key
-        return column.format(*(row[k] for k in keys))
+        return column.format(*(row.get(k) for k in keys))
     return (["| " + " | ".join(column.header for column in columns) + " |", "|" + "---|" * len(columns)]
             + ["| " + " | ".join(cell(column, row) for column in columns) + " |" for row in rows])
 
@@ -1258,6 +2218,10 @@ def score_short(score: Score, view: str | None) -> str:
     return f"{view} {score.short}" if view else score.short
 
 
+def null_columns(kinds: list[str], digits_key: str = "digits") -> list[Column]:
+    return [Column(kind, (kind, digits_key), lambda stat, digits: fmt_stat(stat, digits)) for kind in kinds]
+
+
 RECONSTRUCTION_COLUMNS = [
     Column("seed", "seed", str), Column("FVU", "fvu", fixed(4)), Column("L0", "l0", fixed(1)),
     Column("dead", "dead_frac", fixed(3)), Column("acc clean", "acc_clean", fixed(4)),
@@ -1267,16 +2231,27 @@ COMPARISON_COLUMNS = [
     Column("group", "name", str), Column("arch", "arch", str), Column("width", "width", str),
     Column("sparsity", "sparsity", str), Column("seeds", "seeds", str), Column("FVU", "fvu", fixed(4)),
     Column("L0", "l0", fixed(1)), Column("dead", "dead_frac", fixed(3)), Column("acc (SAE)", "acc_sae", fixed(4))]
-FOURIER_COMPARISON_COLUMNS = [
-    Column("pure & key (baseline)", ("frac_pure_key", "frac_pure_key_baseline"), beside_baseline),
-    Column("coverage (baseline)", ("coverage", "coverage_baseline"), beside_baseline)]
-FOURIER_COLUMNS = [
-    Column("quantity", "quantity", str), Column("trained (mean over seeds [CI])", "trained", with_ci(3)),
-    Column("random directions", "random", estimate)]
-FREQUENCY_COLUMNS = [
-    Column("k", "k", str), Column("variance share of its plane", "variance_share", fixed(3)),
-    Column("latents assigned", "latents", with_ci(1)), Column("coverage", "coverage", with_ci(3)),
-    Column("as many random directions: coverage", "baseline_coverage", with_ci(3))]
+PLANE_COMPARISON_COLUMNS = [
+    Column("c-latent energy (init / random)", ("c_energy_trained", "c_energy_init", "c_energy_random"), beside_nulls),
+    Column("plane recovery (init / random)", ("recovery_trained", "recovery_init", "recovery_random"), beside_nulls)]
+PLANE_COLUMNS = [
+    Column("w", "w", str), Column("variance share", "variance_share", fixed(3)),
+    Column("family (seeds)", "family", lambda f: f"{'+'.join(map(str, f['frequencies'])) or 'none'} ({f['seeds']}/{f['of']})"),
+    Column("latents", "latents", with_ci(1)),
+    Column("agreement: trained", "agreement_trained", with_ci(3)), Column("init", "agreement_init", stat_cell(3)),
+    Column("random", "agreement_random", stat_cell(3)),
+    Column("recovery: trained", "recovery_trained", with_ci(3)), Column("init", "recovery_init", stat_cell(3)),
+    Column("random", "recovery_random", stat_cell(3)),
+    Column("R^2: trained", "r2_trained", with_ci(3)), Column("init", "r2_init", stat_cell(3)),
+    Column("random", "r2_random", stat_cell(3))]
+TYPE_COLUMNS = [
+    Column("type", "type", str),
+    Column("count: trained", "count_trained", with_ci(1)), Column("init", "count_init", stat_cell(1)),
+    Column("random", "count_random", stat_cell(1)),
+    Column("energy: trained", "energy_trained", with_ci(3)), Column("init", "energy_init", stat_cell(3)),
+    Column("random", "energy_random", stat_cell(3)),
+    Column("stability: trained", "stability_trained", with_ci(3)), Column("init", "stability_init", stat_cell(3)),
+    Column("random", "stability_random", stat_cell(3))]
 
 
 def rounded(value):
@@ -1314,11 +2289,13 @@ def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Pa
         result["figures"] = plot_group(result, plots, tau, figures)
     report = {
         "command": command,
-        "settings": {"tau": tau, "tau_grid": list(TAU_GRID), "pure_latent": PURE_LATENT,
-                     "subspace_variance": SUBSPACE_VARIANCE, "hungarian_max_latents": HUNGARIAN_MAX_LATENTS,
-                     "baseline_dictionaries": BASELINE_DICTIONARIES, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+        "settings": {"tau": tau, "tau_grid": list(TAU_GRID), "variance_shares": list(VARIANCE_SHARES),
+                     "hungarian_max_latents": HUNGARIAN_MAX_LATENTS, "type_share": TYPE_SHARE,
+                     "family_r2": FAMILY_R2, "harmonics": HARMONICS, "partner_correlation": PARTNER_CORRELATION,
+                     "sparse_density": SPARSE_DENSITY, "null_pairs": NULL_PAIRS, "phase_draws": PHASE_DRAWS,
+                     "dynamics_latent_limit": DYNAMICS_LATENT_LIMIT, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
                      "ci_level": CI_LEVEL, "generator_seeds": GENERATOR_SEEDS},
-        "choices": dict(CHOICES), "skipped_files": inputs.skipped, "refused": inputs.refused,
+        "nulls": NULLS, "choices": dict(CHOICES), "skipped_files": inputs.skipped, "refused": inputs.refused,
         "failed_groups": inputs.failed,
         "transformers": plot_transformers(analysis.transformers, figures),
         "groups": analysis.results, "comparison": analysis.comparison, "pareto": analysis.pareto,
@@ -1348,94 +2325,161 @@ def finish(fig, path: Path) -> None:
     plt.close(fig)
 
 
+NULL_STYLES = {"init": "--", "random": ":", "subspace": "-."}   # how each null is drawn beside trained (solid)
+
+
 def plot_group(result: dict, plots: dict, tau: float, folder: Path) -> dict[str, str]:
-    """The group's figures: stability (with two seeds or more), purity (with a transformer), dynamics
-    (with snapshots); returns {what: file name}."""
+    """The group's figures: planes and latent types (with a grid), stability (with two seeds or more),
+    purity (with a grid), dynamics (with snapshots); returns {what: file name}."""
     names = {}
+    if result["planes"] is not None:
+        names["planes"] = f"{result['name']}-planes.png"
+        plot_planes(result, folder / names["planes"])
     if "heatmaps" in plots:
         names["stability"] = f"{result['name']}-stability.png"
         plot_stability(result, plots["heatmaps"], tau, folder / names["stability"])
-    if "purity" in plots:
+    if plots.get("purity"):
         names["purity"] = f"{result['name']}-purity.png"
-        plot_purity(plots["purity"], plots.get("latent_match"), folder / names["purity"])
+        plot_purity(plots["purity"], result, folder / names["purity"])
     if result.get("dynamics"):
         names["dynamics"] = f"{result['name']}-dynamics.png"
         plot_dynamics(result, folder / names["dynamics"])
     return names
 
 
+def bars(ax, labels: list[str], series: dict[str, list[dict | None]], ylabel: str, title: str) -> None:
+    """Grouped bars: one group per label, one bar per series (trained, then its nulls), with the CI or
+    +- one standard deviation as an error bar."""
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(labels))
+    def error(stat: dict | None) -> tuple[float, float]:
+        if stat is None:
+            return 0.0, 0.0
+        low, high = stat["ci"] if "ci" in stat else (stat["mean"] - stat["std"], stat["mean"] + stat["std"])
+        return stat["mean"] - low, high - stat["mean"]
+
+    for i, (name, stats) in enumerate(series.items()):
+        means = [stat["mean"] if stat else np.nan for stat in stats]
+        errors = np.array([error(stat) for stat in stats]).T
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=errors, capsize=2, label=name)
+    ax.set_xticks(x, labels)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+
+
+def plot_planes(result: dict, path: Path) -> None:
+    """Per key frequency, plane agreement across seeds and recovery of the true plane, trained beside its
+    nulls; and each latent type's share of the reconstruction energy."""
+    planes, types = result["planes"], result["latent_types"]
+    frequencies = [str(w) for w in planes["per_frequency"]]
+    entries = list(planes["per_frequency"].values())
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    kinds = ("trained", "init", "random")
+    if all(entry["agreement"] for entry in entries):
+        bars(axes[0], frequencies, {kind: [entry["agreement"][kind] for entry in entries] for kind in kinds},
+             "smaller principal cosine", "plane agreement across seeds")
+    else:
+        axes[0].text(0.5, 0.5, "one seed: no agreement", ha="center", transform=axes[0].transAxes)
+    bars(axes[1], frequencies, {kind: [entry["recovery"][kind] for entry in entries] for kind in kinds},
+         "smaller principal cosine", "recovery of the true plane")
+    for ax in axes[:2]:
+        ax.set(xlabel="key frequency w", ylim=(0, 1.05))
+    shown = [t for t in LATENT_TYPES if t != "dead"]
+    bars(axes[2], shown, {kind: [types[t]["energy"][kind] for t in shown] for kind in kinds},
+         "share of the reconstruction energy", "latent types")
+    fig.suptitle(f"{result['name']}: the planes the SAEs write (error bars: CI over seeds; random: +- 1 sd)")
+    finish(fig, path)
+
+
 def plot_stability(result: dict, heatmaps: dict[str, np.ndarray], tau: float, path: Path) -> None:
-    """Decoder cosines of the first two dictionaries, trained and subspace baseline, as heat maps; then
-    each curve over tau (trained solid, baselines dashed)."""
+    """Decoder cosines of the first two dictionaries, trained and initialisation, as heat maps; then
+    each curve over tau (trained solid, nulls dashed)."""
     curved = [score for score in SCORES if score.curve]
     fig, axes = plt.subplots(1, len(heatmaps) + len(curved), figsize=(5 * (len(heatmaps) + len(curved)), 4.5))
     for ax, (label, matrix) in zip(axes, heatmaps.items()):
         image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
-        ax.set(title=f"{label}: decoder cosines, first two dictionaries\n{FIGURE_LATENTS} latents sorted by "
+        ax.set(title=f"{label}: decoder cosines, first two seeds\n{FIGURE_LATENTS} latents sorted by "
                      "best match, vs their best partners",
-               xlabel="partner in dictionary 2", ylabel="latent of dictionary 1")
+               xlabel="partner in seed 2", ylabel="latent of seed 1")
         fig.colorbar(image, ax=ax, shrink=0.8)
     for ax, score in zip(axes[len(heatmaps):], curved):
-        for label, summary in [("trained", result["stability"])] + list(result["baselines"].items()):
-            curve = summary[PRIMARY_VARIANT][score.curve]
+        sets = [("trained", result["stability"])] + [(kind, nulls) for kind, nulls in result["nulls"].items()]
+        for label, summary in sets:
+            curve = summary.get(PRIMARY_VARIANT, {}).get(score.curve)
             if curve is not None:
-                ax.plot(TAU_GRID, curve, "-" if label == "trained" else "--", label=label)
+                ax.plot(TAU_GRID, curve, "-" if label == "trained" else NULL_STYLES[label], label=label)
         ax.axvline(tau, color="k", lw=0.8, ls=":")   # the --tau of this report
         ax.set(xlabel="tau", ylabel=score.short, ylim=(0, 1.02), title=f"{score.short} vs tau ({PRIMARY_VARIANT})")
         ax.legend()
     finish(fig, path)
 
 
-def plot_purity(data: dict, latent_match: list | None, path: Path) -> None:
-    """Histogram of the purity of alive latents against random directions, and (with two seeds or more)
-    each latent's cross-seed match against its purity."""
+def plot_purity(data: dict, result: dict, path: Path) -> None:
+    """Histogram of the harmonic purity of alive latents, trained beside its nulls, and (with two seeds or
+    more) each latent's cross-seed activation match against its purity."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     bins = np.linspace(0, 1, 41)
-    axes[0].hist(torch.cat(data["purity"]).numpy(), bins=bins, density=True, alpha=0.7, label="trained (all seeds)")
-    axes[0].hist(data["baseline_purity"].numpy(), bins=bins, density=True, alpha=0.5, label="random directions")
-    axes[0].axvline(PURE_LATENT, color="k", ls=":", lw=0.8)
-    axes[0].set(xlabel="Fourier purity", ylabel="density", title="purity of alive latents")
+    for kind, purity in data.items():
+        if purity is not None:
+            axes[0].hist(purity.numpy(), bins=bins, density=True, alpha=0.5, label=kind)
+    axes[0].set(xlabel="harmonic purity", ylabel="density", title="harmonic purity of alive latents")
     axes[0].legend()
-    if latent_match is not None:
-        match = torch.cat([m[alive] for m, alive in zip(latent_match, data["alive"])]).numpy()
-        axes[1].scatter(match, torch.cat(data["purity"]).numpy(), s=4, alpha=0.4)
-        axes[1].set(title=f"cross-seed match vs purity (Spearman {fmt(data['spearman']['spearman'])})")
-    axes[1].set(xlabel="mean best decoder cosine in the other seeds", ylabel="Fourier purity")
+    rows, correlation = result["latents"], result["match_vs_purity"]
+    if correlation:
+        match = np.concatenate([np.asarray(row["activation_match"])[np.asarray(row["alive"], bool)] for row in rows])
+        purity = np.concatenate([np.asarray(row["harmonic_purity"])[np.asarray(row["alive"], bool)] for row in rows])
+        axes[1].scatter(match, purity, s=4, alpha=0.4)
+        stat = correlation["activation"]
+        axes[1].set(title=f"activation match vs purity (Spearman {fmt(stat['spearman'])}, firing rate controlled "
+                          f"{fmt(stat['partial_spearman'])})")
+    axes[1].set(xlabel="mean best activation correlation in the other seeds", ylabel="harmonic purity")
     finish(fig, path)
 
 
-DYNAMICS_COLORS = ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink")   # FVU is red
+def dynamics_names(result: dict) -> list[ScoreName]:
+    """The dynamics scores the group has (functional ones only up to DYNAMICS_LATENT_LIMIT)."""
+    return [n for n in score_names("dynamics") if n.name in result["dynamics"]["names"]]
+
+
+def null_mean(result: dict, kind: str, name: str) -> float | None:
+    """A null's mean score (primary variant), None where that null was not computed."""
+    return ((result["nulls"].get(kind) or {}).get(PRIMARY_VARIANT, {}).get(name) or {}).get("mean")
 
 
 def plot_dynamics(result: dict, path: Path) -> None:
-    """Each dynamics score (mean and CI band) against the training step, beside its subspace (dashed) and
-    isotropic (dotted) baselines, and FVU on a second axis."""
+    """Each dynamics score (mean and CI band) against the training step, beside its random null where it
+    has one (dotted; the initialisation is step 0), and FVU on a second axis."""
     rows = result["dynamics"]["steps"]
     steps = [row["step"] for row in rows]
-    names = score_names("dynamics")
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (name, score, view), color in zip(names, DYNAMICS_COLORS):
+    names = dynamics_names(result)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    colors = [f"C{i}" for i in range(10) if i != 3]   # C3 (red) is FVU's
+    for i, (name, score, view) in enumerate(names):
+        color = colors[i % len(colors)]
         values = [row[name] for row in rows]
-        ax.plot(steps, [v["mean"] for v in values], "o-", color=color, label=score_short(score, view))
-        ax.fill_between(steps, [v["ci"][0] for v in values], [v["ci"][1] for v in values], color=color, alpha=0.2)
-        for kind, style in (("subspace", "--"), ("isotropic", ":")):
-            ax.axhline(result["baselines"][kind][PRIMARY_VARIANT][name]["mean"], color=color, ls=style, lw=1,
-                       label=f"{kind} baseline ({score_short(score, view)})")
-    scores = " / ".join(dict.fromkeys(score.short for _, score, _ in names))
-    ax.set(xscale="symlog", xlabel="training step", ylabel=f"{scores} across seeds", ylim=(0, 1.02))
+        shown = [(step, v) for step, v in zip(steps, values) if v is not None]
+        ax.plot([s for s, _ in shown], [v["mean"] for _, v in shown], "o-", color=color, label=score_short(score, view))
+        ax.fill_between([s for s, _ in shown], [v["ci"][0] for _, v in shown], [v["ci"][1] for _, v in shown],
+                        color=color, alpha=0.2)
+        for kind in nulls_of(score, view):
+            mean = null_mean(result, kind, name) if kind != "init" else None
+            if mean is not None:
+                ax.axhline(mean, color=color, ls=NULL_STYLES[kind], lw=1, label=f"{kind} null ({score_short(score, view)})")
+    ax.set(xscale="symlog", xlabel="training step (0: the initialisation)", ylabel="score across seeds",
+           ylim=(0, 1.02))
     twin = ax.twinx()
-    twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="tab:red", label="FVU")
+    twin.plot(steps, [row["fvu"]["mean"] for row in rows], "s-", color="C3", label="FVU")
     twin.set(ylabel="FVU (full dataset)", yscale="log")
-    ax.legend(loc="lower left", fontsize=8)
-    twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1), fontsize=7)
+    twin.legend(loc="lower left", bbox_to_anchor=(1.12, 0), fontsize=7)
     ax.set_title(f"{result['name']}: stability and FVU during training")
     finish(fig, path)
 
 
 def plot_comparison(rows: list[dict], folder: Path) -> str:
     """For each trends score (primary view, signed, all latents), one row of panels: stability vs width at
-    fixed sparsity, vs k at fixed width, and vs the penalty at fixed width, each with its subspace (dashed)
-    and isotropic (dotted) baselines."""
+    fixed sparsity, vs k at fixed width, and vs the penalty at fixed width, each with its nulls (init dashed,
+    random dotted)."""
     names = score_names("trends")
     fig, axes = plt.subplots(len(names), 3, figsize=(16, 4.5 * len(names)), squeeze=False)
     def at_width(r): return f"{r['arch']} w{r['width']}"
@@ -1444,7 +2488,8 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
               ("k", at_width, sparsity_value, lambda r: r["sparsity_parameter"] == "k"),
               ("penalty (relu: l1, jumprelu: l0)", at_width, sparsity_value, lambda r: r["sparsity_parameter"] != "k")]
     for row_axes, (_, score, view) in zip(axes, names):
-        trained, subspace, isotropic = (comparison_key(score, s) for s in ("trained", "subspace", "isotropic"))
+        trained = comparison_key(score, "trained")
+        nulls = [kind for kind in NULLS if kind in score.comparison]
         for ax, (x_name, series_of, x_of, keep) in zip(row_axes, panels):
             series = defaultdict(list)
             for row in rows:
@@ -1455,10 +2500,12 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
                 x = [x_of(r) for r in members]
                 color = f"C{i % 10}"
                 ax.plot(x, [r[trained] for r in members], "o-", color=color, label=label)
-                ax.plot(x, [r[subspace] for r in members], "x--", color=color, lw=1)
-                ax.plot(x, [r[isotropic] for r in members], "+:", color=color, lw=1)
+                for kind in nulls:
+                    ax.plot(x, [r[comparison_key(score, kind)] for r in members], "x" + NULL_STYLES[kind], color=color,
+                            lw=1)
             ax.set(xlabel=x_name, ylabel=score_short(score, view), ylim=(0, 1.02),
-                   title=f"stability vs {x_name.split()[0]}\n(x--: subspace baseline, +: isotropic baseline)")
+                   title=f"stability vs {x_name.split()[0]}\n(solid: trained; "
+                         + ", ".join(f"{NULL_STYLES[kind]} {kind} null" for kind in nulls) + ")")
             if series:
                 ax.set_xscale("log")
                 ax.legend(fontsize=7)
@@ -1493,54 +2540,71 @@ def plot_transformers(transformers: dict[str, dict], folder: Path) -> dict[str, 
 
 
 CHOICES = [
+    ("what is compared", "functional scores (the latents' activations on every input, and the planes their "
+                         "families write) lead; decoder rows and encoder columns follow"),
+    ("energy weighting", "functional scores weight each latent by its share of the reconstruction energy "
+                         "(sum_n f_ni^2 \\|\\|d_i\\|\\|^2); the unweighted means are reported beside them"),
     ("signed vs \\|cos\\|", "signed cosine is primary (latents are non-negative, so direction sign is meaningful); "
-                           "\\|cos\\| is a check on the max-based scores (PWMCC), where one-to-one matching would "
-                           "double the cost"),
-    ("decoder vs encoder", "both: decoder rows and encoder columns, each normalised to unit length"),
-    ("dead latents", "all latents and alive-only (alive = fires on at least one of the dataset's inputs); "
-                     "baselines for alive-only numbers have the same number of atoms as the trained SAE has alive"),
-    ("max-matching vs Hungarian", "both, named apart: PWMCC/MMCS are max-based (a latent may be reused); the "
-                                  "Hungarian mean cosine is one-to-one (scipy linear_sum_assignment), skipped above "
-                                  f"HUNGARIAN_MAX_LATENTS = {HUNGARIAN_MAX_LATENTS} latents"),
+                           "\\|cos\\| is a check on the max-based direction scores"),
+    ("decoder vs encoder", "both, each normalised to unit length; decoder rows also inside the principal subspaces"),
+    ("dead latents", "all latents and alive-only (alive = fires on at least one of the dataset's inputs) for the "
+                     "direction scores; the functional scores weight dead latents by zero"),
+    ("max-matching vs Hungarian", "both, named apart: max-based scores may reuse a latent; one-to-one ones "
+                                  "(scipy linear_sum_assignment) are computed for the primary variant, raw views and "
+                                  f"correlations only, and skipped above HUNGARIAN_MAX_LATENTS = {HUNGARIAN_MAX_LATENTS}"),
     ("width mismatch", "none: stability is only computed between SAEs of the same configuration, hence width"),
-    ("baseline", "isotropic, N(0, Sigma_x), principal subspace, and the untrained initialisation; normalised "
-                 "scores (S - S_rand) / (1 - S_rand) use the subspace baseline"),
+    ("nulls", "the initialisation of the same seeds for every score (normalised scores use it); random TopK SAEs in "
+              "the data's subspace for the functional scores; random directions in a subspace for the direction "
+              f"scores computed in it; random nulls are {NULL_PAIRS} independent pairs, shown as mean ± sd"),
     ("hook and position", "those recorded in each SAE's provenance; activations are recomputed at the `=` position"),
-    ("activation normalisation", "none here: saved weights are in raw activation units and cosines ignore scale; "
-                                 "the training-time setting (`normalize`) is listed per group"),
+    ("activation normalisation", "none here: saved weights are in raw activation units and cosines and "
+                                 "correlations ignore scale; the training-time setting (`normalize`) is listed per group"),
     ("key frequencies K", f"{KEY_FREQUENCY_RULE}, recomputed from the embedding of the exact checkpoint analysed"),
+    ("latent types and families", f"a v-latent holds >= {TYPE_SHARE} of its variance as a function of v; groups of "
+                                  f"c-latents form one family when either's frequency decodes from the other's "
+                                  f"with R^2 >= {FAMILY_R2}"),
     ("tau", "shared-fraction threshold; the curve over tau is in report.json and the stability figures"),
     ("number of seeds", f"{RECOMMENDED_SEEDS} or more recommended; confidence intervals resample seeds "
                         f"({BOOTSTRAP_RESAMPLES} resamples, {CI_LEVEL:.0%} percentile), never the list of pairs"),
     ("data order", "per group: the `vary_data_order` and `data_seed` settings below"),
-    ("purity threshold", f"a latent is Fourier-pure at purity >= {PURE_LATENT} (the neuron rule of Nanda et al.)"),
 ]
 
 
 DEFINITIONS = """## What the numbers are
 
-Cosines C = A B^T between the unit-normalised latent directions of two SAEs A and B (decoder rows; the
-same again on encoder columns). Scores are averaged over every pair of seeds of a configuration.
+Every score compares two SAEs of one configuration trained with different seeds and is averaged over all
+pairs of seeds. Functional scores read each latent's activations f_i over all N inputs; direction scores
+read unit decoder rows d_i and encoder columns, with cosines C = A B^T.
 
 {scores}
+- **Latent types**: a latent's activation over the p^2 inputs (a, b) splits into parts that are
+  functions of c (the answer), of a, of b, of the other combination of a and b, and the rest (their
+  interaction). A latent is a v-latent when >= {type_share} of its variance is a function of v (at most
+  one can be), unexplained when none is, dead when it never varies. Per type: count, share of the
+  reconstruction energy, and stability (its latents' energy-weighted best correlation in the other seed).
+- **Harmonic families and planes**: c-latents are grouped by fundamental frequency (the frequency of c
+  holding most of their energy); two groups are one family when cos/sin of either's frequency decode
+  linearly from the other's group with R^2 >= {family_r2}. At each key frequency w, the family holding w
+  writes a plane: the regression of the family's reconstruction on cos(w c) and sin(w c). **Recovery** =
+  the smaller principal-angle cosine between that plane and the true one (the activations' own
+  regression on cos(w c), sin(w c)); **R^2** = how well cos/sin(w c) decode linearly from the family.
+- **Harmonic purity** of a latent: the share of its variance that is a function of c at the harmonics
+  j w (j <= {harmonics}) of one fundamental w. An arc relu(cos(w c - phi) - t) scores ~1 at any firing
+  rate (the neuron rule, one frequency's block, gives a half circle 0.84).
+- **Phase question**: c-latents matched as trained, with each latent's phase shuffled (B's c-latents
+  each rotated by its own random shift of c; {draws} draws), and under the best common rotation of c.
 - **Confidence intervals**: {ci} percentile intervals from {resamples} resamples of the seeds (the pair
   mean is recomputed over distinct resampled seeds; pairs share seeds, so they are not independent
-  samples). Written `mean [low, high]`.
-- **Baselines**, computed by the same code on dictionaries of the same shape ({dictionaries} dictionaries
-  each, so {pairs} pair(s); fixed generator seeds in report.json):
-{baselines}
-- **Normalised** = (S - S_subspace) / (1 - S_subspace): 0 = no more alike than random directions in the
-  activations' own subspace, 1 = identical.
-- **Fourier purity** of a latent: its activation over all p^2 inputs (a, b), centred, 2-D Fourier
-  transform A_hat = F A F^T; the share of energy in the 3x3 block {{const, cos_k, sin_k}}^2 (minus
-  const x const) of the best frequency k (sae_core.fourier_purity). Pure: >= {pure}.
-- **Key frequencies K**: see each transformer below.
-- **Coverage** of key frequency k: the centred activations projected on the input patterns
-  cos(w_k (a+b)) and sin(w_k (a+b)) give a plane in activation space; the principal angles between it
-  and the span of the decoder rows of the alive latents whose best frequency is k; coverage = mean
-  squared cosine of the two angles (1 = the plane is spanned). Baselines: for purity, random directions
-  r (subspace baseline) read out as latents relu((x - mean) . r); for coverage, the span of as many
-  random directions as latents are assigned to k (a span grows with its number of vectors).
+  samples). Written `mean [low, high]`; a random null's spread over its independent pairs is written
+  `mean ± sd`.
+- **Nulls**, computed by the same code on SAEs of the same shape:
+{nulls}
+- **Normalised** = (S - S_init) / (1 - S_init): 0 = no more alike than the same seeds before training,
+  1 = identical. **Above a null**: the lower end of the trained CI exceeds the highest value the null
+  reaches (the initialisation's CI upper end; a random null's largest draw). A score close to its
+  ceiling under every null says nothing: read the distance between the nulls first.
+- **Principal subspaces**: the top principal directions of the activations holding {shares} of the
+  variance; decoder rows are projected onto each and renormalised for the projected views.
 - **FVU** = sum ||x - x_hat||^2 / sum ||x - mean x||^2 over all inputs (sae_core.fvu, centred); L0 =
   mean active latents per input; dead = never fires on the dataset. Downstream accuracy is as recorded
   by train_sae.py (reconstruction spliced in at the hook).
@@ -1550,7 +2614,7 @@ same again on encoder columns). Scores are averaged over every pair of seeds of 
 def write_report(report: dict, path: Path) -> None:
     """report.md: written from report.json's numbers only, so the two never disagree."""
     tau = report["settings"]["tau"]
-    lines = (report_header(report) + definitions_section(report["settings"]) + choices_section(report["settings"])
+    lines = (report_header(report) + definitions_section(report) + choices_section(report["settings"])
              + inputs_section(report) + transformers_section(report["transformers"]))
     for g in report["groups"]:
         lines += group_section(g, tau)
@@ -1559,19 +2623,22 @@ def write_report(report: dict, path: Path) -> None:
 
 
 def report_header(report: dict) -> list[str]:
-    return ["# HUSAI analysis: cross-seed stability of SAE latents and the transformer's Fourier features", "",
+    return ["# HUSAI analysis: do SAEs trained with different seeds learn the same features?", "",
             f"Generated by `{report['command']}` from the files listed below; rerunning it on the same files "
-            "gives this report again, byte for byte.", ""]
+            "gives this report again, byte for byte.", "",
+            "Each configuration leads with the measures that fit this model's features (circles in planes, tiled "
+            "by arcs at arbitrary phases): the planes the SAEs write, the energy-weighted activation match and "
+            "the latent types, each beside its nulls. Raw decoder and encoder cosines follow them.", ""]
 
 
-def definitions_section(settings: dict) -> list[str]:
-    """What every number is: one line per score of SCORES, then the statistics, baselines and the rest."""
+def definitions_section(report: dict) -> list[str]:
+    """What every number is: one line per score of SCORES, then the types, planes, statistics and nulls."""
+    settings = report["settings"]
     scores = "\n".join(f"- {score.definition.format(tau=settings['tau'])}" for score in SCORES)
     return DEFINITIONS.format(scores=scores, ci=f"{CI_LEVEL:.0%}", resamples=BOOTSTRAP_RESAMPLES,
-                              dictionaries=BASELINE_DICTIONARIES,
-                              pairs=BASELINE_DICTIONARIES * (BASELINE_DICTIONARIES - 1) // 2,
-                              baselines="\n".join(f"  - *{kind}*: {what}" for kind, what in BASELINES.items()),
-                              pure=PURE_LATENT).split("\n")
+                              type_share=TYPE_SHARE, family_r2=FAMILY_R2, harmonics=HARMONICS, draws=PHASE_DRAWS,
+                              nulls="\n".join(f"  - *{kind}*: {what}" for kind, what in report["nulls"].items()),
+                              shares=" and ".join(percent(share) for share in VARIANCE_SHARES)).split("\n")
 
 
 def choices_section(settings: dict) -> list[str]:
@@ -1616,14 +2683,15 @@ def transformers_section(transformers: dict) -> list[str]:
 
 
 def group_section(g: dict, tau: float) -> list[str]:
-    """One group: what it is, then reconstruction, stability, reruns, Fourier ground truth and dynamics,
-    each where there is something to show."""
-    return (group_header(g) + reconstruction_section(g) + stability_section(g, tau) + reruns_section(g, tau)
-            + fourier_section(g, tau) + dynamics_section(g))
+    """One group: what it is; the measures that fit (scores, planes, latent types, phase, purity); its
+    reconstruction; the direction scores; reruns; dynamics; each where there is something to show."""
+    return (group_header(g) + function_section(g, tau) + planes_section(g) + types_section(g) + phase_section(g)
+            + purity_section(g) + reconstruction_section(g) + direction_section(g, tau) + reruns_section(g, tau)
+            + dynamics_section(g))
 
 
 def group_header(g: dict) -> list[str]:
-    """Configuration, source and files; training settings; notes; the activations' principal subspace."""
+    """Configuration, source and files; training settings; notes; the activations' subspaces and planes."""
     lines = [f"## Group {g['name']}", "",
              f"{g['arch']}, width {g['width']}, {', '.join(f'{k} = {v:g}' for k, v in g['sparsity'].items())}, "
              f"d_in {g['d_in']}, hook {g['hook'] or 'n/a'}, "
@@ -1637,11 +2705,148 @@ def group_header(g: dict) -> list[str]:
     if g["notes"]:
         lines += ["Notes:"] + [f"- {n}" for n in g["notes"]] + [""]
     acts = g["activations"]
-    lines += [f"Activations: {acts['n']} inputs x d = {acts['d']}; {SUBSPACE_VARIANCE:.0%} of their variance lies in "
-              f"r = {acts['subspace_rank']} principal directions. Share of a unit decoder row's squared length inside "
-              f"that subspace: {fmt_ci(acts['decoder_in_subspace'])}; of a unit encoder column's: "
-              f"{fmt_ci(acts['encoder_in_subspace'])}; of an isotropic random direction: r / d = "
-              f"{fmt(acts['subspace_rank'] / acts['d'])}.", ""]
+    ranks = ", ".join(f"{percent(float(share))} in r = {rank}" for share, rank in acts["ranks"].items())
+    lines += [f"Activations: {acts['n']} inputs x d = {acts['d']}; variance held by the top principal directions: "
+              f"{ranks}."]
+    planes = acts["variance_in_planes"]
+    if planes:
+        by_variable = ", ".join(f"{v} {fmt(share)}" for v, share in planes["by_variable"].items())
+        lines[-1] += (f" Share of the variance in the key frequencies' planes, per variable: {by_variable} "
+                      f"(together {fmt(sum(planes['by_variable'].values()))}).")
+    return lines + [""]
+
+
+def function_rows(g: dict, tau: float) -> list[dict]:
+    """The functional scores of a group, each beside its nulls, normalised and whether it is above them."""
+    return [{"score": score_label(score, view, tau), "digits": score.digits,
+             "trained": g["stability"][PRIMARY_VARIANT].get(name),
+             **{kind: (g["nulls"].get(kind) or {}).get(PRIMARY_VARIANT, {}).get(name) for kind in NULLS},
+             "normalised": g["normalised"][PRIMARY_VARIANT].get(name),
+             "above": g["above_nulls"][PRIMARY_VARIANT].get(name)}
+            for name, score, view in score_names("group", "function")]
+
+
+def score_columns(kinds: list[str]) -> list[Column]:
+    return ([Column("score", "score", str), Column("trained", ("trained", "digits"), fmt_ci)]
+            + null_columns(kinds) + [Column("normalised (vs init)", ("normalised", "digits"), fmt),
+                                     Column("above the nulls?", "above", above_cell)])
+
+
+def function_section(g: dict, tau: float) -> list[str]:
+    """The functional scores beside their nulls, led by one sentence per headline score."""
+    if not g["stability"]:
+        return []
+    lines = ["### Measures that fit: planes, activations, latent types", "",
+             verdict(g, "function"), "",
+             f"Trained: mean over seed pairs [CI]. Nulls: the initialisation of the same seeds [CI], random TopK "
+             f"SAEs (k = {g['null_k']}) in the data's subspace (mean ± sd over {NULL_PAIRS} pairs). Primary "
+             "variant (signed, all latents).", ""]
+    return lines + table(score_columns(["init", "random"]), function_rows(g, tau)) + [""]
+
+
+def verdict(g: dict, level: str) -> str:
+    """One sentence per headline score of a level, each with its numbers: above each of its nulls or not."""
+    sentences = []
+    for name, score, view in score_names("headline", level):
+        trained = g["stability"][PRIMARY_VARIANT].get(name)
+        above = g["above_nulls"][PRIMARY_VARIANT].get(name)
+        if trained is None or not above:
+            continue
+        nulls = "; ".join(f"{kind} {fmt_stat(g['nulls'][kind][PRIMARY_VARIANT][name], score.digits)} -> "
+                          + ("above" if is_above else f"NOT above the {kind} null") for kind, is_above in above.items())
+        sentences.append(f"{score_short(score, view)}: trained {fmt_ci(trained, score.digits)} vs {nulls}.")
+    return f"Headline ({PRIMARY_VARIANT}): " + " ".join(sentences) if sentences else "Headline: n/a."
+
+
+def planes_section(g: dict) -> list[str]:
+    """Per key frequency: which family writes it, agreement across seeds, recovery of the true plane and
+    decoding R^2, each beside the nulls; every seed's families; a plain sentence for each frequency whose
+    agreement or recovery is not above the random null."""
+    planes = g["planes"]
+    if not planes:
+        return []
+    rows = []
+    for w, entry in planes["per_frequency"].items():
+        row = {"w": w, "variance_share": entry["variance_share"], "family": entry["family"],
+               "latents": entry["latents"]}
+        for what in ("agreement", "recovery", "r2"):
+            row |= {f"{what}_{kind}": (entry[what] or {}).get(kind) for kind in ("trained", "init", "random")}
+        rows.append(row)
+    lines = ["#### Planes, per key frequency", "",
+             "Variance share: of the activations' variance, in the answer's plane at w. Family: the frequencies of "
+             "the harmonic family that writes w in most seeds (in how many). Agreement: across seeds; recovery: of "
+             "the true plane (both the smaller principal cosine); R^2: cos/sin(w c) decoded from the family.", ""]
+    lines += table(PLANE_COLUMNS, rows) + [""]
+    lines += saturation_sentences(planes["per_frequency"])
+    for kind, per_sae in planes["families"].items():
+        described = "; ".join(f"seed {seed}: " + ", ".join(
+            f"{'+'.join(map(str, family['frequencies']))} ({family['latents']} latents, energy "
+            f"{fmt(family['energy'], 2)})" for family in families if family["latents"] > 1 or
+            set(family["frequencies"]) & set(planes["frequencies"])) for seed, families in zip(g["seeds"], per_sae))
+        lines += [f"Families ({kind}; families of one latent that hold no key frequency left out): {described}.", ""]
+    if "planes" in g["figures"]:
+        lines += [f"![planes](figures/{g['figures']['planes']})", ""]
+    return lines
+
+
+def saturation_sentences(per_frequency: dict) -> list[str]:
+    """Plain sentences for the plane numbers that do not separate trained SAEs from the random null."""
+    sentences = []
+    for what, label in (("agreement", "agreement across seeds"), ("recovery", "recovery of the true plane")):
+        below = [str(w) for w, entry in per_frequency.items()
+                 if entry[what] and entry[what]["trained"] and entry[what]["random"]
+                 and not entry[what]["trained"]["ci"][0] > entry[what]["random"]["max"]]
+        if below:
+            sentences.append(f"Plane {label} is NOT above the random null at w = {', '.join(below)}: random TopK "
+                             "dictionaries in the data's subspace write these planes as well (any dictionary that "
+                             "reconstructs the answer's part of the activations does), so there the number separates "
+                             "trained SAEs from their initialisation only.")
+    return [" ".join(sentences), ""] if sentences else []
+
+
+def types_section(g: dict) -> list[str]:
+    types = g["latent_types"]
+    if not types:
+        return []
+    rows = [{"type": t, **{f"{what}_{kind}": stats.get(what, {}).get(kind)
+                           for what in ("count", "energy", "stability") for kind in ("trained", "init", "random")}}
+            for t, stats in types.items()]
+    return (["#### Latent types", "",
+             "What each latent's activation is a function of, its share of the reconstruction energy, and (two seeds "
+             "or more) how stable the type is across seeds. Trained and init: mean over seeds [CI]; random: over its "
+             f"{2 * NULL_PAIRS} dictionaries (stability: its {NULL_PAIRS} pairs).", ""]
+            + table(TYPE_COLUMNS, rows) + [""])
+
+
+def phase_section(g: dict) -> list[str]:
+    phase = g["phase"]
+    if not phase:
+        return []
+    return ["#### The phase question", "",
+            f"c-latents (about {fmt(phase['latents']['mean'], 0)} per seed), energy-weighted activation match within "
+            f"them, mean over seed pairs [CI]: as trained {fmt_ci(phase['trained'])}; each latent's phase shuffled "
+            f"{fmt_ci(phase['shuffled'])}; under the best common rotation of c {fmt_ci(phase['best_rotation'])} "
+            f"(biased upwards: the best of p); mean over all p rotations {fmt_ci(phase['mean_over_rotations'])}. "
+            f"One-to-one: as trained {fmt_ci(phase['trained_one_to_one'])}, phases shuffled "
+            f"{fmt_ci(phase['shuffled_one_to_one'])}. Where shuffling costs nothing, the arcs' phases are arbitrary: "
+            "the seeds agree on the planes, not on the latents.", ""]
+
+
+def purity_section(g: dict) -> list[str]:
+    correlation = g["match_vs_purity"]
+    if not correlation:
+        return []
+    sentences = [f"by {kind} (its best {'correlation' if kind == 'activation' else 'decoder cosine'} in the other "
+                 f"seeds) rho = {fmt(c['spearman'])}, with the firing rate controlled {fmt(c['partial_spearman'])} "
+                 f"(match vs firing rate {fmt(c['match_vs_firing'])})" for kind, c in correlation.items()]
+    first = next(iter(correlation.values()))
+    lines = ["#### Are the stable latents the pure ones?", "",
+             f"Over {first['latents']} alive latents of all seeds, Spearman correlation of a latent's cross-seed match "
+             f"with its harmonic purity: " + "; ".join(sentences) + f". Purity vs firing rate: "
+             f"{fmt(first['purity_vs_firing'])}. A correlation that vanishes with the firing rate controlled says "
+             "that latents which fire often are both stable and pure, not that purity makes a latent stable.", ""]
+    if "purity" in g["figures"]:
+        lines += [f"![purity](figures/{g['figures']['purity']})", ""]
     return lines
 
 
@@ -1649,28 +2854,49 @@ def reconstruction_section(g: dict) -> list[str]:
     return ["### Reconstruction", ""] + table(RECONSTRUCTION_COLUMNS, g["per_seed"]) + [""]
 
 
-def stability_section(g: dict, tau: float) -> list[str]:
-    """Every score under every variant beside the baselines, the directional scores seed by seed, the
-    headline and the stability figure; nothing for a group of one seed."""
+def why_directions_mislead(g: dict) -> str:
+    """One sentence, with this group's numbers, on why raw decoder scores mislead for this model."""
+    acts = g["activations"]
+    share, rank = next(iter(acts["ranks"].items()))
+    inside = acts["decoder_in_subspace"][share]
+    sentence = (f"Why raw decoder scores mislead here: a trained unit decoder row has only {fmt_ci(inside, 2)} of its "
+                f"squared length in the r = {rank} principal directions that hold {percent(float(share))} of the "
+                f"activations' variance (r / d = {fmt(rank / acts['d'], 2)} for a random direction), so a raw cosine "
+                "mostly compares each seed's leftover initialisation in directions the data never visits")
+    for name, score, _ in score_names("trends", "direction"):
+        projected = [f"{view}.{score.key}" for view in PROJECTED_VIEWS]
+        numbers = [(g["stability"][PRIMARY_VARIANT].get(n), (g["nulls"].get("subspace") or {})
+                    .get(PRIMARY_VARIANT, {}).get(n), (g["nulls"].get("init") or {}).get(PRIMARY_VARIANT, {}).get(n))
+                   for n in projected]
+        if all(trained and subspace for trained, subspace, _ in numbers):
+            sentence += (f"; and inside the subspaces {score.short} saturates: "
+                         + ", ".join(f"{VIEWS[view]} trained {fmt(trained['mean'])}, init "
+                                     f"{fmt((init or {}).get('mean'))}, random directions {fmt(subspace['mean'])}"
+                                     for view, (trained, subspace, init) in zip(PROJECTED_VIEWS, numbers)))
+        break
+    return sentence + "."
+
+
+def direction_section(g: dict, tau: float) -> list[str]:
+    """Every direction score under every variant beside its nulls, the directional scores seed by seed,
+    the direction headline and the stability figure; nothing for a group of one seed."""
     if not g["stability"]:
         return []
-    kinds = list(g["baselines"])
     directional = score_names("directional")
-    lines = ["### Stability across seeds", "",
-             "Trained: mean over seed pairs [CI]. Baselines: means over their pairs. Normalised against the "
-             "subspace baseline. " + " and ".join(dict.fromkeys(score.short for _, score, _ in directional))
-             + ": one number per direction, in the matrix below. All variants and baselines' means are in report.json.",
-             ""]
+    lines = ["### Direction scores: decoder rows and encoder columns", "", why_directions_mislead(g), "",
+             "Trained: mean over seed pairs [CI]. Nulls: the initialisation [CI]; random directions in the subspace "
+             f"(mean ± sd over {NULL_PAIRS} pairs) for the projected views. Normalised against the initialisation. "
+             + " and ".join(dict.fromkeys(score.short for _, score, _ in directional))
+             + ": one number per direction, in the matrix below.", ""]
     rows = [{"score": score_label(score, view, tau), "variant": variant, "digits": score.digits,
-             "trained": summary[name], "normalised": g["normalised"][variant][name],
-             **{kind: (g["baselines"][kind][variant][name] or {}).get("mean") for kind in kinds}}
+             "trained": summary.get(name),
+             **{kind: (g["nulls"].get(kind) or {}).get(variant, {}).get(name) for kind in ("init", "subspace")},
+             "normalised": g["normalised"][variant].get(name), "above": g["above_nulls"][variant].get(name)}
             for variant, summary in g["stability"].items()
-            for name, score, view in score_names("group")
-            if VARIANTS[variant].hungarian or not score.one_to_one]   # the |cos| check is max-based only
-    lines += table([Column("score", "score", str), Column("variant", "variant", str),
-                    Column("trained", ("trained", "digits"), fmt_ci)]
-                   + [Column(kind, (kind, "digits"), fmt) for kind in kinds]
-                   + [Column("normalised", ("normalised", "digits"), fmt)], rows)
+            for name, score, view in score_names("group", "direction")
+            if summary.get(name) is not None or VARIANTS[variant].hungarian or not score.one_to_one]
+    columns = score_columns(["init", "subspace"])
+    lines += table(columns[:1] + [Column("variant", "variant", str)] + columns[1:], rows)
     seeds = g["seeds"]
     for name, score, view in directional:
         if view not in (PRIMARY_VIEW, None):
@@ -1681,22 +2907,7 @@ def stability_section(g: dict, tau: float) -> list[str]:
                        [{"seed": a, **{str(b): "-" if i == j else fmt(matrix[i][j], score.digits)
                                        for j, b in enumerate(seeds)}}
                         for i, a in enumerate(seeds)])
-    return lines + ["", verdict(g), "", f"![stability](figures/{g['figures']['stability']})", ""]
-
-
-def verdict(g: dict) -> str:
-    """One sentence per headline score, each with its numbers: above the subspace baseline or not."""
-    sentences = []
-    for name, score, _ in score_names("headline"):
-        trained = g["stability"][PRIMARY_VARIANT][name]
-        base = g["baselines"]["subspace"][PRIMARY_VARIANT][name]
-        if trained is None or base is None:
-            continue
-        above = trained["ci"][0] > base["mean"]
-        sentences.append(f"{score.short}: {fmt_ci(trained, score.digits)} vs subspace baseline "
-                         f"{fmt(base['mean'], score.digits)} -> {'above' if above else 'NOT above'} the baseline "
-                         f"(normalised {fmt(g['normalised'][PRIMARY_VARIANT][name], score.digits)}).")
-    return f"Headline ({PRIMARY_VIEW}, {PRIMARY_VARIANT}): " + " ".join(sentences)
+    return lines + ["", verdict(g, "direction"), "", f"![stability](figures/{g['figures']['stability']})", ""]
 
 
 def reruns_section(g: dict, tau: float) -> list[str]:
@@ -1714,51 +2925,15 @@ def reruns_section(g: dict, tau: float) -> list[str]:
     return lines + table(columns, g["reruns"]) + [""]
 
 
-def fourier_section(g: dict, tau: float) -> list[str]:
-    """Purity and plane coverage beside random directions, per key frequency, and whether the stable
-    latents are the pure ones; nothing without a transformer."""
-    gt = g["ground_truth"]
-    if not gt:
-        return []
-    b = gt["baseline"]
-    lines = ["### Fourier ground truth", "",
-             f"Key frequencies of {gt['transformer']}: K = {gt['key_frequencies']}; rule: "
-             f"{gt['key_frequency_rule']}.", ""]
-    lines += table(FOURIER_COLUMNS,
-                   [{"quantity": "alive latents that are Fourier-pure", "trained": gt["frac_pure"],
-                     "random": b["frac_pure"]},
-                    {"quantity": "alive latents pure AND on a key frequency", "trained": gt["frac_pure_key"],
-                     "random": b["frac_pure_key"]},
-                    {"quantity": "mean coverage of the key-frequency planes", "trained": gt["coverage"],
-                     "random": b["coverage"]}])
-    lines += ["", "Per key frequency (latents assigned = alive latents whose best frequency is k):", ""]
-    lines += table(FREQUENCY_COLUMNS, [{"k": k, "variance_share": gt["plane_variance_share"][k], **v}
-                                       for k, v in gt["per_frequency"].items()])
-    c = gt["match_vs_purity"]
-    if c:
-        p_value = ("n/a" if c["p_value"] is None else f"{c['p_value']:.2g}" if c["p_value"] > 0
-                   else "< 1e-300")   # below float range: spearmanr returns 0
-        lines += ["", f"Are the stable latents the Fourier-pure ones? Over {c['latents']} alive latents "
-                  "(all seeds), Spearman correlation between a latent's cross-seed match (mean over the other "
-                  f"seeds of its best decoder cosine) and its purity: rho = {fmt(c['spearman'])} "
-                  f"(p = {p_value}). "
-                  f"Pure among latents with match > {tau}: {fmt(c['frac_pure_if_stable'])} "
-                  f"({c['latents_if_stable']} latents); with match <= {tau}: "
-                  f"{fmt(c['frac_pure_if_unstable'])} "
-                  f"({c['latents_if_unstable']} latents)."]
-    return lines + ["", f"![purity](figures/{g['figures']['purity']})", ""]
-
-
 def dynamics_section(g: dict) -> list[str]:
     if not g["dynamics"]:
         return []
-    names = score_names("dynamics")
-    baselines = "; ".join(f"{score_short(score, view)} "
-                          + " / ".join(fmt(g["baselines"][kind][PRIMARY_VARIANT][name]["mean"], score.digits)
-                                       for kind in ("subspace", "isotropic"))
-                          for name, score, view in names)
+    names = dynamics_names(g)
+    random = "; ".join(f"{score_short(score, view)} {fmt(null_mean(g, 'random', name), score.digits)}"
+                       for name, score, view in names if "random" in nulls_of(score, view))
     lines = ["### Training dynamics", "",
-             g["dynamics"]["what"] + f"; baselines (subspace / isotropic) do not depend on the step: {baselines}.", ""]
+             g["dynamics"]["what"] + (f". The random nulls do not depend on the step: {random}." if random else "."),
+             ""]
     columns = ([Column("step", "step", str)]
                + [Column(score_short(score, view), name, with_ci(score.digits)) for name, score, view in names]
                + [Column("FVU", "fvu", lambda stat: fmt(stat["mean"], 4))])
@@ -1771,18 +2946,19 @@ def comparison_section(report: dict, tau: float) -> list[str]:
     if not report["comparison"]:
         return []
     pareto = next(score for score in SCORES if score.key == PARETO_SCORE)
-    score_columns = [Column(score.short if statistic == "trained" else f"{score.short} {statistic}",
-                            comparison_key(score, statistic), fixed(score.digits))
-                     for _, score, _ in score_names("comparison") for statistic in score.comparison]
+    score_columns_ = [Column(score.short if statistic == "trained" else f"{score.short} {statistic}",
+                             comparison_key(score, statistic), fixed(score.digits))
+                      for _, score, _ in score_names("comparison") for statistic in score.comparison]
     lines = ["## Comparison across configurations", "",
-             f"Stability: {PRIMARY_VIEW} view, {PRIMARY_VARIANT}, tau = {tau}; a column named after a baseline holds "
-             "that baseline's score, and normalised is against the subspace baseline. Fourier recovery = fraction "
-             "of alive latents that are pure and on a key frequency (random-direction baseline in brackets) and "
-             "mean coverage of the key-frequency planes. Means over seeds.", ""]
-    lines += table(COMPARISON_COLUMNS + score_columns + FOURIER_COMPARISON_COLUMNS, report["comparison"])
-    return lines + ["", f"Pareto frontier (normalised {pareto.short} higher, FVU lower; groups with two or more "
-                    "seeds): " + (", ".join(report["pareto"]) or "none (no group has two seeds)") + ".", "",
-                    f"![stability vs width and k](figures/{report['comparison_figure']})", ""]
+             f"Means over seeds (pairs of seeds for the scores), primary variant ({PRIMARY_VARIANT}), decoder view for "
+             f"the direction scores, tau = {tau}. A column named after a null holds that null's mean; normalised is "
+             "against the initialisation. c-latent energy: the share of the reconstruction energy held by latents "
+             "that are functions of the answer; plane recovery: the mean over the key frequencies of the written "
+             "plane's smaller principal cosine to the true plane (trained / init / random).", ""]
+    lines += table(COMPARISON_COLUMNS + score_columns_ + PLANE_COMPARISON_COLUMNS, report["comparison"])
+    return lines + ["", f"Pareto frontier ({pareto.short} normalised against the initialisation higher, FVU lower; "
+                    "groups with two or more seeds): " + (", ".join(report["pareto"]) or "none (no group has two seeds)")
+                    + ".", "", f"![stability vs width and k](figures/{report['comparison_figure']})", ""]
 
 
 # ==================================================================================================

@@ -1421,10 +1421,12 @@ def copy_state(source: list[torch.Tensor], into: list[torch.Tensor] | None = Non
     return into
 
 
-def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor) -> dict:
-    """FVU, L0 and dead fraction of one saved SAE over a whole dataset acts [N, d]."""
+def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor,
+                           latents: torch.Tensor | None = None) -> dict:
+    """FVU, L0 and dead fraction of one saved SAE over a whole dataset acts [N, d]; `latents` [N, m], when
+    given, are its sae_latents on acts (not computed again)."""
     with torch.no_grad():
-        f = sae_latents(tensors, config, acts)
+        f = sae_latents(tensors, config, acts) if latents is None else latents
         x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
         fires = (f > 0)
         return {"fvu": float(fvu(acts, x_hat)), "l0": float(fires.sum(dim=1).float().mean()),

@@ -1,5 +1,6 @@
-"""Stage 3: the stability metrics, their baselines, the Fourier ground truth, the report and bad input;
-the report as one run (non-finite SAEs skipped, --force, the lock, a full disk)."""
+"""Stage 3: the direction scores, the nulls, the report and bad input (the functional measures on planted
+circles are in test_plane_measures.py); the report as one run (non-finite SAEs skipped, --force, the lock, a
+full disk)."""
 
 import errno
 import json
@@ -16,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analyze import (GENERATOR_SEEDS, activation_geometry, hungarian_match, hungarian_mean_cosine, latent_purity,
-                     max_cosine, mean_and_ci, mmcs, plane_coverage, pwmcc, random_directions, shared_fraction,
-                     unit_rows)
+from analyze import (LATENT_TYPES, grid_fourier, harmonic_purity, hungarian_match, hungarian_mean_cosine, latent_types,
+                     max_cosine, mean_and_ci, mmcs, orthonormal_span, principal_basis, principal_cosines, pwmcc,
+                     shared_fraction, shared_matching, sparse_matrix, subspace_null, unit_rows)
 import sae_core
 from sae_core import (RUN_DIR, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, RunOutput, file_sha256, load_sae, run_cli,
                       save_tensors)
@@ -104,8 +105,11 @@ def random_unit(m: int, d: int, seed: int) -> torch.Tensor:
 def all_scores(A: torch.Tensor, B: torch.Tensor, absolute: bool = False) -> dict:
     best = max_cosine(A, B, absolute)
     matching = hungarian_match(A, B, absolute)
+    C = A @ B.T
     return {"mmcs_ab": mmcs(best.best_a), "mmcs_ba": mmcs(best.best_b), "pwmcc": pwmcc(best),
-            "hungarian": hungarian_mean_cosine(matching), "shared": float(shared_fraction(matching, matching, 0.7))}
+            "hungarian": hungarian_mean_cosine(matching),
+            "shared": float(shared_fraction(shared_matching(C.abs() if absolute else C, C.abs() if absolute else C),
+                                            0.7))}
 
 
 @pytest.mark.parametrize("absolute", [False, True])
@@ -153,21 +157,21 @@ def test_chunked_max_cosine_equals_the_dense_computation():
 
 def test_shared_fraction_needs_both_decoder_and_encoder():
     A = random_unit(100, 32, seed=6)
-    same = hungarian_match(A, A)
-    other = hungarian_match(A, random_unit(100, 32, seed=7))
-    assert float(shared_fraction(same, same, 0.7)) == 1
-    assert float(shared_fraction(same, other, 0.7)) == 0
-    curve = shared_fraction(same, other, np.array([0.0, 0.5, 0.99]))
-    assert curve.shape == (3,) and (np.diff(curve) <= 0).all()
+    same, other = A @ A.T, A @ random_unit(100, 32, seed=7).T
+    assert float(shared_fraction(shared_matching(same, same), 0.7)) == 1
+    assert float(shared_fraction(shared_matching(same, other), 0.7)) == 0
+    curve = shared_fraction(shared_matching(same, other), np.array([0.0, 0.5, 0.99]))
+    assert curve.shape == (3,) and (np.diff(curve) <= 0).all() and curve[0] > 0
 
 
 def test_matching_is_skipped_above_the_limit_and_max_based_scores_are_not(monkeypatch):
     import analyze
     alive = torch.ones(40, dtype=torch.bool)
-    dictionaries = [analyze.Dictionary(random_unit(40, 8, seed), random_unit(40, 8, seed + 10), alive)
-                    for seed in range(3)]
+    dictionaries = [analyze.Dictionary({"decoder": random_unit(40, 8, seed), "encoder": random_unit(40, 8, seed + 10)},
+                                       alive) for seed in range(3)]
     monkeypatch.setattr(analyze, "HUNGARIAN_MAX_LATENTS", 39)
-    summary = analyze.summarise(analyze.stability(dictionaries, torch.device("cpu"), 0.7))["signed, all latents"]
+    matrices = analyze.direction_stability(dictionaries, torch.device("cpu"), 0.7)["scores"]["signed, all latents"]
+    summary = analyze.summarise(matrices, analyze.score_names("group", "direction"))
     assert summary["decoder.pwmcc"] is not None and summary["encoder.pwmcc"] is not None
     assert summary["decoder.hungarian"] is None and summary["encoder.hungarian"] is None
     assert summary["shared_fraction"] is None and summary["shared_curve"] is None
@@ -182,12 +186,18 @@ def test_every_score_entry_is_consistent_with_where_it_is_shown():
         assert score.sections <= set(analyze.SECTIONS) and set(score.views) <= set(analyze.VIEWS), score.key
         assert set(score.comparison) <= set(analyze.COMPARISON_STATISTICS), score.key
         assert score.definition.startswith("**") and "\n" not in score.definition, score.key
+        assert score.level in analyze.LEVELS, score.key
+        if score.level == "function":   # read from latents and planes: no view, no curve over tau
+            assert not score.views and not score.directional and not score.curve, score.key
         if score.directional:   # a pair of numbers per pair of seeds has no mean to compare or plot
             assert not score.sections and not score.comparison and not score.curve, score.key
         if score.one_to_one:    # the dynamics are computed without matching
             assert "dynamics" not in score.sections, score.key
-        if "trends" in score.sections:
-            assert {"trained", "subspace", "isotropic"} <= set(score.comparison), score.key
+        if "trends" in score.sections:   # drawn beside its nulls: the initialisation at least
+            assert {"trained", "init"} <= set(score.comparison), score.key
+        comparable = {null for name, s, view in analyze.score_names("all") if s is score
+                      for null in analyze.nulls_of(s, view)}
+        assert set(score.comparison) & set(analyze.NULLS) <= comparable, score.key
     pareto = [score for score in analyze.SCORES if score.key == analyze.PARETO_SCORE]
     assert len(pareto) == 1 and "normalised" in pareto[0].comparison
 
@@ -206,7 +216,7 @@ def test_render_code_names_no_score():
 
 
 # --------------------------------------------------------------------------------------------------
-# Baselines
+# Nulls
 
 
 def low_rank_activations(n: int = 4000, d: int = 64, rank: int = 5, seed: int = 0) -> torch.Tensor:
@@ -214,33 +224,40 @@ def low_rank_activations(n: int = 4000, d: int = 64, rank: int = 5, seed: int = 
     return torch.randn(n, rank, generator=generator) @ torch.randn(rank, d, generator=generator) + 3.0
 
 
-def baseline_pwmcc(kind: str, m: int, geometry) -> float:
-    A = unit_rows(random_directions(kind, m, geometry, GENERATOR_SEEDS[kind]))
-    B = unit_rows(random_directions(kind, m, geometry, GENERATOR_SEEDS[kind] + 1))
-    return pwmcc(max_cosine(A, B))
+def random_pwmcc(m: int, d: int, seed: int = 0) -> float:
+    return pwmcc(max_cosine(random_unit(m, d, seed), random_unit(m, d, seed + 1)))
 
 
-def test_isotropic_baseline_rises_with_m_at_fixed_d():
-    geometry = activation_geometry(torch.randn(2000, 32))
-    scores = [baseline_pwmcc("isotropic", m, geometry) for m in (16, 128, 1024)]
+def test_random_directions_match_better_with_more_atoms_and_fewer_dimensions():
+    """Max-cosine of random directions is pure geometry: it rises with m at fixed d, and is far higher in a
+    few dimensions (why a score inside the data's subspace needs the subspace null)."""
+    scores = [random_pwmcc(m, 32) for m in (16, 128, 1024)]
     assert scores[0] < scores[1] < scores[2]
     assert scores[0] > 0.2, "even a few random vectors in 32 dimensions are far from orthogonal at their best match"
+    assert random_pwmcc(256, 5) > random_pwmcc(256, 64) + 0.4
 
 
-def test_subspace_baseline_far_above_isotropic_and_planted_dictionaries_above_both():
+def test_subspace_null_lives_in_each_principal_subspace_and_planted_dictionaries_beat_it():
+    import analyze
     X = low_rank_activations()
-    geometry = activation_geometry(X)
-    assert geometry.rank == 5
-    isotropic, subspace = baseline_pwmcc("isotropic", 256, geometry), baseline_pwmcc("subspace", 256, geometry)
-    assert subspace > isotropic + 0.4
-    assert subspace == pytest.approx(baseline_pwmcc("subspace", 256, geometry))   # fixed seeds: deterministic
-    # two SAEs sharing a planted dictionary that lives in the data's span (noisy, permuted copies)
-    truth = unit_rows(random_directions("subspace", 256, geometry, seed=99))
-    noisy = unit_rows(truth + 0.01 * torch.randn(256, 64, generator=torch.Generator().manual_seed(1)))
-    copy = noisy[torch.randperm(256, generator=torch.Generator().manual_seed(2))]
-    planted = pwmcc(max_cosine(truth, copy))
-    hungarian = hungarian_mean_cosine(hungarian_match(truth, copy))
-    assert planted > 0.99 and hungarian > 0.99 and planted > subspace + 0.05
+    bases = {share: principal_basis(X, share) for share in analyze.VARIANCE_SHARES}
+    assert bases[0.99].shape[1] == 5
+    space = analyze.DataSpace(bases, None, None)
+    null, again = subspace_null(space, 256), subspace_null(space, 256)
+    assert len(null) == 2 * analyze.NULL_PAIRS
+    for view, share in analyze.PROJECTED_VIEWS.items():
+        assert null[0].rows[view].shape == (256, bases[share].shape[1])
+        assert all(torch.equal(a.rows[view], b.rows[view]) for a, b in zip(null, again))   # fixed seeds
+    view = next(iter(analyze.PROJECTED_VIEWS))
+    subspace = pwmcc(max_cosine(null[0].rows[view], null[1].rows[view]))
+    assert subspace > random_pwmcc(256, 64) + 0.4
+    # two SAEs sharing a planted dictionary in the data's span (noisy, permuted copies), projected like trained rows
+    generator = torch.Generator().manual_seed(99)
+    truth = unit_rows(torch.randn(256, 5, generator=generator, dtype=torch.float64) @ bases[0.99].T)
+    copy = unit_rows(truth + 0.01 * torch.randn(256, 64, generator=generator))[torch.randperm(256, generator=generator)]
+    A, B = (analyze.project_rows(rows, bases[0.99]) for rows in (truth, copy))
+    assert pwmcc(max_cosine(A, B)) > 0.99 and hungarian_mean_cosine(hungarian_match(A, B)) > 0.99
+    assert pwmcc(max_cosine(A, B)) > subspace + 0.05
 
 
 def test_bootstrap_resamples_seeds_and_never_pairs_a_seed_with_itself():
@@ -259,24 +276,27 @@ def test_bootstrap_resamples_seeds_and_never_pairs_a_seed_with_itself():
 
 
 @pytest.mark.parametrize("p, k", [(13, 4), (31, 7)])
-def test_latent_purity_finds_a_pure_cosine_and_not_a_random_latent(p, k):
+def test_harmonic_purity_finds_a_pure_cosine_and_not_a_random_latent(p, k):
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
     pure = torch.cos(2 * math.pi * k * (a + b) / p)
     random = torch.rand(p * p, generator=torch.Generator().manual_seed(0))
     f = torch.stack([pure, random, torch.zeros(p * p)], dim=1)
-    purity, best = latent_purity(f, p)
-    assert purity[0] == pytest.approx(1, abs=1e-5) and best[0] == k
+    fourier = grid_fourier(sparse_matrix(f), p)
+    purity = harmonic_purity(fourier, p)
+    assert purity[0] == pytest.approx(1, abs=1e-5) and int(fourier.energy()[0, :, 0].argmax()) + 1 == k
     assert purity[1] < 0.3
-    assert purity[2] == 0 and best[2] == 0, "a latent that never varies has no frequency"
+    assert purity[2] == 0 and latent_types(fourier)[2] == LATENT_TYPES.index("dead"), "a constant latent is dead"
+    assert grid_fourier(f, p).coefficients.allclose(fourier.coefficients)   # dense and sparse columns alike
 
 
-def test_plane_coverage_is_one_inside_the_span_and_zero_outside():
+def test_principal_cosines_are_one_inside_the_span_and_zero_outside():
     plane = torch.eye(6, dtype=torch.float64)[:, :2]
     tiles = torch.tensor([[math.cos(t), math.sin(t), 0, 0, 0, 0] for t in np.linspace(0, 2 * math.pi, 7)[:-1]])
-    assert plane_coverage(plane, tiles) == pytest.approx([1, 1])       # latents tiling the circle span it
-    assert plane_coverage(plane, tiles[:1]) == pytest.approx([1, 0])   # one latent: half the plane
-    assert plane_coverage(plane, torch.eye(6)[2:]) == pytest.approx([0, 0])
-    assert plane_coverage(plane, torch.zeros(0, 6)) == [0, 0]
+    assert principal_cosines(plane, orthonormal_span(tiles.T)) == pytest.approx([1, 1])   # tiles span the circle
+    assert principal_cosines(plane, orthonormal_span(tiles[:1].T)) == pytest.approx([1, 0])   # one: a line
+    assert principal_cosines(plane, orthonormal_span(torch.eye(6)[2:].T)) == pytest.approx([0, 0])
+    assert principal_cosines(plane, orthonormal_span(torch.zeros(6, 0))) == [0, 0]
+    assert principal_cosines(plane, None) == [0, 0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,7 +350,7 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     for name in figures:
         first_png, second_png = (inputs / out / "figures" / name for out in ("out1", "out2"))
         assert first_png.read_bytes() == second_png.read_bytes(), name
-    assert {"topk-w32-k4-stability.png", "topk-w32-k4-purity.png", "topk-w32-k4-dynamics.png",
+    assert {"topk-w32-k4-stability.png", "topk-w32-k4-purity.png", "topk-w32-k4-dynamics.png", "topk-w32-k4-planes.png",
             "stability-vs-width-k.png", "transformer0-curves.png", "transformer0-fourier.png"} <= set(figures)
 
     report = json.loads((inputs / "out1" / "report.json").read_text())
@@ -340,12 +360,21 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     planted = groups["topk-w32-k4"]
     assert planted["seeds"] == [0, 1, 2]
     primary = planted["stability"]["signed, all latents"]
-    subspace = planted["baselines"]["subspace"]["signed, all latents"]
-    assert primary["decoder.pwmcc"]["mean"] > 0.95 > subspace["decoder.pwmcc"]["mean"]
+    init = planted["nulls"]["init"]["signed, all latents"]
+    assert primary["decoder.pwmcc"]["mean"] > 0.95 > init["decoder.pwmcc"]["mean"]
     assert primary["decoder.pwmcc"]["mean"] >= primary["decoder.hungarian"]["mean"]
-    assert set(planted["baselines"]) == {"isotropic", "covariance", "subspace", "init"}
+    assert set(planted["nulls"]) == {"init", "random", "subspace"}
+    assert set(planted["nulls"]["random"]["signed, all latents"]) == {n.name for n in analyze_names("group", "function")}
+    assert planted["nulls"]["random"]["signed, all latents"]["plane_agreement"]["n"] == 5
+    assert primary["act_match_weighted"]["mean"] > init["act_match_weighted"]["mean"]   # planted copies agree
+    assert planted["normalised"]["signed, all latents"]["act_match_weighted"] > 0
     assert [row["step"] for row in planted["dynamics"]["steps"]] == [0, 3, 10]
-    assert planted["ground_truth"]["key_frequency_rule"].startswith("embedding Fourier share")
+    assert planted["dynamics"]["steps"][-1]["act_match_weighted"] == primary["act_match_weighted"]   # the trained SAEs
+    assert set(planted["planes"]["per_frequency"]) == {str(k) for k in report["transformers"][
+        next(iter(report["transformers"]))]["key_frequencies"]}
+    counts = {t: stats["count"]["trained"]["mean"] for t, stats in planted["latent_types"].items()}
+    assert sum(counts.values()) == pytest.approx(32)               # every latent has one type
+    assert len(planted["latents"][0]["type"]) == 32
     # a seed found twice is never one more seed: it is a rerun, bit-identical or not
     assert any("seed 1 again" in note for note in planted["notes"]), "a copied seed is not compared with itself"
     reruns = {r["seed"]: r for r in planted["reruns"]}
@@ -354,12 +383,14 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     assert "One seed trained twice" in text
     # trained on an activation file: stability and baselines, but no (a, b) grid for the Fourier analysis
     from_file = groups["topk-w8-k2-acts"]
-    assert from_file["stability"] is not None and from_file["ground_truth"] is None
-    assert "init" not in from_file["baselines"] and from_file["dynamics"] is None
+    assert from_file["stability"] is not None and from_file["planes"] is None and from_file["latent_types"] is None
+    assert from_file["stability"]["signed, all latents"]["act_match_weighted"] is not None   # functional, no grid
+    assert from_file["stability"]["signed, all latents"]["plane_agreement"] is None
+    assert "init" not in from_file["nulls"] and from_file["dynamics"] is None
     assert any("snapshots unusable" in note and "seed1.snapshots" in note for note in from_file["notes"])
     # one seed: what can be reported is, and the report says why stability is missing
     single = groups["topk-w16-k4"]
-    assert single["stability"] is None and single["ground_truth"] is not None
+    assert single["stability"] is None and single["planes"] is not None and single["latent_types"] is not None
     assert any("stability needs at least two seeds" in note for note in single["notes"])
     # the same configuration from another transformer, or of another d_in, is never compared with the first
     assert len(report["refused"]) == 1 and "different sources or activation sizes" in report["refused"][0]
@@ -369,9 +400,16 @@ def test_report_is_complete_and_identical_when_regenerated(inputs):
     assert [s["path"] for s in report["skipped_files"]] == [str(Path("sae/topk-w16-k4/seed9.safetensors"))]
     assert "seed9.safetensors" in text and "Comparisons refused" in text
     for needle in ("PWMCC (max-based)", "Hungarian mean cosine (one-to-one)", "Choices that change the numbers",
-                   "subspace", "normalised", "Key frequencies K", "Pareto frontier", "Spearman correlation"):
+                   "subspace", "normalised", "Key frequencies K", "Pareto frontier", "Spearman correlation",
+                   "Measures that fit", "Planes, per key frequency", "Latent types",
+                   "Why raw decoder scores mislead", "above the nulls?"):
         assert needle in text, needle
     assert not re.search(r"\{[A-Za-z_]+[\[(.]", text), "an f-string placeholder was left unformatted"
+
+
+def analyze_names(where: str, level: str | None = None):
+    import analyze
+    return analyze.score_names(where, level)
 
 
 def test_a_new_score_is_one_entry_and_reaches_every_part_of_the_report(inputs, tmp_path, monkeypatch):
@@ -383,7 +421,7 @@ def test_a_new_score_is_one_entry_and_reaches_every_part_of_the_report(inputs, t
         "smaller_mmcs", "smaller MMCS (max-based)", "smaller MMCS", 3,
         "**smaller MMCS** = min(MMCS(A -> B), MMCS(B -> A)).",
         lambda pair, view, tau: min(mmcs(pair.best[view].best_a), mmcs(pair.best[view].best_b)),
-        sections=frozenset(analyze.SECTIONS), comparison=("trained", "subspace", "isotropic", "normalised"))
+        sections=frozenset(analyze.SECTIONS), comparison=("trained", "init", "normalised"))
     monkeypatch.setattr(analyze, "SCORES", analyze.SCORES + (smaller_mmcs,))
     figure_texts = []
     finish = analyze.finish
@@ -402,28 +440,31 @@ def test_a_new_score_is_one_entry_and_reaches_every_part_of_the_report(inputs, t
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     text = (tmp_path / "out" / "report.md").read_text()
     group = report["groups"][0]
-    views = ("decoder.smaller_mmcs", "encoder.smaller_mmcs")
+    views = [f"{view}.smaller_mmcs" for view in analyze.VIEWS]
     for variant in analyze.VARIANTS:
         for view in views:
             trained = group["stability"][variant][view]["mean"]
             assert trained <= group["stability"][variant][view.replace("smaller_mmcs", "pwmcc")]["mean"] + 1e-9
-            assert all(view in group["baselines"][kind][variant] for kind in group["baselines"])
+            nulls = analyze.nulls_of(smaller_mmcs, view.split(".")[0])
+            assert all(group["nulls"][kind][variant][view] is not None for kind in nulls)
+            assert set(group["above_nulls"][variant][view]) == set(nulls)
             assert group["normalised"][variant][view] is not None and view in group["pair_matrices"][variant]
     assert all(view in rerun for rerun in group["reruns"] for view in views)
     assert all(row[view]["mean"] is not None for row in group["dynamics"]["steps"] for view in views)
     row = report["comparison"][0]
     assert row["smaller_mmcs"] == group["stability"]["signed, all latents"]["decoder.smaller_mmcs"]["mean"]
-    assert {"smaller_mmcs_subspace", "smaller_mmcs_isotropic", "smaller_mmcs_normalised"} <= set(row)
+    assert row["smaller_mmcs_init"] == group["nulls"]["init"]["signed, all latents"]["decoder.smaller_mmcs"]["mean"]
+    assert row["smaller_mmcs_normalised"] is not None
     assert "- **smaller MMCS** = min(MMCS(A -> B), MMCS(B -> A))." in text
-    stability_table = text.split("### Stability across seeds")[1].split("###")[0]
+    stability_table = text.split("### Direction scores")[1].split("###")[0]
     assert stability_table.count("| smaller MMCS (max-based), decoder rows |") == len(analyze.VARIANTS)
     assert "| smaller MMCS (max-based), encoder columns |" in text.split("### One seed trained twice")[1]
-    assert re.search(r"Headline .*smaller MMCS: [0-9.]+ \[", text)
+    assert re.search(r"Headline .*smaller MMCS: trained [0-9.]+ \[", text)
     dynamics_header = text.split("### Training dynamics")[1].split("| step |")[1].split("\n")[0]
     assert "| decoder smaller MMCS |" in dynamics_header and "| encoder smaller MMCS |" in dynamics_header
-    assert "| smaller MMCS | smaller MMCS subspace | smaller MMCS isotropic | smaller MMCS normalised |" in text
+    assert "| smaller MMCS | smaller MMCS init | smaller MMCS normalised |" in text
     assert "decoder smaller MMCS" in figure_texts                                  # trends figure's axis
-    assert "subspace baseline (encoder smaller MMCS)" in figure_texts             # dynamics figure's legend
+    assert "subspace null (decoder_99 smaller MMCS)" in figure_texts              # dynamics figure's legend
     assert "PWMCC (max-based), decoder rows" in text, "the scores already there stay"
 
 
@@ -448,7 +489,32 @@ def test_real_train_sae_output_is_analysed(tmp_path):
             assert row["l0"] == pytest.approx(recorded["l0"], abs=1e-3)
         primary = group["stability"]["signed, all latents"]
         assert primary["decoder.pwmcc"]["mean"] >= primary["decoder.hungarian"]["mean"]
-        assert group["dynamics"]["steps"][0]["step"] == 0 and "init" in group["baselines"]
+        assert group["dynamics"]["steps"][0]["step"] == 0 and "init" in group["nulls"]
+
+
+def test_saes_on_mlp_post_get_planes_families_and_latent_types(tmp_path):
+    """At blocks.0.mlp_post the activations are the neurons (d = d_mlp), whose true units are frequencies: the
+    planes, families and latent types are read from the latents' activations there as at the residual
+    stream, against the true planes of the neurons' own activations."""
+    transformer = write_transformer(tmp_path / "transformer" / "model.safetensors")
+    trained = subprocess.run([sys.executable, str(REPO / "train_sae.py"), "--transformer", str(transformer),
+                              "--hook", "blocks.0.mlp_post", "--seeds", "0", "1", "--width", "32", "--k", "4",
+                              "--steps", "40", "--batch-size", "64", "--snapshots", "3", "--no-kernels", "--device",
+                              "cpu", "--out", str(tmp_path / "sae" / "mlp")], capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    result = run_analyze("sae", "--out", "out", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    (group,) = report["groups"]
+    keys = next(iter(report["transformers"].values()))["key_frequencies"]
+    assert group["hook"] == "blocks.0.mlp_post" and group["activations"]["d"] == 64 and keys
+    assert set(group["planes"]["per_frequency"]) == {str(k) for k in keys}
+    assert sum(stats["count"]["trained"]["mean"] for stats in group["latent_types"].values()) == pytest.approx(32)
+    assert sum(group["activations"]["variance_in_planes"]["by_variable"].values()) <= 1 + 1e-6
+    primary = group["stability"]["signed, all latents"]
+    assert primary["plane_agreement"] is not None and primary["act_match_weighted"] is not None
+    assert {"init", "random", "subspace"} == set(group["nulls"])
+    assert "#### Planes, per key frequency" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_no_silent_overwrite(inputs):

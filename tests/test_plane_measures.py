@@ -1,5 +1,6 @@
-"""The plane measures on synthetic data whose truth is known: planted circles tiled by arcs, arcs of any
-density, crowds of rare noise latents, and the untrained initialisation of a real stage-2 run."""
+"""Stage 3's functional measures (analyze.py) on synthetic data whose truth is known: planted circles tiled
+by arcs, arcs of any density, crowds of rare noise latents, and the untrained initialisation of a real
+stage-2 run."""
 
 import math
 import subprocess
@@ -12,13 +13,14 @@ import torch
 from safetensors.torch import save_file
 from scipy.optimize import linear_sum_assignment
 
-import plane_measures as pm
-from plane_measures import (LATENT_TYPES, GridFourier, activation_matching, energy_shares, grid_fourier, grid_side,
-                            grid_variables, harmonic_purity, initial_weights, latent_correlations, latent_types,
-                            match_purity_correlation, matching_scores, null_spread, partial_spearman, phase_question,
-                            plane_agreement, plane_analysis, principal_basis, project_rows, random_null_seeds,
-                            random_topk_weights, shared_fraction, true_planes, variable_shares)
-from sae_core import HusaiError, SAEConfig, SAEEnsemble, fourier_purity, sae_latents
+import analyze as an
+from analyze import (LATENT_TYPES, Grid, activation_matching, energy_shares, grid_fourier, grid_side, grid_variables,
+                     harmonic_purity, latent_correlations, latent_profile, latent_types, match_purity_correlation,
+                     null_spread, partial_spearman, phase_question, plane_agreement, plane_analysis, principal_basis,
+                     project_rows, random_null_seeds, random_topk_weights, shared_fraction, shared_matching,
+                     sparse_matrix, step_weights, true_planes, unit_rows, variable_shares)
+from sae_core import (SAE_VERSION, SNAPSHOT_FORMAT, HusaiError, SAEConfig, SAEEnsemble, fourier_purity, load_tensors,
+                      sae_latents)
 
 REPO = Path(__file__).resolve().parent.parent
 P = 59                                   # grid side of the planted data (N = 3481)
@@ -50,6 +52,11 @@ def arcs(p: int, w: int, n: int, offset: float, values: torch.Tensor, fire: floa
     return torch.relu(torch.cos(angles) - math.cos(math.pi * fire)).float()
 
 
+def profile(f: torch.Tensor, W_dec: torch.Tensor, truth: dict | None = None, p: int = P):
+    """The measures' view of latents f [p^2, m] with decoder rows W_dec, with planes when truth is given."""
+    return latent_profile(f, W_dec, Grid(p, "add", sorted(truth), truth) if truth is not None else None)
+
+
 def hand_built(x: torch.Tensor, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A dictionary that tiles each planted circle with arcs (8 for frequency 4, 2 for its harmonic 8, 8
     for 11) at phases shifted by `offset`; its decoder is the least-squares one for these latents."""
@@ -64,17 +71,16 @@ def planted():
     x = planted_circles()
     truth = true_planes(x, FREQUENCIES)
     (fA, WA), (fB, WB) = hand_built(x, 0.0), hand_built(x, math.pi / 8)   # half an arc spacing apart
-    A, B = plane_analysis(fA, WA, truth, FREQUENCIES), plane_analysis(fB, WB, truth, FREQUENCIES)
-    return {"x": x, "truth": truth, "fA": fA, "WA": WA, "fB": fB, "WB": WB, "A": A, "B": B}
+    pA, pB = profile(fA, WA, truth), profile(fB, WB, truth)
+    return {"x": x, "truth": truth, "fA": fA, "WA": WA, "fB": fB, "WB": WB, "A": pA.planes, "B": pB.planes,
+            "pA": pA, "pB": pB}
 
 
 def random_null(x: torch.Tensor, truth: dict, width: int, k: int, seeds: tuple[int, int]):
     """One pair of random TopK dictionaries inside the data's 99% subspace, through the same functions."""
     basis = principal_basis(x, 0.99)
     weights = [random_topk_weights(x, width, k, basis, seed) for seed in seeds]
-    latents = [sae_latents(w, {"arch": "topk", "k": k}, x) for w in weights]
-    analyses = [plane_analysis(f, w["W_dec"], truth, FREQUENCIES) for f, w in zip(latents, weights)]
-    return weights, latents, analyses
+    return [profile(sae_latents(w, {"arch": "topk", "k": k}, x), w["W_dec"], truth) for w in weights]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def test_arcs_at_different_phases_agree_on_every_plane_but_not_latent_by_latent(
             assert min(analysis.planes[w].cosines_to_truth) > 0.99, w
             assert analysis.planes[w].r2 > 0.95, w
         assert analysis.types_summary["c"] == {"count": 18, "energy": pytest.approx(1)}
-    matching = activation_matching(planted["fA"], planted["fB"], planted["WA"], planted["WB"], A.types, B.types)
+    matching = activation_matching(planted["pA"], planted["pB"])
     for name in ("max", "hungarian", "max_weighted", "hungarian_weighted"):
         assert matching[name] < min(agreement.values()) - 0.2, name
     assert matching["partner_energy"] == 0                      # no arc has a partner above 0.9
@@ -130,7 +136,7 @@ def test_the_harmonic_pair_is_one_family_and_the_other_circle_its_own(planted):
     for analysis in (planted["A"], planted["B"]):
         families = {family.root: family for family in analysis.families}
         assert sorted(families) == [4, 11]
-        assert families[4].frequencies == [4, 8] and families[4].links[8] >= pm.FAMILY_R2
+        assert families[4].frequencies == [4, 8] and families[4].links[8] >= an.FAMILY_R2
         assert families[4].latents.tolist() == list(range(10))   # the 8 arcs of 4 and the 2 arcs of 8
         assert families[11].frequencies == [11] and families[11].latents.tolist() == list(range(10, 18))
         assert analysis.planes[8].family == 4
@@ -140,16 +146,18 @@ def test_a_harmonic_joins_its_fundamental_whichever_group_holds_more_energy(plan
     """8 decodes from the arcs of 4, but 4 not from the two arcs of 8: the link is found from either
     side, so the family is the same when the harmonic's group is the larger one (as 8 = -3 x 35 is in the
     grokked model, where 35 does not decode well from the 8-latents)."""
-    f = planted["fA"]
+    f = sparse_matrix(planted["fA"])
     fourier = grid_fourier(f, P)
     types = latent_types(fourier)
-    r2_from_8 = pm.frequency_r2(f, fourier, torch.tensor([8, 9]))
-    r2_from_4 = pm.frequency_r2(f, fourier, torch.arange(8))
-    assert float(r2_from_4[8 - 1]) >= pm.FAMILY_R2 > float(r2_from_8[4 - 1])
+    r2_from_8 = an.frequency_r2(f, fourier, torch.tensor([8, 9]))
+    r2_from_4 = an.frequency_r2(f, fourier, torch.arange(8))
+    assert float(r2_from_4[8 - 1]) >= an.FAMILY_R2 > float(r2_from_8[4 - 1])
+    gram = an.c_latent_gram(f, types == LATENT_TYPES.index("c"))          # one Gram, sliced: the same R^2
+    assert torch.allclose(an.frequency_r2(f, fourier, torch.tensor([8, 9]), gram(torch.tensor([8, 9]))), r2_from_8)
     for heavy in (torch.arange(8), torch.tensor([8, 9])):       # the 4-arcs, then the 8-arcs hold the energy
         energy = torch.full((18,), 0.01, dtype=torch.float64)
         energy[heavy] = 1.0
-        families = pm.harmonic_families(f, fourier, types, energy, FREQUENCIES)
+        families = an.harmonic_families(f, fourier, types, energy, FREQUENCIES)
         assert sorted(sorted(family.frequencies) for family in families) == [[4, 8], [11]]
         assert families[0].root == (4 if len(heavy) == 8 else 8)
 
@@ -157,11 +165,12 @@ def test_a_harmonic_joins_its_fundamental_whichever_group_holds_more_energy(plan
 def test_random_dictionaries_score_low_on_planes_and_on_latents_and_the_coverage_null_can_fail(planted):
     x, truth = planted["x"], planted["truth"]
     planes, matches, to_truth = [], [], []
-    for seeds in random_null_seeds(3):
-        weights, (fa, fb), (ra, rb) = random_null(x, truth, width=18, k=4, seeds=seeds)
-        planes += list(plane_agreement(ra, rb, FREQUENCIES).values())
-        matches.append(activation_matching(fa, fb, weights[0]["W_dec"], weights[1]["W_dec"])["max_weighted"])
-        to_truth += [sum(ra.planes[w].cosines_to_truth) / 2 for w in FREQUENCIES]
+    seeds = random_null_seeds(3)
+    for pair in zip(seeds[::2], seeds[1::2]):
+        a, b = random_null(x, truth, width=18, k=4, seeds=pair)
+        planes += list(plane_agreement(a.planes, b.planes, FREQUENCIES).values())
+        matches.append(activation_matching(a, b)["max_weighted"])
+        to_truth += [sum(a.planes.planes[w].cosines_to_truth) / 2 for w in FREQUENCIES]
     assert max(planes) < 0.5 and np.mean(planes) < 0.3
     assert max(matches) < 0.8
     assert min(to_truth) < 0.3 and np.mean(to_truth) < 0.5      # the null's coverage of the true planes fails
@@ -173,23 +182,23 @@ def test_the_phase_question_finds_a_common_rotation_and_shuffles_phases():
     fA, WA = hand_built(x, 0.0)
     a, b = torch.arange(p).repeat_interleave(p), torch.arange(p).repeat(p)
     fB = fA[((a + shift) % p) * p + b]                          # B's latents read at c + 3: A's arcs rotated
-    types = latent_types(grid_fourier(fA, p))
-    result = phase_question(fA, fB, WA, WA, types, types)
+    truth = true_planes(x, FREQUENCIES)
+    pA, pB = profile(fA, WA, truth), profile(fB, WA, truth)
+    result = phase_question(pA, pB, p)
     assert result["latents"] == [18, 18]
     assert result["trained"]["max_weighted"] < 0.9
     assert result["best_rotation"]["shift"] == p - shift          # rotating B back by 3 makes it A again
     for name in ("max", "hungarian", "max_weighted", "hungarian_weighted", "partner_energy"):
         assert result["best_rotation"][name] == pytest.approx(1, abs=1e-5), name
-    assert result["shuffled"]["max_weighted"]["n"] == pm.PHASE_DRAWS
+    assert result["shuffled"]["max_weighted"]["n"] == an.PHASE_DRAWS
     assert result["shuffled"]["max_weighted"]["max"] < 0.999
-    assert result["trained"] == phase_question(fA, fB, WA, WA, types, types)["trained"]   # same seeds, same result
+    assert result["trained"] == phase_question(pA, pB, p)["trained"]   # same seeds, same result
 
 
 def test_the_phase_question_in_blocks_equals_it_whole(planted, monkeypatch):
-    fA, fB, WA, WB = planted["fA"], planted["fB"], planted["WA"], planted["WB"]
-    args = (fA, fB, WA, WB, planted["A"].types, planted["B"].types)
+    args = (planted["pA"], planted["pB"], P)
     whole = phase_question(*args)
-    monkeypatch.setattr(pm, "CHUNK_ELEMENTS", 300)              # blocks of 2 of A's 18 c-latents
+    monkeypatch.setattr(an, "CHUNK_ELEMENTS", 300)              # blocks of 2 of A's 18 c-latents
     blocks = phase_question(*args)
     assert blocks["best_rotation"]["shift"] == whole["best_rotation"]["shift"]
     for part in ("trained", "best_rotation"):
@@ -251,9 +260,9 @@ def test_latent_correlations_are_pearson_correlations_on_both_paths(path, monkey
     fA, fB = sparse_latents(500, 40, 0.03, 1), sparse_latents(500, 30, 0.03, 2)
     fA[:, 3] = 0                                                 # a dead latent: correlation 0 with everything
     fB[:, :5] += 7.0 * fA[:, :5] + 2.0                           # correlated, with a large mean
-    monkeypatch.setattr(pm, "SPARSE_DENSITY", 1.0 if path == "sparse" else 0.0)
-    monkeypatch.setattr(pm, "CHUNK_ELEMENTS", 64)                # many blocks
-    C = latent_correlations(fA, fB)
+    monkeypatch.setattr(an, "SPARSE_DENSITY", 1.0 if path == "sparse" else 0.0)
+    monkeypatch.setattr(an, "CHUNK_ELEMENTS", 64)                # many blocks
+    C = latent_correlations(latent_profile(fA, torch.ones(40, 1)), latent_profile(fB, torch.ones(30, 1)))
     with np.errstate(invalid="ignore"):                          # numpy divides by the dead latent's zero norm
         reference = np.corrcoef(fA.double().T.numpy(), fB.double().T.numpy())[:40, 40:]
     reference[3] = 0
@@ -264,14 +273,14 @@ def test_a_permuted_copy_matches_perfectly_and_partners_are_found():
     f = sparse_latents(800, 60, 0.05, 3)
     W = torch.randn(60, 8, generator=torch.Generator().manual_seed(4))
     perm = torch.randperm(60, generator=torch.Generator().manual_seed(5))
-    scores = activation_matching(f, f[:, perm], W, W[perm])
+    scores = activation_matching(latent_profile(f, W), latent_profile(f[:, perm], W[perm]))
     for name in ("max", "hungarian", "max_weighted", "hungarian_weighted", "partner_energy"):
         assert scores[name] == pytest.approx(1, abs=1e-5), name
     # a latent duplicated in A: both copies' best partner is B's latent 0, but only one copy can be its
     # one-to-one partner; the other is matched to B's unrelated latent 1 and has no partner above 0.9
     fA, fB = f[:, [0, 0]], f[:, [0, 1]]
-    scores = activation_matching(fA, fB, W[[0, 0]], W[[0, 1]])
-    energy_b = energy_shares(fB, W[[0, 1]])
+    scores = activation_matching(latent_profile(fA, W[[0, 0]]), latent_profile(fB, W[[0, 1]]))
+    energy_b = energy_shares(sparse_matrix(fB), W[[0, 1]])
     assert float(scores["best_a"].min()) == pytest.approx(1, abs=1e-6)
     assert float(scores["matched_a"].min()) < 0.5
     assert scores["partner_energy"] == pytest.approx((0.5 + float(energy_b[0])) / 2, abs=1e-6)
@@ -279,7 +288,7 @@ def test_a_permuted_copy_matches_perfectly_and_partners_are_found():
 
 
 def test_energy_weighting_ignores_a_planted_crowd_of_rare_noise_latents(planted):
-    fA, WA = planted["fA"], pm.unit_rows(planted["WA"])
+    fA, WA = planted["fA"], unit_rows(planted["WA"])
     n, crowd = len(fA), 300
     dictionaries = []
     for seed in (10, 11):                                        # each SAE has its own rare noise latents
@@ -287,11 +296,11 @@ def test_energy_weighting_ignores_a_planted_crowd_of_rare_noise_latents(planted)
         noise = torch.zeros(n, crowd)
         for i in range(crowd):                                   # each fires on 5 random inputs (0.14%)
             noise[torch.randperm(n, generator=generator)[:5], i] = 0.3 * torch.rand(5, generator=generator)
-        rows = pm.unit_rows(torch.randn(crowd, WA.shape[1], generator=generator))
+        rows = unit_rows(torch.randn(crowd, WA.shape[1], generator=generator))
         dictionaries.append((torch.cat([fA, noise], dim=1), torch.cat([WA, rows])))
     (f1, W1), (f2, W2) = dictionaries
-    scores = activation_matching(f1, f2, W1, W2)
-    noise_energy = (float(energy_shares(f1, W1)[18:].sum()) + float(energy_shares(f2, W2)[18:].sum())) / 2
+    scores = activation_matching(latent_profile(f1, W1), latent_profile(f2, W2))
+    noise_energy = sum(float(energy_shares(sparse_matrix(f), W)[18:].sum()) for f, W in dictionaries) / 2
     assert 0.001 < noise_energy < 0.1
     assert scores["max"] < 0.4                                  # 300 of 318 alive latents decide the plain mean
     assert scores["max_weighted"] > 1 - noise_energy - 1e-3     # the arcs, ~all of the energy, match exactly
@@ -313,7 +322,7 @@ def test_principal_basis_holds_the_requested_share_and_projection_keeps_in_subsp
     rows = torch.randn(10, 3, generator=generator) @ span.T      # rows inside the subspace
     projected = project_rows(rows, basis)
     assert projected.norm(dim=1).tolist() == pytest.approx([1.0] * 10, abs=1e-5)
-    assert torch.allclose(projected @ projected.T, pm.cosines(rows, rows), atol=1e-4)
+    assert torch.allclose(projected @ projected.T, unit_rows(rows) @ unit_rows(rows).T, atol=1e-4)
     with pytest.raises(HusaiError):
         principal_basis(acts, 0.0)
 
@@ -335,10 +344,10 @@ def test_shared_fraction_uses_one_matching_on_the_mean_of_decoder_and_encoder_co
                     "encoder matching": fraction(matched(encoder), matched(encoder)),
                     "two separate matchings": fraction(matched(decoder), matched(encoder))}
     assert alternatives == {"decoder matching": 1 / 3, "encoder matching": 0.0, "two separate matchings": 1.0}
-    assert shared_fraction(decoder, encoder, tau) == pytest.approx(2 / 3)
-    assert shared_fraction(decoder, encoder, 0.5) == 1.0
+    assert shared_fraction(shared_matching(decoder, encoder), tau) == pytest.approx(2 / 3)
+    assert shared_fraction(shared_matching(decoder, encoder), 0.5) == 1.0
     with pytest.raises(HusaiError):
-        shared_fraction(decoder, encoder[:2], tau)
+        shared_matching(decoder, encoder[:2])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,7 +368,8 @@ def test_the_initialisation_null_equals_the_trained_score_after_zero_training_st
     ensemble = SAEEnsemble(SAEConfig(d_in=d, width=width, k=k), [0, 1])
     ensemble.init_from_data(acts)
     untrained = [ensemble.export(s) for s in range(2)]
-    initial = [initial_weights(str(out / f"seed{seed}.snapshots.safetensors")) for seed in (0, 1)]
+    initial = [step_weights(load_tensors(out / f"seed{seed}.snapshots.safetensors", SNAPSHOT_FORMAT, SAE_VERSION)[0], 0)
+               for seed in (0, 1)]
     for zero_steps, snapshot in zip(untrained, initial):
         assert zero_steps.keys() == snapshot.keys()
         assert all(torch.equal(zero_steps[name], snapshot[name]) for name in zero_steps)
@@ -367,11 +377,11 @@ def test_the_initialisation_null_equals_the_trained_score_after_zero_training_st
     config = {"arch": "topk", "k": k}
 
     def scores(weights):
-        f = [sae_latents(w, config, acts) for w in weights]
-        analyses = [plane_analysis(fi, w["W_dec"], truth, FREQUENCIES) for fi, w in zip(f, weights)]
-        matching = activation_matching(f[0], f[1], weights[0]["W_dec"], weights[1]["W_dec"])
-        return {**plane_agreement(*analyses, FREQUENCIES),
-                **{name: v for name, v in matching.items() if not torch.is_tensor(v)}}
+        profiles = [profile(sae_latents(w, config, acts), w["W_dec"], truth, p) for w in weights]
+        matching = activation_matching(*profiles)
+        return {**plane_agreement(profiles[0].planes, profiles[1].planes, FREQUENCIES),
+                **{name: v for name, v in matching.items() if not torch.is_tensor(v) and name != "by_type"},
+                **{f"type {name}": v for name, v in matching["by_type"].items()}}
 
     assert scores(untrained) == scores(initial)
     # ... and the trained files are not the initialisation (the check can tell them apart)
@@ -384,28 +394,31 @@ def test_random_nulls_are_reproducible_distinct_and_inside_the_subspace():
     x = planted_circles()
     basis = principal_basis(x, 0.99)
     seeds = random_null_seeds()
-    assert len(seeds) == pm.NULL_PAIRS and len({s for pair in seeds for s in pair}) == 2 * pm.NULL_PAIRS
-    first, again = (random_topk_weights(x, 50, 4, basis, seeds[0][0]) for _ in range(2))
+    assert len(set(seeds)) == 2 * an.NULL_PAIRS                 # no dictionary is reused
+    first, again = (random_topk_weights(x, 50, 4, basis, seeds[0]) for _ in range(2))
     assert all(torch.equal(first[name], again[name]) for name in first)
-    other = random_topk_weights(x, 50, 4, basis, seeds[0][1])
+    other = random_topk_weights(x, 50, 4, basis, seeds[1])
     assert not torch.equal(first["W_dec"], other["W_dec"])
     inside = (first["W_dec"].double() @ basis).pow(2).sum(dim=1)
     assert inside.tolist() == pytest.approx([1.0] * 50, abs=1e-5)
     spread = null_spread([0.2, 0.4, 0.3])
     assert spread["mean"] == pytest.approx(0.3) and spread["std"] == pytest.approx(0.1) and spread["n"] == 3
+    assert null_spread([0.2, None]) is None and null_spread([]) is None   # a draw without the value: no spread
     with pytest.raises(HusaiError):
         random_topk_weights(x, 50, 51, basis, 0)
 
 
 def test_bad_inputs_are_husai_errors(planted):
     fA, WA, truth = planted["fA"], planted["WA"], planted["truth"]
+    f, energy = sparse_matrix(fA), planted["pA"].energy
+    grid = Grid(P, "add", FREQUENCIES, truth)
     with pytest.raises(HusaiError):
-        plane_analysis(fA[:-1], WA, truth, FREQUENCIES)           # not the full grid
+        plane_analysis(sparse_matrix(fA[:-1]), energy, WA, grid)  # not the full grid
     with pytest.raises(HusaiError):
-        plane_analysis(fA, WA[:-1], truth, FREQUENCIES)           # latents and decoder rows disagree
+        plane_analysis(f, energy, WA[:-1], grid)                  # latents and decoder rows disagree
     with pytest.raises(HusaiError):
-        plane_analysis(fA, WA, truth, [5])                        # no true plane for 5
+        plane_analysis(f, energy, WA, grid._replace(frequencies=[5]))   # no true plane for 5
     with pytest.raises(HusaiError):
-        latent_correlations(fA, fA[:-1])
+        latent_correlations(planted["pA"], latent_profile(fA[:-1], WA))
     with pytest.raises(HusaiError):
         project_rows(WA, torch.eye(3))
