@@ -1884,7 +1884,7 @@ class SAEFile:
 
 class GroupKey(NamedTuple):
     """What SAEs must share to be compared: they may differ only in their seed."""
-    arch: str
+    arch: str               # with its variant settings: see kind()
     width: int
     parameter: str          # k, l1 or l0
     value: float
@@ -2012,6 +2012,13 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
     return files, skipped
 
 
+def kind(config: dict) -> str:
+    """The architecture, with the value of each of its variant settings (archetypal-shared,
+    archetypal-per-seed): SAEs of two kinds are never compared as seeds of one configuration."""
+    arch = config["arch"]
+    return "-".join([arch] + [str(config[name]) for name in ARCHITECTURES[arch].variant_settings])
+
+
 def sparsity(config: dict) -> tuple[str, float]:
     """(parameter name, value): k for TopK and BatchTopK, the penalty coefficient for ReLU and JumpReLU."""
     name = ARCHITECTURES[config["arch"]].sparsity
@@ -2031,7 +2038,7 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     for sae_file in files:
         kind, _, sha = source_of(sae_file.provenance)
         checkpoint = sae_file.provenance.get("checkpoint")
-        key = GroupKey(sae_file.config["arch"], sae_file.config["width"], *sparsity(sae_file.config),
+        key = GroupKey(kind(sae_file.config), sae_file.config["width"], *sparsity(sae_file.config),
                        str(sae_file.provenance.get("hook")), -1 if checkpoint is None else int(checkpoint), kind, sha,
                        sae_file.config["d_in"])
         by_key[key].append(sae_file)

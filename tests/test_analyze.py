@@ -644,3 +644,11 @@ def test_a_second_analysis_writing_to_the_same_place_is_refused_naming_the_first
         code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(tmp_path / "r"))
     assert code == 2 and len(lines) == 1 and f"{tmp_path} is in use by another run (pid {os.getpid()}" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_two_kinds_of_one_architecture_are_never_grouped_as_seeds_of_one_configuration():
+    """Archetypal with shared and with per-seed centroids differ only in a variant setting; analyze.py must
+    not compare them as seeds of one configuration (nor as reruns of one seed)."""
+    from analyze import kind
+    assert kind({"arch": "archetypal", "centroids": "shared"}) != kind({"arch": "archetypal", "centroids": "per-seed"})
+    assert kind({"arch": "topk", "centroids": "shared"}) == kind({"arch": "topk", "centroids": "per-seed"}) == "topk"
