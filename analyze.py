@@ -1884,7 +1884,7 @@ class SAEFile:
 
 class GroupKey(NamedTuple):
     """What SAEs must share to be compared: they may differ only in their seed."""
-    arch: str               # with its variant settings: see kind()
+    arch: str               # with its variant settings: see sae_kind()
     width: int
     parameter: str          # k, l1 or l0
     value: float
@@ -2012,7 +2012,7 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
     return files, skipped
 
 
-def kind(config: dict) -> str:
+def sae_kind(config: dict) -> str:
     """The architecture, with the value of each of its variant settings (archetypal-shared,
     archetypal-per-seed): SAEs of two kinds are never compared as seeds of one configuration."""
     arch = config["arch"]
@@ -2038,7 +2038,7 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
     for sae_file in files:
         kind, _, sha = source_of(sae_file.provenance)
         checkpoint = sae_file.provenance.get("checkpoint")
-        key = GroupKey(kind(sae_file.config), sae_file.config["width"], *sparsity(sae_file.config),
+        key = GroupKey(sae_kind(sae_file.config), sae_file.config["width"], *sparsity(sae_file.config),
                        str(sae_file.provenance.get("hook")), -1 if checkpoint is None else int(checkpoint), kind, sha,
                        sae_file.config["d_in"])
         by_key[key].append(sae_file)

@@ -649,6 +649,6 @@ def test_a_second_analysis_writing_to_the_same_place_is_refused_naming_the_first
 def test_two_kinds_of_one_architecture_are_never_grouped_as_seeds_of_one_configuration():
     """Archetypal with shared and with per-seed centroids differ only in a variant setting; analyze.py must
     not compare them as seeds of one configuration (nor as reruns of one seed)."""
-    from analyze import kind
+    from analyze import sae_kind as kind
     assert kind({"arch": "archetypal", "centroids": "shared"}) != kind({"arch": "archetypal", "centroids": "per-seed"})
     assert kind({"arch": "topk", "centroids": "shared"}) == kind({"arch": "topk", "centroids": "per-seed"}) == "topk"

@@ -244,7 +244,7 @@ def test_topk_sae_training_matches_reference():
     p = make_sae(n_seeds, d, m)
     x = make_x(n_seeds, n_rows, d, shared=True)
     with_kernels = train_topk_sae(p, x, k, steps=5, use_kernel=True)
-    with_reference = train_topk_sae(p, x, k, steps=5, triton=False)
+    with_reference = train_topk_sae(p, x, k, steps=5, use_kernel=False)
     for name in p:
         assert not torch.equal(with_kernels[name], p[name]), f"{name} did not train"
         torch.testing.assert_close(with_kernels[name], with_reference[name], atol=1e-4, rtol=1e-4)
