@@ -11,6 +11,7 @@ Part 3, the sparse autoencoders: architectures, training tricks and the batched-
 from __future__ import annotations
 
 import argparse
+import datetime
 import fcntl
 import hashlib
 import json
@@ -19,6 +20,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -29,7 +31,7 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -537,6 +539,337 @@ def describe_lock_holder(text: str) -> str:
         return f"pid {holder['pid']}, started {holder['started']}: `{holder['command']}`"
     except (ValueError, KeyError, TypeError):
         return "it has not recorded its pid yet"
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1 (continued): activations streamed from disk
+#
+# The activation-shard format (any model can write it; write_activation_shards does):
+#     DIR/acts-00000.safetensors, DIR/acts-00001.safetensors, ...
+#         each holds one 2-D float tensor named `acts` [N_i, d] (float32, float16 or bfloat16); d is the
+#         same in every shard, N_i >= 1 may differ
+#     DIR/index.json (optional)
+#         {"format": "husai.acts_shards", "version": 1, "d": d, "rows": N,
+#          "shards": [{"file": "acts-00000.safetensors", "rows": N_0}, ...], "source": {anything}}
+# Without an index the shards are DIR's *.safetensors files in name order; with one, the files it lists,
+# in its order. One safetensors file (one tensor, or one named `acts`) is a set of one shard. Rows are
+# numbered across the shards in that order. Every read is memory-mapped and bounded: it opens a shard,
+# copies rows [a, b) out of the mapping and closes it, so no mapped page stays resident and the memory a
+# run needs does not grow with the number of rows.
+
+ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION = "husai.acts_shards", 1
+ACTS_INDEX = "index.json"
+SMALL_ACTS_ROWS = 100_000      # a set this small is trained on and evaluated whole, as one tensor in memory
+BLOCKS_PER_BUFFER = 4          # a shuffle buffer mixes rows of at least this many blocks
+EVAL_CHUNK_ROWS = 16_384       # a larger set is evaluated this many rows at a time
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+class Shard(NamedTuple):
+    path: Path
+    tensor: str    # the tensor's name in the file
+    start: int     # its first row in the numbering across shards
+    rows: int
+
+
+class ActivationShards:
+    """An [N, d] activation set on disk (a folder of shards or one file, the format above), read by row
+    range. Opening reads only the headers; every problem is a HusaiError naming the file."""
+
+    def __init__(self, source: str | Path, flag: str = "--acts"):
+        self.source, self.flag = Path(source), flag
+        self.index = self.read_index()
+        self.shards: list[Shard] = []
+        start = 0
+        for path in self.shard_files():
+            name, (rows, d) = self.describe(path)
+            if self.shards and d != self.d:
+                raise HusaiError(f"{flag} {path}: d = {d}, but {self.shards[0].path} has d = {self.d}; "
+                                 f"every shard needs the same d")
+            if rows < 1 and self.is_folder:
+                raise HusaiError(f"{flag} {path}: the tensor is empty ([{rows}, {d}]); every shard needs a row")
+            self.shards.append(Shard(path, name, start, rows))
+            self.d, start = d, start + rows
+        self.rows = start
+        if self.rows < 2:
+            raise HusaiError(f"{flag} {self.source}: the tensor is empty ([{self.rows}, {self.d}]); need at least 2 rows")
+        if self.index is not None:
+            listed = [entry["rows"] for entry in self.index["shards"]]
+            if listed != [shard.rows for shard in self.shards]:
+                raise HusaiError(f"{flag} {self.source / ACTS_INDEX}: lists {listed} rows per shard, the files hold "
+                                 f"{[shard.rows for shard in self.shards]}")
+
+    def read_index(self) -> dict | None:
+        path = self.source / ACTS_INDEX
+        if not self.source.is_dir() or not path.is_file():
+            return None
+        index = read_json(path, "activation shard index")
+        if not isinstance(index, dict) or index.get("format") != ACTS_SHARDS_FORMAT or index.get("version") != ACTS_SHARDS_VERSION:
+            raise HusaiError(f"{self.flag} {path}: not a {ACTS_SHARDS_FORMAT!r} version {ACTS_SHARDS_VERSION} index "
+                             f"(remove it to read the folder's *.safetensors files in name order)")
+        try:
+            for entry in index["shards"]:
+                if "/" in entry["file"] or entry["file"] in (".", "..") or not isinstance(entry["rows"], int):
+                    raise ValueError(f"bad entry {entry}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {path}: its shard list is malformed ({e})")
+        return index
+
+    def shard_files(self) -> list[Path]:
+        if self.source.is_file():
+            return [self.source]
+        if not self.source.is_dir():
+            raise HusaiError(f"{self.flag} {self.source}: no such file or folder")
+        if self.index is not None:
+            files = [self.source / entry["file"] for entry in self.index["shards"]]
+            missing = [str(path) for path in files if not path.is_file()]
+            if missing:
+                raise HusaiError(f"{self.flag} {self.source / ACTS_INDEX} lists {missing[0]}, which does not exist")
+        else:
+            files = sorted(self.source.glob("*.safetensors"))
+        if not files:
+            raise HusaiError(f"{self.flag} {self.source}: a folder without .safetensors shards")
+        return files
+
+    def describe(self, path: Path) -> tuple[str, list[int]]:
+        """(tensor name, [rows, d]) of a shard, from its header alone."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                if len(names) != 1 and "acts" not in names:
+                    raise HusaiError(f"{self.flag} {path}: holds {len(names)} tensors ({', '.join(names)}); "
+                                     f"name one `acts`")
+                name = "acts" if "acts" in names else names[0]
+                tensor = f.get_slice(name)
+                shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {path}: not a readable safetensors file ({e})")
+        if dtype not in FLOAT_DTYPES or len(shape) != 2:
+            raise HusaiError(f"{self.flag} {path}: need a 2-D float tensor [N, d], got {dtype} {shape}")
+        if shape[1] < 1:
+            raise HusaiError(f"{self.flag} {path}: the tensor is empty ({shape}); need at least one column")
+        return name, shape
+
+    @property
+    def is_folder(self) -> bool:
+        return self.source.is_dir()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as float32 [stop - start, d], copied out of each shard's memory map."""
+        pieces = []
+        for shard in self.shards:
+            a, b = max(start, shard.start), min(stop, shard.start + shard.rows)
+            if a < b:
+                pieces.append(self.read_shard(shard, a - shard.start, b - shard.start))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def read_shard(self, shard: Shard, a: int, b: int) -> torch.Tensor:
+        try:
+            with safe_open(str(shard.path), framework="pt") as f:
+                rows = f.get_slice(shard.tensor)[a:b].float()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {shard.path}: not a readable safetensors file ({e})")
+        if not torch.isfinite(rows).all():
+            where = f" (rows {a} to {b - 1})" if (a, b) != (0, shard.rows) else ""
+            raise HusaiError(f"{self.flag} {shard.path}: contains NaN or Inf values{where}")
+        return rows
+
+    def provenance(self) -> dict:
+        """What identifies the set: for one file its sha256 (as before shards existed); for a folder the
+        sha256 of every shard, and acts_sha256 = sha256 of that list as JSON."""
+        if not self.is_folder:
+            return {"acts_sha256": file_sha256(self.source)}
+        listing = [{"file": shard.path.name, "rows": shard.rows, "sha256": file_sha256(shard.path)}
+                   for shard in self.shards]
+        digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+        return {"acts_sha256": digest, "acts_shards": listing}
+
+
+def held_out_rows(rows: int, eval_rows: int | None) -> int:
+    """How many of `rows` rows are the evaluation slice: all of them when eval_rows is at least `rows`,
+    or when it is None and the set is small (<= SMALL_ACTS_ROWS; then training sees every row too);
+    otherwise the last eval_rows rows (None: 10% of the set, at most SMALL_ACTS_ROWS), never trained on."""
+    if eval_rows is None:
+        return rows if rows <= SMALL_ACTS_ROWS else min(rows // 10, SMALL_ACTS_ROWS)
+    if eval_rows < 1:
+        raise HusaiError(f"--eval-rows {eval_rows}: must be at least 1")
+    return min(eval_rows, rows)
+
+
+def row_blocks(shards: ActivationShards, stop: int, block_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) that cover rows [0, stop) in order, none crossing a shard boundary and none
+    longer than block_rows: the units whose order a shuffle buffer permutes."""
+    blocks = []
+    for shard in shards.shards:
+        end = min(stop, shard.start + shard.rows)
+        blocks += [(a, min(a + block_rows, end)) for a in range(shard.start, end, block_rows)]
+    return blocks
+
+
+def shuffled_batches(shards: ActivationShards, rows: int, batch_size: int, buffer_rows: int,
+                     generator: torch.Generator):
+    """An endless stream of batches [batch_size, d] of rows [0, rows), through a shuffle buffer.
+
+    Each epoch permutes the blocks (row_blocks, each at most buffer_rows / BLOCKS_PER_BUFFER rows, so
+    shards and the parts of a large file come in a new order), then fills the buffer with blocks in that
+    order until it holds buffer_rows rows, permutes its rows and hands them out a batch at a time; the
+    few rows that do not fill a last batch stay for the next buffer. Every row of [0, rows) is in exactly
+    one batch per epoch, but for fewer than batch_size rows at its end, dropped as batch_order drops
+    them. Memory: one buffer (<= buffer_rows + batch_size rows) and one block being read. The order
+    depends only on the generator's seed."""
+    blocks = row_blocks(shards, rows, max(1, -(-buffer_rows // BLOCKS_PER_BUFFER)))
+    while True:
+        order = torch.randperm(len(blocks), generator=generator).tolist()
+        left = torch.empty(0, shards.d)
+        while order:
+            taken, filled = [], len(left)
+            while order and filled < buffer_rows:
+                a, b = blocks[order.pop(0)]
+                taken.append((a, b))
+                filled += b - a
+            buffer = torch.empty(filled, shards.d)
+            buffer[:len(left)] = left
+            at = len(left)
+            for a, b in taken:
+                buffer[at:at + b - a] = shards.read(a, b)
+                at += b - a
+            mixed = torch.randperm(filled, generator=generator)
+            whole = filled - filled % batch_size
+            for start in range(0, whole, batch_size):
+                yield buffer[mixed[start:start + batch_size]]
+            left = buffer[mixed[whole:]]
+
+
+def write_activation_shards(folder: str | Path, batches: Iterable[torch.Tensor], rows_per_shard: int,
+                            source: dict, force: bool, flag: str = "--shards") -> tuple[int, int]:
+    """Write activations [n_i, d] coming in any number of batches as a shard folder in the format above:
+    acts-00000.safetensors, ... of rows_per_shard rows each (the last may hold fewer) and index.json, with
+    `source` (what model, hook and inputs the rows come from) in the index. The folder is one run's entry
+    (RunOutput): it appears whole, or not at all. Holds at most one shard and one batch in memory.
+    Returns (rows, d)."""
+    if rows_per_shard < 1:
+        raise HusaiError(f"--rows-per-shard {rows_per_shard}: must be at least 1")
+    folder = Path(folder)
+    with RunOutput(folder.parent, f"shards-{folder.name}", [folder.name], force, flag=flag) as run:
+        target = run.path(folder.name)
+        target.mkdir()
+        listing, pending, rows, d = [], [], 0, None
+
+        def write_shard(rows_now: torch.Tensor) -> None:
+            name = f"acts-{len(listing):05d}.safetensors"
+            save_tensors(target / name, {"acts": rows_now}, ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION, {})
+            listing.append({"file": name, "rows": len(rows_now)})
+
+        for batch in batches:
+            batch = batch.detach().float().cpu()
+            if batch.ndim != 2 or (d is not None and batch.shape[1] != d):
+                raise HusaiError(f"{flag}: every batch must be [n, {d or 'd'}], got {list(batch.shape)}")
+            d, rows = batch.shape[1], rows + len(batch)
+            pending.append(batch)
+            while sum(len(p) for p in pending) >= rows_per_shard:
+                joined = torch.cat(pending)
+                write_shard(joined[:rows_per_shard])
+                pending = [joined[rows_per_shard:]]
+        if pending and sum(len(p) for p in pending):
+            write_shard(torch.cat(pending))
+        if not listing:
+            raise HusaiError(f"{flag} {folder}: no activations to write")
+        write_json_durably(target / ACTS_INDEX, {"format": ACTS_SHARDS_FORMAT, "version": ACTS_SHARDS_VERSION,
+                                                 "d": d, "rows": rows, "shards": listing, "source": source})
+        run.commit()
+    return rows, d
+
+
+def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor,
+                       chunk_rows: int | None) -> dict:
+    """reconstruction_metrics over acts [N, d], the held-out slice. chunk_rows None: in one piece (a
+    small set, exactly as before shards existed); otherwise chunk_rows rows at a time, so the dense
+    latents never exceed [chunk_rows, m]. Chunked, FVU is the same pooled ratio with sums in float64:
+    sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2, the mean taken over all N rows first."""
+    if chunk_rows is None or len(acts) <= chunk_rows:
+        return reconstruction_metrics(tensors, config, acts)
+    chunks = acts.split(chunk_rows)
+    mean = (sum(chunk.double().sum(dim=0) for chunk in chunks) / len(acts)).float()
+    residual = variance = 0.0
+    active = 0
+    fired = torch.zeros(tensors["W_dec"].shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for chunk in chunks:
+            f = sae_latents(tensors, config, chunk)
+            x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
+            residual += float((chunk - x_hat).double().pow(2).sum())
+            variance += float((chunk - mean).double().pow(2).sum())
+            fires = f > 0
+            active += int(fires.sum())
+            fired |= fires.any(dim=0)
+    return {"fvu": residual / variance, "l0": active / len(acts), "dead_frac": float((~fired).float().mean())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1 (continued): several processes (torch.distributed, started by torchrun)
+#
+# `torchrun --nproc_per_node=N train_sae.py --seeds ...` starts N processes (ranks). Each trains its
+# share of the seeds (seeds[rank::N]); the results are gathered on rank 0, which writes every file
+# exactly as one process would. gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
+# or 1) never touches torch.distributed.
+
+
+class RankFailure(HusaiError):
+    """Another rank died or hung, or this one could not join: one line, exit status 1, no files."""
+    exit_status = 1
+
+
+class Ranks(NamedTuple):
+    rank: int
+    world: int
+
+
+def start_ranks(device: torch.device, timeout_s: float) -> tuple[Ranks, torch.device]:
+    """Join the process group when started by torchrun with WORLD_SIZE > 1 (a rank on a GPU machine
+    takes the GPU numbered LOCAL_RANK). Every collective waits at most timeout_s for the other ranks.
+    Returns (this rank, the world size) and the device this rank trains on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(0, 1), device
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:   # the backends raise RuntimeError, DistError or ValueError, by cause
+        raise RankFailure(f"rank {rank} of {world}: could not join the other ranks ({one_line(str(e))[:300]})")
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    return Ranks(rank, world), device
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails: raise, so that they end like an
+    interruption (one line, and a run being written is left uncommitted) instead of vanishing mid-write."""
+    raise KeyboardInterrupt
+
+
+def gather_on_rank0(value, ranks: Ranks) -> list | None:
+    """Every rank's `value` (any picklable object) in rank order, on rank 0; None on the other ranks.
+    A rank that died or did not arrive within the timeout ends every waiting rank with RankFailure."""
+    if ranks.world == 1:
+        return [value]
+    import torch.distributed as dist
+    gathered = [None] * ranks.world if ranks.rank == 0 else None
+    try:
+        dist.gather_object(value, gathered, dst=0)
+    except Exception as e:   # DistBackendError, RuntimeError: a peer closed its connection or timed out
+        raise RankFailure(f"rank {ranks.rank} of {ranks.world}: another rank stopped before the results were "
+                          f"gathered ({one_line(str(e))[:200]}); no files were written")
+    return gathered
+
+
+def stop_ranks(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,11 +3,17 @@
     python train_sae.py --arch topk --seed 42             # the main command: one TopK SAE
     python train_sae.py --arch topk --seeds 0 1 2 3 4     # five seeds as one batched ensemble
     python train_sae.py --acts my_acts.safetensors        # any [N, d] activations, from any model
+    python train_sae.py --acts my_shards/                 # a folder of shards, streamed from disk
+    torchrun --nproc_per_node=2 train_sae.py --seeds 0 1 2 3   # the seeds shared out over 2 processes
 
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
-inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. Seeds share one data order
-unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
-runs/sae/<arch>-w<width>-<k or penalty>/:
+inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts: one safetensors file or a
+folder of shards (the format is described in sae_core.py, "activations streamed from disk"). A set of
+at most 100k rows is read into memory, trained on and evaluated whole; a larger one is streamed through
+a seeded shuffle buffer and evaluated on a held-out slice (--eval-rows). Seeds share one data order
+unless told otherwise, so only the initialisation differs between them. Under torchrun each process
+trains its share of the seeds and the first writes every file, as one process would have written it.
+Outputs, one set per seed, in runs/sae/<arch>-w<width>-<k or penalty>/:
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units; metadata: config, metrics, provenance
     seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with full-data FVU
@@ -21,14 +27,17 @@ import time
 import argparse
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_core import (SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError, SAEConfig, SAETrainer,
-                      atomic_write, build_sae, file_sha256, pick_device, prepare_output, reconstruction_metrics,
-                      run_cli, sae_file_name, sae_reconstruct, save_tensors, snapshot_file_name, width_scaled_lr)
+from sae_core import (EVAL_CHUNK_ROWS, SAE_FORMAT, SAE_VERSION, SMALL_ACTS_ROWS, SNAPSHOT_FORMAT, ActivationShards,
+                      CliParser, HusaiError, SAEConfig, SAETrainer, atomic_write, build_sae, evaluation_metrics,
+                      file_sha256, gather_on_rank0, held_out_rows, pick_device, prepare_output, run_cli,
+                      sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name, start_ranks,
+                      stop_ranks, width_scaled_lr)
 from train_transformer import activations_from, run_with_replacement
 
 
@@ -59,7 +68,15 @@ def build_parser() -> CliParser:
     add("--transformer", default="runs/transformer/model.safetensors", help="stage 1's model file")
     add("--checkpoint", type=int, default=None, help="train on this epoch's checkpoint instead of the final model")
     add("--hook", default=None, help="hook site, e.g. blocks.0.mlp_post (default: last block's resid_post)")
-    add("--acts", default=None, help="train on an [N, d] float tensor from this safetensors file instead")
+    add("--acts", default=None, help="train on [N, d] float activations instead: a safetensors file or a folder "
+                                     "of shards (see sae_core.py for the format)")
+    add("--eval-rows", type=int, default=None,
+        help="--acts: the held-out slice (the set's last rows, never trained on) that FVU, L0, dead fraction and "
+             f"the initial statistics are measured on (default: the whole set, also trained on, when it has at "
+             f"most {SMALL_ACTS_ROWS} rows; else its last 10%%, at most {SMALL_ACTS_ROWS} rows)")
+    add("--shuffle-buffer", type=int, default=2**17,
+        help="--acts: rows mixed at a time when the training rows are more than this and are streamed from "
+             "disk (each seed with its own --vary-data-order stream holds its own buffer)")
     # the SAE: its width, then every SAEConfig setting (architecture, sparsity, training tricks)
     add("--width", type=int, default=None, help="latents m (default: --expansion times d)")
     add("--expansion", type=float, default=4.0, help="width as a multiple of the activation dimension d")
@@ -82,6 +99,9 @@ def build_parser() -> CliParser:
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="overwrite existing files for these seeds")
+    add("--dist-timeout", type=float, default=3600.0,
+        help="under torchrun: seconds a process waits at a collective for the others (a dead process is "
+             "noticed at once; this bounds the wait for a hung one, and for the slowest to finish its seeds)")
     return parser
 
 
@@ -91,6 +111,11 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1, batch_size):
             yield order[start:start + batch_size]
+
+
+def merge_seeds(per_process: Iterable[dict]) -> dict:
+    """One {seed: value} dict from every process's own."""
+    return {seed: value for part in per_process for seed, value in part.items()}
 
 
 def spliced_loss(model, tokens, labels, hook: str, replace) -> tuple[float, float]:
@@ -121,12 +146,18 @@ def main() -> None:
     args = build_parser().parse_args()
     device = pick_device(args.device)
     torch.set_flush_denormal(True)   # tiny Adam moments as denormals slow a CPU step ~10x
-    seeds = args.seeds if args.seeds is not None else [args.seed]
-    if len(set(seeds)) != len(seeds):
-        raise HusaiError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated")
-    for flag in ("steps", "batch_size"):
+    all_seeds = args.seeds if args.seeds is not None else [args.seed]
+    if len(set(all_seeds)) != len(all_seeds):
+        raise HusaiError(f"--seeds {' '.join(map(str, all_seeds))}: a seed is repeated")
+    for flag in ("steps", "batch_size", "shuffle_buffer"):
         if getattr(args, flag) < 1:
             raise HusaiError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.eval_rows is not None and not args.acts:
+        raise HusaiError("--eval-rows applies to --acts; with the transformer every input is evaluated")
+    ranks, device = start_ranks(device, args.dist_timeout)
+    if len(all_seeds) < ranks.world:
+        raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed")
+    seeds = all_seeds[ranks.rank::ranks.world]   # this process's share; a seed trains the same in any ensemble
 
     # ---- activations -----------------------------------------------------------------------------
     if args.acts:
@@ -135,18 +166,28 @@ def main() -> None:
     else:
         provenance = {"source": "transformer", "transformer": args.transformer, "hook": args.hook, "position": "eq",
                       "checkpoint": args.checkpoint, "acts": None, "acts_sha256": None}
-    acts, model, tokens, labels, hook = activations_from(provenance, device)
-    if args.acts:
-        provenance["acts_sha256"] = file_sha256(args.acts)
+    if args.acts:   # read only the held-out slice, and the training rows too when they fit one shuffle buffer
+        shards = ActivationShards(args.acts)
+        n, d, model = shards.rows, shards.d, None
+        eval_rows = held_out_rows(n, args.eval_rows)
+        n_train = n if eval_rows == n else n - eval_rows
+        eval_acts = shards.read(n - eval_rows, n).to(device)
+        streamed = n_train > args.shuffle_buffer
+        acts = eval_acts if n_train == n else None if streamed else shards.read(0, n_train).to(device)
+        provenance.update(shards.provenance())
     else:
+        acts, model, tokens, labels, hook = activations_from(provenance, device)
         provenance.update(hook=hook, transformer_sha256=file_sha256(args.transformer))
-    n, d = acts.shape
+        (n, d), streamed = acts.shape, False
+        eval_acts, eval_rows, n_train = acts, len(acts), len(acts)
+    eval_chunk = None if n <= SMALL_ACTS_ROWS else EVAL_CHUNK_ROWS   # a small set is evaluated in one piece
 
     # ---- the ensemble and where it goes ----------------------------------------------------------
     width = args.width if args.width is not None else round(args.expansion * d)
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
-    if args.batch_size > n:
-        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
+    if args.batch_size > n_train:
+        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n_train} training activations"
+                         + (f" ({eval_rows} of the {n} are held out: lower --eval-rows)" if n_train < n else ""))
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
     name = f"{cfg.arch}-w{width}-{cfg.sparsity_name}"
     if args.acts:
@@ -154,23 +195,28 @@ def main() -> None:
     elif args.hook or args.checkpoint is not None:
         name += f"-{provenance['hook']}" + (f"-epoch{args.checkpoint}" if args.checkpoint is not None else "")
     out_dir = Path(args.out or Path("runs/sae") / name)
-    outputs = {seed: out_dir / sae_file_name(seed) for seed in seeds}
+    outputs = {seed: out_dir / sae_file_name(seed) for seed in all_seeds}
     for path in outputs.values():
         prepare_output(path, args.force)
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
-                  torch=torch.__version__)
+                  torch=torch.__version__, eval_rows=eval_rows, shuffle_buffer=args.shuffle_buffer if streamed else None)
 
     sae = build_sae(cfg, seeds).to(device)
-    sae.init_from_data(acts)
+    sae.init_from_data(eval_acts)
     trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                          use_kernels=not args.no_kernels)
+
+    def batches(generator: torch.Generator):
+        if streamed:
+            return shuffled_batches(shards, n_train, args.batch_size, args.shuffle_buffer, generator)
+        return (acts[rows.to(device)] for rows in batch_order(n_train, args.batch_size, generator))
+
     if args.vary_data_order:   # each seed's order depends only on (data seed, seed), not on its neighbours
-        streams = [batch_order(n, args.batch_size, torch.Generator().manual_seed(args.data_seed * 1_000_003 + seed))
-                   for seed in seeds]
+        streams = [batches(torch.Generator().manual_seed(args.data_seed * 1_000_003 + seed)) for seed in seeds]
     else:
-        streams = [batch_order(n, args.batch_size, torch.Generator().manual_seed(args.data_seed))]
+        streams = [batches(torch.Generator().manual_seed(args.data_seed))]
     snapshot_steps = sorted({0, args.steps} | {round(t) for t in np.geomspace(1, args.steps, max(2, args.snapshots) - 1)})
     snapshots = {seed: {} for seed in seeds}
     snapshot_fvu = {seed: [] for seed in seeds}
@@ -179,20 +225,24 @@ def main() -> None:
         for s, seed in enumerate(seeds):
             tensors = sae.export(s)
             snapshots[seed].update({f"step{step}.{key}": value for key, value in tensors.items()})
-            snapshot_fvu[seed].append(reconstruction_metrics(tensors, config, acts.cpu())["fvu"])
+            snapshot_fvu[seed].append(evaluation_metrics(tensors, config, eval_acts.cpu(), eval_chunk)["fvu"])
 
-    print(f"{len(seeds)} x {cfg.arch} SAE, d={d} -> m={width}, {cfg.sparsity_name}, lr {lr:.2e}, "
-          f"{args.steps} steps of {args.batch_size} on {n} activations ({provenance['hook'] or args.acts}), {device}")
+    rank = f"process {ranks.rank + 1} of {ranks.world}: " if ranks.world > 1 else ""
+    held_out = f", {eval_rows} held out for evaluation" if n_train < n else ""
+    stream = f", streamed through a {args.shuffle_buffer}-row shuffle buffer" if streamed else ""
+    print(f"{rank}{len(seeds)} x {cfg.arch} SAE, d={d} -> m={width}, {cfg.sparsity_name}, lr {lr:.2e}, "
+          f"{args.steps} steps of {args.batch_size} on {n} activations ({provenance['hook'] or args.acts}"
+          f"{held_out}{stream}), {device}")
 
     # ---- training --------------------------------------------------------------------------------
     from tqdm import tqdm
     logs = {seed: [] for seed in seeds}
     start = time.time()
-    with tqdm(range(args.steps), unit="step", mininterval=0.5) as bar:
+    with tqdm(range(args.steps), unit="step", mininterval=0.5, disable=ranks.rank != 0) as bar:
         for step in bar:
             if step in snapshot_steps:
                 take_snapshot(step)
-            batch = torch.stack([acts[next(stream).to(device)] for stream in streams])
+            batch = torch.stack([next(stream).to(device) for stream in streams])
             try:
                 metrics = trainer.step(batch[0] if len(streams) == 1 else batch)
             except FloatingPointError as e:
@@ -210,15 +260,24 @@ def main() -> None:
     take_snapshot(args.steps)
     seconds = time.time() - start
 
-    # ---- evaluation on every input, and the files ------------------------------------------------
-    acts = acts.cpu()
+    # ---- every process's seeds, gathered on the first --------------------------------------------
+    trained = {seed: sae.export(s) for s, seed in enumerate(seeds)}
+    parts = gather_on_rank0((trained, snapshots, snapshot_fvu, logs, seconds), ranks)
+    stop_ranks(ranks)
+    if parts is None:
+        return
+    trained, snapshots, snapshot_fvu, logs = (merge_seeds(part[i] for part in parts) for i in range(4))
+    seconds = max(part[4] for part in parts)
+
+    # ---- evaluation on every input (or the held-out slice), and the files ------------------------
+    acts = eval_acts.cpu()
     if model is not None:
         model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
         references = ablation_references(model, tokens, labels, provenance["hook"], acts)
-    for s, seed in enumerate(seeds):
-        tensors = sae.export(s)
+    for seed in all_seeds:
+        tensors = trained[seed]
         seed_config = dict(config, seed=seed)
-        metrics = reconstruction_metrics(tensors, seed_config, acts)
+        metrics = evaluation_metrics(tensors, seed_config, acts, eval_chunk)
         if model is not None:
             metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
                                               seed_config))
@@ -234,7 +293,7 @@ def main() -> None:
                       if model is not None else "")
         print(f"seed {seed}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.1%}"
               f"{downstream} -> {outputs[seed]}")
-    print(f"trained {len(seeds)} seed(s) in {seconds:.1f} s")
+    print(f"trained {len(all_seeds)} seed(s) in {seconds:.1f} s" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
 
 
 if __name__ == "__main__":
