@@ -31,6 +31,7 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -769,7 +770,7 @@ def write_activation_shards(folder: str | Path, batches: Iterable[torch.Tensor],
             while sum(len(p) for p in pending) >= rows_per_shard:
                 joined = torch.cat(pending)
                 write_shard(joined[:rows_per_shard])
-                pending = [joined[rows_per_shard:]]
+                pending = [joined[rows_per_shard:].clone()]   # a copy: the written rows' memory is freed
         if pending and sum(len(p) for p in pending):
             write_shard(torch.cat(pending))
         if not listing:
@@ -811,7 +812,7 @@ def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: tor
 # `torchrun --nproc_per_node=N train_sae.py --seeds ...` starts N processes (ranks). Each trains its
 # share of the seeds (seeds[rank::N]); the results are gathered on rank 0, which writes every file
 # exactly as one process would. gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
-# or 1) never touches torch.distributed.
+# or 1) never starts a process group.
 
 
 class RankFailure(HusaiError):
@@ -831,24 +832,29 @@ def start_ranks(device: torch.device, timeout_s: float) -> tuple[Ranks, torch.de
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks(0, 1), device
-    import torch.distributed as dist
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RankFailure(f"process {rank + 1} of {world} needs GPU {local_rank}, but this machine shows "
+                              f"{torch.cuda.device_count()}; start at most one process per GPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     try:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as e:   # the backends raise RuntimeError, DistError or ValueError, by cause
-        raise RankFailure(f"rank {rank} of {world}: could not join the other ranks ({one_line(str(e))[:300]})")
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    return Ranks(rank, world), device
+        raise RankFailure(f"process {rank + 1} of {world}: could not join the others ({one_line(str(e))[:300]})")
+    ranks = Ranks(rank, world)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_on_sigterm(ranks))
+    return ranks, device
 
 
-def stop_on_sigterm(signum, frame) -> None:
-    """torchrun stops the surviving ranks with SIGTERM when one fails: raise, so that they end like an
-    interruption (one line, and a run being written is left uncommitted) instead of vanishing mid-write."""
-    raise KeyboardInterrupt
+def stop_on_sigterm(ranks: Ranks) -> None:
+    """torchrun ends the other processes with SIGTERM when one fails. Raise instead of vanishing, so that
+    the process prints one line and a run it was writing is left uncommitted (RunOutput), not half-made."""
+    state = f"; {ENTERED_RUNS[-1].describe_state()}" if ENTERED_RUNS else ""
+    raise RankFailure(f"process {ranks.rank + 1} of {ranks.world} stopped: torchrun ended it because another "
+                      f"process failed{state}")
 
 
 def gather_on_rank0(value, ranks: Ranks) -> list | None:
@@ -856,19 +862,20 @@ def gather_on_rank0(value, ranks: Ranks) -> list | None:
     A rank that died or did not arrive within the timeout ends every waiting rank with RankFailure."""
     if ranks.world == 1:
         return [value]
-    import torch.distributed as dist
     gathered = [None] * ranks.world if ranks.rank == 0 else None
     try:
         dist.gather_object(value, gathered, dst=0)
     except Exception as e:   # DistBackendError, RuntimeError: a peer closed its connection or timed out
-        raise RankFailure(f"rank {ranks.rank} of {ranks.world}: another rank stopped before the results were "
-                          f"gathered ({one_line(str(e))[:200]}); no files were written")
+        if dist.get_backend() == "gloo":   # (an NCCL group with a failed collective may hang here: exit instead)
+            dist.destroy_process_group()
+        raise RankFailure(f"process {ranks.rank + 1} of {ranks.world}: another process stopped, or did not arrive "
+                          f"within --dist-timeout, before the results were gathered ({one_line(str(e))[:200]}); "
+                          f"no files were written")
     return gathered
 
 
 def stop_ranks(ranks: Ranks) -> None:
     if ranks.world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
 
 
