@@ -811,7 +811,8 @@ def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: tor
 #
 # `torchrun --nproc_per_node=N train_sae.py --seeds ...` starts N processes (ranks). Each trains its
 # share of the seeds (seeds[rank::N]); the results are gathered on rank 0, which writes every file
-# exactly as one process would. gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
+# exactly as one process would. With --data-parallel every rank trains every seed on its part of each
+# batch instead (DataParallel). gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
 # or 1) never starts a process group.
 
 
@@ -877,6 +878,73 @@ def gather_on_rank0(value, ranks: Ranks) -> list | None:
 def stop_ranks(ranks: Ranks) -> None:
     if ranks.world > 1:
         dist.destroy_process_group()
+
+
+class DataParallel:
+    """Data-parallel training of one ensemble: every process holds every seed's whole SAE and trains on
+    its 1/N of each batch (rows [r B/N, (r+1) B/N) of process r). When backward has produced the last
+    gradient, all of them are summed across the processes in one all-reduce (parameter order) and divided
+    by N, so every process takes the same Adam step: the one for the mean loss over the whole batch. After
+    the step the dead-latent counters and BatchTopK's running threshold are made the whole batch's (a
+    latent fired if it fired in any part; the threshold is the smallest of the parts'), and the batch
+    metrics are averaged over the parts.
+
+    Deterministic for a fixed N: an all-reduce adds in an order fixed by N, so runs with the same N are
+    bit-identical, and runs with different N (or one process) agree only up to rounding. Two things are
+    per part rather than per batch: BatchTopK keeps the k B/N largest activations of each part, and AuxK
+    normalises by its part's residual variance."""
+
+    def __init__(self, trainer, ranks: Ranks):
+        self.trainer, self.ranks = trainer, ranks
+        self.parameters = list(trainer.sae.parameters())
+        self.waiting = 0                       # gradients accumulated in this backward, not yet reduced
+        for parameter in self.parameters:
+            parameter.register_post_accumulate_grad_hook(self.gradient_ready)
+
+    def part(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a batch [..., B, d]."""
+        rows = batch.shape[-2] // self.ranks.world
+        return batch[..., self.ranks.rank * rows:(self.ranks.rank + 1) * rows, :]
+
+    def gradient_ready(self, parameter: torch.Tensor) -> None:
+        self.waiting += 1
+        if self.waiting < len(self.parameters):
+            return
+        self.waiting = 0
+        grads = torch.cat([p.grad.flatten() for p in self.parameters])
+        dist.all_reduce(grads)
+        grads /= self.ranks.world
+        for p, grad in zip(self.parameters, grads.split([p.numel() for p in self.parameters])):
+            p.grad.copy_(grad.view_as(p))
+
+    def step(self, batch: torch.Tensor) -> dict:
+        """SAETrainer.step on this process's part of the whole batch [B, d] or [S, B, d]."""
+        trainer = self.trainer
+        before = trainer.inputs_since_fired.clone()
+        metrics = trainer.step(self.part(batch))
+        if self.waiting:
+            raise RuntimeError(f"{self.waiting} of {len(self.parameters)} parameters got a gradient this step: "
+                               f"the processes' gradients were not averaged")
+        counts = trainer.inputs_since_fired.clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)           # 0 where a latent fired in any part
+        trainer.inputs_since_fired = torch.where(counts == 0, 0, before + batch.shape[-2])
+        threshold = getattr(trainer.sae, "batch_threshold", None)
+        if threshold is not None:
+            dist.all_reduce(threshold, op=dist.ReduceOp.MIN)    # the EMA is monotone in the part's minimum
+        values = torch.stack(list(metrics.values()))
+        dist.all_reduce(values)
+        return dict(zip(metrics, values / self.ranks.world))
+
+    def check_replicas(self) -> None:
+        """Raise unless every process holds the same parameters, buffers and dead-latent counters (the
+        first process's copy is the one written)."""
+        tensors = [*self.parameters, *self.trainer.sae.buffers(), self.trainer.inputs_since_fired]
+        state = torch.cat([t.detach().float().flatten() for t in tensors]).nan_to_num(nan=0.0)
+        highest, lowest = state.clone(), state.clone()
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if not torch.equal(highest, lowest):
+            raise RuntimeError("data parallel: the processes' copies of the SAEs differ after training")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from sae_core import (EVAL_CHUNK_ROWS, SAE_FORMAT, SAE_VERSION, SMALL_ACTS_ROWS, SNAPSHOT_FORMAT, ActivationShards,
-                      CliParser, HusaiError, SAEConfig, SAETrainer, atomic_write, build_sae, evaluation_metrics,
-                      file_sha256, gather_on_rank0, held_out_rows, pick_device, prepare_output, run_cli,
-                      sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name, start_ranks,
-                      stop_ranks, width_scaled_lr)
+                      CliParser, DataParallel, HusaiError, SAEConfig, SAETrainer, atomic_write, build_sae,
+                      evaluation_metrics, file_sha256, gather_on_rank0, held_out_rows, pick_device, prepare_output,
+                      run_cli, sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name,
+                      start_ranks, stop_ranks, width_scaled_lr)
 from train_transformer import activations_from, run_with_replacement
 
 
@@ -99,6 +99,9 @@ def build_parser() -> CliParser:
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="overwrite existing files for these seeds")
+    add("--data-parallel", action="store_true",
+        help="under torchrun: every process trains every seed on its 1/N of each batch, gradients averaged "
+             "(deterministic for a fixed N; not bit-identical to one process), instead of sharing out the seeds")
     add("--dist-timeout", type=float, default=3600.0,
         help="under torchrun: seconds a process waits at a collective for the others (a dead process is "
              "noticed at once; this bounds the wait for a hung one, and for the slowest to finish its seeds)")
@@ -155,9 +158,15 @@ def main() -> None:
     if args.eval_rows is not None and not args.acts:
         raise HusaiError("--eval-rows applies to --acts; with the transformer every input is evaluated")
     ranks, device = start_ranks(device, args.dist_timeout)
-    if len(all_seeds) < ranks.world:
-        raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed")
-    seeds = all_seeds[ranks.rank::ranks.world]   # this process's share; a seed trains the same in any ensemble
+    data_parallel = args.data_parallel and ranks.world > 1
+    if data_parallel and args.batch_size % ranks.world:
+        raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the {ranks.world} processes")
+    if not data_parallel and len(all_seeds) < ranks.world:
+        raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed "
+                         f"(or train every seed in every process with --data-parallel)")
+    # this process's seeds: a share of them (a seed trains the same in any ensemble), or all in data parallel
+    seeds = all_seeds if data_parallel else all_seeds[ranks.rank::ranks.world]
+    writes = ranks.rank == 0 or not data_parallel   # data parallel: only the first process's copy is kept
 
     # ---- activations -----------------------------------------------------------------------------
     if args.acts:
@@ -201,12 +210,14 @@ def main() -> None:
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
-                  torch=torch.__version__, eval_rows=eval_rows, shuffle_buffer=args.shuffle_buffer if streamed else None)
+                  torch=torch.__version__, eval_rows=eval_rows, shuffle_buffer=args.shuffle_buffer if streamed else None,
+                  data_parallel_processes=ranks.world if data_parallel else None)
 
     sae = build_sae(cfg, seeds).to(device)
     sae.init_from_data(eval_acts)
     trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                          use_kernels=not args.no_kernels)
+    stepper = DataParallel(trainer, ranks) if data_parallel else trainer
 
     def batches(generator: torch.Generator):
         if streamed:
@@ -228,6 +239,7 @@ def main() -> None:
             snapshot_fvu[seed].append(evaluation_metrics(tensors, config, eval_acts.cpu(), eval_chunk)["fvu"])
 
     rank = f"process {ranks.rank + 1} of {ranks.world}: " if ranks.world > 1 else ""
+    rank += f"data parallel, {args.batch_size // ranks.world} rows of each batch; " if data_parallel else ""
     held_out = f", {eval_rows} held out for evaluation" if n_train < n else ""
     stream = f", streamed through a {args.shuffle_buffer}-row shuffle buffer" if streamed else ""
     print(f"{rank}{len(seeds)} x {cfg.arch} SAE, d={d} -> m={width}, {cfg.sparsity_name}, lr {lr:.2e}, "
@@ -240,11 +252,11 @@ def main() -> None:
     start = time.time()
     with tqdm(range(args.steps), unit="step", mininterval=0.5, disable=ranks.rank != 0) as bar:
         for step in bar:
-            if step in snapshot_steps:
+            if step in snapshot_steps and writes:
                 take_snapshot(step)
             batch = torch.stack([next(stream).to(device) for stream in streams])
             try:
-                metrics = trainer.step(batch[0] if len(streams) == 1 else batch)
+                metrics = stepper.step(batch[0] if len(streams) == 1 else batch)
             except FloatingPointError as e:
                 for s, seed in enumerate(seeds):
                     save_tensors(out_dir / f"last-good-seed{seed}.safetensors", sae.export(s), SAE_FORMAT,
@@ -257,12 +269,16 @@ def main() -> None:
                                 dead=f"{means['dead']:.3f}")
                 for s, seed in enumerate(seeds):
                     logs[seed].append({"step": step, **{key: round(value[s].item(), 6) for key, value in metrics.items()}})
-    take_snapshot(args.steps)
+    if writes:
+        take_snapshot(args.steps)
     seconds = time.time() - start
 
     # ---- every process's seeds, gathered on the first --------------------------------------------
+    if data_parallel:
+        stepper.check_replicas()
     trained = {seed: sae.export(s) for s, seed in enumerate(seeds)}
-    parts = gather_on_rank0((trained, snapshots, snapshot_fvu, logs, seconds), ranks)
+    results = (trained, snapshots, snapshot_fvu, logs, seconds)
+    parts = gather_on_rank0(results, ranks) if not data_parallel else [results] if ranks.rank == 0 else None
     stop_ranks(ranks)
     if parts is None:
         return

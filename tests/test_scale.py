@@ -53,12 +53,18 @@ def tensors_of(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {path.name: load_file(str(path)) for path in sorted(folder.glob("*.safetensors"))}
 
 
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (so NaN equals the same NaN)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.flatten().view(torch.uint8),
+                                                                    b.flatten().view(torch.uint8))
+
+
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
         assert a[name].keys() == b[name].keys(), name
         for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}: {key}"
+            assert same_bytes(a[name][key], b[name][key]), f"{name}: {key}"
 
 
 # ---- the shard reader ------------------------------------------------------------------------------
@@ -322,3 +328,36 @@ def test_when_a_process_dies_the_other_stops_with_one_line_and_no_files(tmp_path
     assert len(ours) == 1 and "error: process" in ours[0] and "another process" in ours[0], stderr
     assert 'train_sae.py", line' not in stderr, "no traceback from the surviving process"
     assert not out.exists() or not list(out.glob("seed*")), "no file of the run was written"
+
+
+def test_data_parallel_training_is_deterministic_and_matches_one_process_up_to_rounding(tmp_path):
+    acts, _ = planted_data(1500, 12, 24, active=2)
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    args = ["--acts", str(tmp_path / "acts.safetensors"), *SMALL_RUN, "--seeds", "0", "1"]
+    one = run_stage("train_sae.py", *args, "--out", str(tmp_path / "one"))
+    two = run_stage("train_sae.py", *args, "--data-parallel", "--out", str(tmp_path / "two"), launcher=torchrun(2))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert "data parallel, 64 rows of each batch; 2 x topk" in two.stdout
+    alone, shared = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
+    for seed in (0, 1):
+        a, b = alone[f"seed{seed}.safetensors"], shared[f"seed{seed}.safetensors"]
+        for key in a:      # the mean of two half-batch gradients is the whole batch's, up to rounding
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    _, meta = load_sae(tmp_path / "two" / "seed0.safetensors")
+    assert meta["config"]["data_parallel_processes"] == 2
+
+
+def test_data_parallel_keeps_every_processs_copy_the_same_and_repeats_bit_for_bit(tmp_path):
+    """BatchTopK's running threshold and the dead-latent counters (256 latents, of which a 64-row part fires
+    fewer than 192, and a short dead window: AuxK is on) are updated by every process from its own part
+    and must stay the same in all of them; train_sae.py checks that they do before writing."""
+    acts, _ = planted_data(1500, 12, 24, active=2)
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    args = ["--acts", str(tmp_path / "acts.safetensors"), *SMALL_RUN, "--width", "256", "--arch", "batchtopk",
+            "--dead-window", "256", "--seeds", "4", "--data-parallel"]
+    for run in ("a", "b"):
+        result = run_stage("train_sae.py", *args, "--out", str(tmp_path / run), launcher=torchrun(2))
+        assert result.returncode == 0, result.stderr
+    assert_same_tensors(tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b"))
+    assert (tmp_path / "a" / "seed4.log.jsonl").read_text() == (tmp_path / "b" / "seed4.log.jsonl").read_text()
