@@ -593,7 +593,8 @@ class ActivationShards:
             self.d, start = d, start + rows
         self.rows = start
         if self.rows < 2:
-            raise HusaiError(f"{flag} {self.source}: the tensor is empty ([{self.rows}, {self.d}]); need at least 2 rows")
+            raise HusaiError(f"{flag} {self.source}: the tensor is empty ([{self.rows}, {self.d}]); "
+                             f"need at least 2 rows")
         if self.index is not None:
             listed = [entry["rows"] for entry in self.index["shards"]]
             if listed != [shard.rows for shard in self.shards]:
@@ -605,7 +606,8 @@ class ActivationShards:
         if not self.source.is_dir() or not path.is_file():
             return None
         index = read_json(path, "activation shard index")
-        if not isinstance(index, dict) or index.get("format") != ACTS_SHARDS_FORMAT or index.get("version") != ACTS_SHARDS_VERSION:
+        kind = (index.get("format"), index.get("version")) if isinstance(index, dict) else None
+        if kind != (ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION):
             raise HusaiError(f"{self.flag} {path}: not a {ACTS_SHARDS_FORMAT!r} version {ACTS_SHARDS_VERSION} index "
                              f"(remove it to read the folder's *.safetensors files in name order)")
         try:
@@ -718,16 +720,19 @@ def shuffled_batches(shards: ActivationShards, rows: int, batch_size: int, buffe
     one batch per epoch, but for fewer than batch_size rows at its end, dropped as batch_order drops
     them. Memory: one buffer (<= buffer_rows + batch_size rows) and one block being read. The order
     depends only on the generator's seed."""
+    if not 1 <= batch_size <= rows:
+        raise ValueError(f"batch size {batch_size}: needs 1 to {rows} rows")
     blocks = row_blocks(shards, rows, max(1, -(-buffer_rows // BLOCKS_PER_BUFFER)))
     while True:
-        order = torch.randperm(len(blocks), generator=generator).tolist()
-        left = torch.empty(0, shards.d)
-        while order:
+        order = iter(torch.randperm(len(blocks), generator=generator).tolist())
+        left, next_block = torch.empty(0, shards.d), next(order, None)
+        while next_block is not None:
             taken, filled = [], len(left)
-            while order and filled < buffer_rows:
-                a, b = blocks[order.pop(0)]
+            while next_block is not None and filled < buffer_rows:
+                a, b = blocks[next_block]
                 taken.append((a, b))
                 filled += b - a
+                next_block = next(order, None)
             buffer = torch.empty(filled, shards.d)
             buffer[:len(left)] = left
             at = len(left)
@@ -786,16 +791,15 @@ def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: tor
     """reconstruction_metrics over acts [N, d], the held-out slice. chunk_rows None: in one piece (a
     small set, exactly as before shards existed); otherwise chunk_rows rows at a time, so the dense
     latents never exceed [chunk_rows, m]. Chunked, FVU is the same pooled ratio with sums in float64:
-    sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2, the mean taken over all N rows first."""
+    sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2 with the mean over all N rows."""
     if chunk_rows is None or len(acts) <= chunk_rows:
         return reconstruction_metrics(tensors, config, acts)
-    chunks = acts.split(chunk_rows)
-    mean = (sum(chunk.double().sum(dim=0) for chunk in chunks) / len(acts)).float()
+    mean = acts.mean(dim=0)
     residual = variance = 0.0
     active = 0
     fired = torch.zeros(tensors["W_dec"].shape[0], dtype=torch.bool)
     with torch.no_grad():
-        for chunk in chunks:
+        for chunk in acts.split(chunk_rows):
             f = sae_latents(tensors, config, chunk)
             x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
             residual += float((chunk - x_hat).double().pow(2).sum())
@@ -833,6 +837,8 @@ def start_ranks(device: torch.device, timeout_s: float) -> tuple[Ranks, torch.de
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks(0, 1), device
+    if "RANK" not in os.environ:
+        raise HusaiError(f"WORLD_SIZE is {world} but RANK is not set: start several processes with torchrun")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():

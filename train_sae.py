@@ -160,7 +160,8 @@ def main() -> None:
     ranks, device = start_ranks(device, args.dist_timeout)
     data_parallel = args.data_parallel and ranks.world > 1
     if data_parallel and args.batch_size % ranks.world:
-        raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the {ranks.world} processes")
+        raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the "
+                         f"{ranks.world} processes")
     if not data_parallel and len(all_seeds) < ranks.world:
         raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed "
                          f"(or train every seed in every process with --data-parallel)")
@@ -210,7 +211,8 @@ def main() -> None:
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
-                  torch=torch.__version__, eval_rows=eval_rows, shuffle_buffer=args.shuffle_buffer if streamed else None,
+                  torch=torch.__version__, eval_rows=eval_rows,
+                  shuffle_buffer=args.shuffle_buffer if streamed else None,
                   data_parallel_processes=ranks.world if data_parallel else None)
 
     sae = build_sae(cfg, seeds).to(device)
@@ -278,7 +280,10 @@ def main() -> None:
         stepper.check_replicas()
     trained = {seed: sae.export(s) for s, seed in enumerate(seeds)}
     results = (trained, snapshots, snapshot_fvu, logs, seconds)
-    parts = gather_on_rank0(results, ranks) if not data_parallel else [results] if ranks.rank == 0 else None
+    if data_parallel:   # every process holds the same SAEs (just checked): the first one's are the results
+        parts = [results] if ranks.rank == 0 else None
+    else:
+        parts = gather_on_rank0(results, ranks)
     stop_ranks(ranks)
     if parts is None:
         return
@@ -309,7 +314,8 @@ def main() -> None:
                       if model is not None else "")
         print(f"seed {seed}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.1%}"
               f"{downstream} -> {outputs[seed]}")
-    print(f"trained {len(all_seeds)} seed(s) in {seconds:.1f} s" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
+    processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
+    print(f"trained {len(all_seeds)} seed(s) in {seconds:.1f} s{processes}")
 
 
 if __name__ == "__main__":
