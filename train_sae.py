@@ -12,7 +12,8 @@ folder of shards (the format is described in sae_core.py, "activations streamed 
 at most 100k rows is read into memory, trained on and evaluated whole; a larger one is streamed through
 a seeded shuffle buffer and evaluated on a held-out slice (--eval-rows). Seeds share one data order
 unless told otherwise, so only the initialisation differs between them. Under torchrun each process
-trains its share of the seeds and the first writes every file, as one process would have written it.
+trains its share of the seeds and the first writes every file, as one process would have written it
+(with --data-parallel each process trains every seed on its part of each batch instead).
 Outputs, one set per seed, in runs/sae/<arch>-w<width>-<k or penalty>/:
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units; metadata: config, metrics, provenance

@@ -249,6 +249,16 @@ def test_a_large_set_is_streamed_and_evaluated_on_its_held_out_slice_reproducibl
     assert too_many.returncode == 2 and "lower --eval-rows" in too_many.stderr
 
 
+def test_a_bad_shard_folder_on_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+    folder = write_shards(tmp_path / "shards", torch.randn(300, 8), [100, 200])
+    save_file({"acts": torch.randn(50, 9)}, str(folder / "acts-00002.safetensors"))
+    result = run_stage("train_sae.py", "--acts", str(folder), *SMALL_RUN, "--out", str(tmp_path / "out"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "acts-00002.safetensors: d = 9" in lines[0] and "every shard needs the same d" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_extracted_transformer_trains_the_same_sae_as_the_transformer_itself(tmp_path):
     model = write_transformer(tmp_path / "t" / "model.safetensors")
     result = run_stage("train_transformer.py", "--extract", str(model), "--hook", "blocks.0.resid_mid",
