@@ -547,7 +547,7 @@ def describe_lock_holder(text: str) -> str:
 #
 # The activation-shard format (any model can write it; write_activation_shards does):
 #     DIR/acts-00000.safetensors, DIR/acts-00001.safetensors, ...
-#         each holds one 2-D float tensor named `acts` [N_i, d] (float32, float16 or bfloat16); d is the
+#         each holds one 2-D float tensor named `acts` [N_i, d] (float32, float16, bfloat16 or float64); d is the
 #         same in every shard, N_i >= 1 may differ
 #     DIR/index.json (optional)
 #         {"format": "husai.acts_shards", "version": 1, "d": d, "rows": N,
@@ -563,7 +563,7 @@ ACTS_INDEX = "index.json"
 SMALL_ACTS_ROWS = 100_000      # a set this small is trained on and evaluated whole, as one tensor in memory
 BLOCKS_PER_BUFFER = 4          # a shuffle buffer mixes rows of at least this many blocks
 EVAL_CHUNK_ROWS = 16_384       # a larger set is evaluated this many rows at a time
-FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors' names of the float types a shard may hold
 
 
 class Shard(NamedTuple):
