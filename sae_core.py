@@ -11,6 +11,7 @@ Part 3, the sparse autoencoders: architectures, training tricks and the batched-
 from __future__ import annotations
 
 import argparse
+import datetime
 import fcntl
 import hashlib
 import json
@@ -19,6 +20,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -29,7 +31,8 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -571,6 +574,417 @@ def describe_lock_holder(text: str) -> str:
         return f"pid {holder['pid']}, started {holder['started']}: `{holder['command']}`"
     except (ValueError, KeyError, TypeError):
         return "it has not recorded its pid yet"
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1 (continued): activations streamed from disk
+#
+# The activation-shard format (any model can write it; write_activation_shards does):
+#     DIR/acts-00000.safetensors, DIR/acts-00001.safetensors, ...
+#         each holds one 2-D float tensor named `acts` [N_i, d] (float32, float16, bfloat16 or float64); d is the
+#         same in every shard, N_i >= 1 may differ
+#     DIR/index.json (optional)
+#         {"format": "husai.acts_shards", "version": 1, "d": d, "rows": N,
+#          "shards": [{"file": "acts-00000.safetensors", "rows": N_0}, ...], "source": {anything}}
+# Without an index the shards are DIR's *.safetensors files in name order; with one, the files it lists,
+# in its order. One safetensors file (one tensor, or one named `acts`) is a set of one shard. Rows are
+# numbered across the shards in that order. Every read is memory-mapped and bounded: it opens a shard,
+# copies rows [a, b) out of the mapping and closes it, so no mapped page stays resident and the memory a
+# run needs does not grow with the number of rows.
+
+ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION = "husai.acts_shards", 1
+ACTS_INDEX = "index.json"
+SMALL_ACTS_ROWS = 100_000      # a set this small is trained on and evaluated whole, as one tensor in memory
+BLOCKS_PER_BUFFER = 4          # a shuffle buffer mixes rows of at least this many blocks
+EVAL_CHUNK_ROWS = 16_384       # a larger set is evaluated this many rows at a time
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors' names of the float types a shard may hold
+
+
+class Shard(NamedTuple):
+    path: Path
+    tensor: str    # the tensor's name in the file
+    start: int     # its first row in the numbering across shards
+    rows: int
+
+
+class ActivationShards:
+    """An [N, d] activation set on disk (a folder of shards or one file, the format above), read by row
+    range. Opening reads only the headers; every problem is a HusaiError naming the file."""
+
+    def __init__(self, source: str | Path, flag: str = "--acts"):
+        self.source, self.flag = Path(source), flag
+        self.index = self.read_index()
+        self.shards: list[Shard] = []
+        start = 0
+        for path in self.shard_files():
+            name, (rows, d) = self.describe(path)
+            if self.shards and d != self.d:
+                raise HusaiError(f"{flag} {path}: d = {d}, but {self.shards[0].path} has d = {self.d}; "
+                                 f"every shard needs the same d")
+            if rows < 1 and self.is_folder:
+                raise HusaiError(f"{flag} {path}: the tensor is empty ([{rows}, {d}]); every shard needs a row")
+            self.shards.append(Shard(path, name, start, rows))
+            self.d, start = d, start + rows
+        self.rows = start
+        if self.rows < 2:
+            raise HusaiError(f"{flag} {self.source}: the tensor is empty ([{self.rows}, {self.d}]); "
+                             f"need at least 2 rows")
+        if self.index is not None:
+            listed = [entry["rows"] for entry in self.index["shards"]]
+            if listed != [shard.rows for shard in self.shards]:
+                raise HusaiError(f"{flag} {self.source / ACTS_INDEX}: lists {listed} rows per shard, the files hold "
+                                 f"{[shard.rows for shard in self.shards]}")
+
+    def read_index(self) -> dict | None:
+        path = self.source / ACTS_INDEX
+        if not self.source.is_dir() or not path.is_file():
+            return None
+        index = read_json(path, "activation shard index")
+        kind = (index.get("format"), index.get("version")) if isinstance(index, dict) else None
+        if kind != (ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION):
+            raise HusaiError(f"{self.flag} {path}: not a {ACTS_SHARDS_FORMAT!r} version {ACTS_SHARDS_VERSION} index "
+                             f"(remove it to read the folder's *.safetensors files in name order)")
+        try:
+            for entry in index["shards"]:
+                if "/" in entry["file"] or entry["file"] in (".", "..") or not isinstance(entry["rows"], int):
+                    raise ValueError(f"bad entry {entry}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {path}: its shard list is malformed ({e})")
+        return index
+
+    def shard_files(self) -> list[Path]:
+        if self.source.is_file():
+            return [self.source]
+        if not self.source.is_dir():
+            raise HusaiError(f"{self.flag} {self.source}: no such file or folder")
+        if self.index is not None:
+            files = [self.source / entry["file"] for entry in self.index["shards"]]
+            missing = [str(path) for path in files if not path.is_file()]
+            if missing:
+                raise HusaiError(f"{self.flag} {self.source / ACTS_INDEX} lists {missing[0]}, which does not exist")
+        else:
+            files = sorted(self.source.glob("*.safetensors"))
+        if not files:
+            raise HusaiError(f"{self.flag} {self.source}: a folder without .safetensors shards")
+        return files
+
+    def describe(self, path: Path) -> tuple[str, list[int]]:
+        """(tensor name, [rows, d]) of a shard, from its header alone."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                if len(names) != 1 and "acts" not in names:
+                    raise HusaiError(f"{self.flag} {path}: holds {len(names)} tensors ({', '.join(names)}); "
+                                     f"name one `acts`")
+                name = "acts" if "acts" in names else names[0]
+                tensor = f.get_slice(name)
+                shape, dtype = list(tensor.get_shape()), tensor.get_dtype()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {path}: not a readable safetensors file ({e})")
+        if dtype not in FLOAT_DTYPES or len(shape) != 2:
+            raise HusaiError(f"{self.flag} {path}: need a 2-D float tensor [N, d], got {dtype} {shape}")
+        if shape[1] < 1:
+            raise HusaiError(f"{self.flag} {path}: the tensor is empty ({shape}); need at least one column")
+        return name, shape
+
+    @property
+    def is_folder(self) -> bool:
+        return self.source.is_dir()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as float32 [stop - start, d], copied out of each shard's memory map."""
+        pieces = []
+        for shard in self.shards:
+            a, b = max(start, shard.start), min(stop, shard.start + shard.rows)
+            if a < b:
+                pieces.append(self.read_shard(shard, a - shard.start, b - shard.start))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def read_shard(self, shard: Shard, a: int, b: int) -> torch.Tensor:
+        try:
+            with safe_open(str(shard.path), framework="pt") as f:
+                rows = f.get_slice(shard.tensor)[a:b].float()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise HusaiError(f"{self.flag} {shard.path}: not a readable safetensors file ({e})")
+        if not torch.isfinite(rows).all():
+            where = f" (rows {a} to {b - 1})" if (a, b) != (0, shard.rows) else ""
+            raise HusaiError(f"{self.flag} {shard.path}: contains NaN or Inf values{where}")
+        return rows
+
+    def provenance(self) -> dict:
+        """What identifies the set: for one file its sha256 (as before shards existed); for a folder the
+        sha256 of every shard, and acts_sha256 = sha256 of that list as JSON."""
+        if not self.is_folder:
+            return {"acts_sha256": file_sha256(self.source)}
+        listing = [{"file": shard.path.name, "rows": shard.rows, "sha256": file_sha256(shard.path)}
+                   for shard in self.shards]
+        digest = hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+        return {"acts_sha256": digest, "acts_shards": listing}
+
+
+def held_out_rows(rows: int, eval_rows: int | None) -> int:
+    """How many of `rows` rows are the evaluation slice: all of them when eval_rows is at least `rows`,
+    or when it is None and the set is small (<= SMALL_ACTS_ROWS; then training sees every row too);
+    otherwise the last eval_rows rows (None: 10% of the set, at most SMALL_ACTS_ROWS), never trained on."""
+    if eval_rows is None:
+        return rows if rows <= SMALL_ACTS_ROWS else min(rows // 10, SMALL_ACTS_ROWS)
+    if eval_rows < 1:
+        raise HusaiError(f"--eval-rows {eval_rows}: must be at least 1")
+    return min(eval_rows, rows)
+
+
+def row_blocks(shards: ActivationShards, stop: int, block_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) that cover rows [0, stop) in order, none crossing a shard boundary and none
+    longer than block_rows: the units whose order a shuffle buffer permutes."""
+    blocks = []
+    for shard in shards.shards:
+        end = min(stop, shard.start + shard.rows)
+        blocks += [(a, min(a + block_rows, end)) for a in range(shard.start, end, block_rows)]
+    return blocks
+
+
+def shuffled_batches(shards: ActivationShards, rows: int, batch_size: int, buffer_rows: int,
+                     generator: torch.Generator):
+    """An endless stream of batches [batch_size, d] of rows [0, rows), through a shuffle buffer.
+
+    Each epoch permutes the blocks (row_blocks, each at most buffer_rows / BLOCKS_PER_BUFFER rows, so
+    shards and the parts of a large file come in a new order), then fills the buffer with blocks in that
+    order until it holds buffer_rows rows, permutes its rows and hands them out a batch at a time; the
+    few rows that do not fill a last batch stay for the next buffer. Every row of [0, rows) is in exactly
+    one batch per epoch, but for fewer than batch_size rows at its end, dropped as batch_order drops
+    them. Memory: one buffer (<= buffer_rows + batch_size rows) and one block being read. The order
+    depends only on the generator's seed."""
+    if not 1 <= batch_size <= rows:
+        raise ValueError(f"batch size {batch_size}: needs 1 to {rows} rows")
+    blocks = row_blocks(shards, rows, max(1, -(-buffer_rows // BLOCKS_PER_BUFFER)))
+    while True:
+        order = iter(torch.randperm(len(blocks), generator=generator).tolist())
+        left, next_block = torch.empty(0, shards.d), next(order, None)
+        while next_block is not None:
+            taken, filled = [], len(left)
+            while next_block is not None and filled < buffer_rows:
+                a, b = blocks[next_block]
+                taken.append((a, b))
+                filled += b - a
+                next_block = next(order, None)
+            buffer = torch.empty(filled, shards.d)
+            buffer[:len(left)] = left
+            at = len(left)
+            for a, b in taken:
+                buffer[at:at + b - a] = shards.read(a, b)
+                at += b - a
+            mixed = torch.randperm(filled, generator=generator)
+            whole = filled - filled % batch_size
+            for start in range(0, whole, batch_size):
+                yield buffer[mixed[start:start + batch_size]]
+            left = buffer[mixed[whole:]]
+
+
+def write_activation_shards(folder: str | Path, batches: Iterable[torch.Tensor], rows_per_shard: int,
+                            source: dict, force: bool, flag: str = "--shards") -> tuple[int, int]:
+    """Write activations [n_i, d] coming in any number of batches as a shard folder in the format above:
+    acts-00000.safetensors, ... of rows_per_shard rows each (the last may hold fewer) and index.json, with
+    `source` (what model, hook and inputs the rows come from) in the index. The folder is one run's entry
+    (RunOutput): it appears whole, or not at all. Holds at most one shard and one batch in memory.
+    Returns (rows, d)."""
+    if rows_per_shard < 1:
+        raise HusaiError(f"--rows-per-shard {rows_per_shard}: must be at least 1")
+    folder = Path(folder)
+    with RunOutput(folder.parent, f"shards-{folder.name}", [folder.name], force, flag=flag) as run:
+        target = run.path(folder.name)
+        target.mkdir()
+        listing, pending, rows, d = [], [], 0, None
+
+        def write_shard(rows_now: torch.Tensor) -> None:
+            name = f"acts-{len(listing):05d}.safetensors"
+            save_tensors(target / name, {"acts": rows_now}, ACTS_SHARDS_FORMAT, ACTS_SHARDS_VERSION, {})
+            listing.append({"file": name, "rows": len(rows_now)})
+
+        for batch in batches:
+            batch = batch.detach().float().cpu()
+            if batch.ndim != 2 or (d is not None and batch.shape[1] != d):
+                raise HusaiError(f"{flag}: every batch must be [n, {d or 'd'}], got {list(batch.shape)}")
+            d, rows = batch.shape[1], rows + len(batch)
+            pending.append(batch)
+            while sum(len(p) for p in pending) >= rows_per_shard:
+                joined = torch.cat(pending)
+                write_shard(joined[:rows_per_shard])
+                pending = [joined[rows_per_shard:].clone()]   # a copy: the written rows' memory is freed
+        if pending and sum(len(p) for p in pending):
+            write_shard(torch.cat(pending))
+        if not listing:
+            raise HusaiError(f"{flag} {folder}: no activations to write")
+        write_json_durably(target / ACTS_INDEX, {"format": ACTS_SHARDS_FORMAT, "version": ACTS_SHARDS_VERSION,
+                                                 "d": d, "rows": rows, "shards": listing, "source": source})
+        run.commit()
+    return rows, d
+
+
+def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: torch.Tensor,
+                       chunk_rows: int | None) -> dict:
+    """reconstruction_metrics over acts [N, d], the held-out slice. chunk_rows None: in one piece (a
+    small set, exactly as before shards existed); otherwise chunk_rows rows at a time, so the dense
+    latents never exceed [chunk_rows, m]. Chunked, FVU is the same pooled ratio with sums in float64:
+    sum_n ||x_n - x_hat_n||^2 / sum_n ||x_n - mean||^2 with the mean over all N rows."""
+    if chunk_rows is None or len(acts) <= chunk_rows:
+        return reconstruction_metrics(tensors, config, acts)
+    mean = acts.mean(dim=0)
+    residual = variance = 0.0
+    active = 0
+    fired = torch.zeros(tensors["W_dec"].shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for chunk in acts.split(chunk_rows):
+            f = sae_latents(tensors, config, chunk)
+            x_hat = f @ tensors["W_dec"] + tensors["b_dec"]
+            residual += float((chunk - x_hat).double().pow(2).sum())
+            variance += float((chunk - mean).double().pow(2).sum())
+            fires = f > 0
+            active += int(fires.sum())
+            fired |= fires.any(dim=0)
+    return {"fvu": residual / variance, "l0": active / len(acts), "dead_frac": float((~fired).float().mean())}
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1 (continued): several processes (torch.distributed, started by torchrun)
+#
+# `torchrun --nproc_per_node=N train_sae.py --seeds ...` starts N processes (ranks). Each trains its
+# share of the seeds (seeds[rank::N]); the results are gathered on rank 0, which writes every file
+# exactly as one process would. With --data-parallel every rank trains every seed on its part of each
+# batch instead (DataParallel). gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
+# or 1) never starts a process group.
+
+
+class RankFailure(HusaiError):
+    """Another rank died or hung, or this one could not join: one line, exit status 1, no files."""
+    exit_status = 1
+
+
+class Ranks(NamedTuple):
+    rank: int
+    world: int
+
+
+def start_ranks(device: torch.device, timeout_s: float) -> tuple[Ranks, torch.device]:
+    """Join the process group when started by torchrun with WORLD_SIZE > 1 (a rank on a GPU machine
+    takes the GPU numbered LOCAL_RANK). Every collective waits at most timeout_s for the other ranks.
+    Returns (this rank, the world size) and the device this rank trains on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks(0, 1), device
+    if "RANK" not in os.environ:
+        raise HusaiError(f"WORLD_SIZE is {world} but RANK is not set: start several processes with torchrun")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RankFailure(f"process {rank + 1} of {world} needs GPU {local_rank}, but this machine shows "
+                              f"{torch.cuda.device_count()}; start at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as e:   # the backends raise RuntimeError, DistError or ValueError, by cause
+        raise RankFailure(f"process {rank + 1} of {world}: could not join the others ({one_line(str(e))[:300]})")
+    ranks = Ranks(rank, world)
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_on_sigterm(ranks))
+    return ranks, device
+
+
+def stop_on_sigterm(ranks: Ranks) -> None:
+    """torchrun ends the other processes with SIGTERM when one fails. Raise instead of vanishing, so that
+    the process prints one line and a run it was writing is left uncommitted (RunOutput), not half-made."""
+    state = f"; {ENTERED_RUNS[-1].describe_state()}" if ENTERED_RUNS else ""
+    raise RankFailure(f"process {ranks.rank + 1} of {ranks.world} stopped: torchrun ended it because another "
+                      f"process failed{state}")
+
+
+def gather_on_rank0(value, ranks: Ranks) -> list | None:
+    """Every rank's `value` (any picklable object) in rank order, on rank 0; None on the other ranks.
+    A rank that died or did not arrive within the timeout ends every waiting rank with RankFailure."""
+    if ranks.world == 1:
+        return [value]
+    gathered = [None] * ranks.world if ranks.rank == 0 else None
+    try:
+        dist.gather_object(value, gathered, dst=0)
+    except Exception as e:   # DistBackendError, RuntimeError: a peer closed its connection or timed out
+        if dist.get_backend() == "gloo":   # (an NCCL group with a failed collective may hang here: exit instead)
+            dist.destroy_process_group()
+        raise RankFailure(f"process {ranks.rank + 1} of {ranks.world}: another process stopped, or did not arrive "
+                          f"within --dist-timeout, before the results were gathered ({one_line(str(e))[:200]}); "
+                          f"no files were written")
+    return gathered
+
+
+def stop_ranks(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.destroy_process_group()
+
+
+class DataParallel:
+    """Data-parallel training of one ensemble: every process holds every seed's whole SAE and trains on
+    its 1/N of each batch (rows [r B/N, (r+1) B/N) of process r). When backward has produced the last
+    gradient, all of them are summed across the processes in one all-reduce (parameter order) and divided
+    by N, so every process takes the same Adam step: the one for the mean loss over the whole batch. After
+    the step the dead-latent counters and BatchTopK's running threshold are made the whole batch's (a
+    latent fired if it fired in any part; the threshold is the smallest of the parts'), and the batch
+    metrics are averaged over the parts.
+
+    Deterministic for a fixed N: an all-reduce adds in an order fixed by N, so runs with the same N are
+    bit-identical, and runs with different N (or one process) agree only up to rounding. Two things are
+    per part rather than per batch: BatchTopK keeps the k B/N largest activations of each part, and AuxK
+    normalises by its part's residual variance."""
+
+    def __init__(self, trainer, ranks: Ranks):
+        self.trainer, self.ranks = trainer, ranks
+        self.parameters = list(trainer.sae.parameters())
+        self.waiting = 0                       # gradients accumulated in this backward, not yet reduced
+        for parameter in self.parameters:
+            parameter.register_post_accumulate_grad_hook(self.gradient_ready)
+
+    def part(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a batch [..., B, d]."""
+        rows = batch.shape[-2] // self.ranks.world
+        return batch[..., self.ranks.rank * rows:(self.ranks.rank + 1) * rows, :]
+
+    def gradient_ready(self, parameter: torch.Tensor) -> None:
+        self.waiting += 1
+        if self.waiting < len(self.parameters):
+            return
+        self.waiting = 0
+        grads = torch.cat([p.grad.flatten() for p in self.parameters])
+        dist.all_reduce(grads)
+        grads /= self.ranks.world
+        for p, grad in zip(self.parameters, grads.split([p.numel() for p in self.parameters])):
+            p.grad.copy_(grad.view_as(p))
+
+    def step(self, batch: torch.Tensor) -> dict:
+        """SAETrainer.step on this process's part of the whole batch [B, d] or [S, B, d]."""
+        trainer = self.trainer
+        before = trainer.inputs_since_fired.clone()
+        metrics = trainer.step(self.part(batch))
+        if self.waiting:
+            raise RuntimeError(f"{self.waiting} of {len(self.parameters)} parameters got a gradient this step: "
+                               f"the processes' gradients were not averaged")
+        counts = trainer.inputs_since_fired.clone()
+        dist.all_reduce(counts, op=dist.ReduceOp.MIN)           # 0 where a latent fired in any part
+        trainer.inputs_since_fired = torch.where(counts == 0, 0, before + batch.shape[-2])
+        threshold = getattr(trainer.sae, "batch_threshold", None)
+        if threshold is not None:
+            dist.all_reduce(threshold, op=dist.ReduceOp.MIN)    # the EMA is monotone in the part's minimum
+        values = torch.stack(list(metrics.values()))
+        dist.all_reduce(values)
+        return dict(zip(metrics, values / self.ranks.world))
+
+    def check_replicas(self) -> None:
+        """Raise unless every process holds the same parameters, buffers and dead-latent counters (the
+        first process's copy is the one written)."""
+        tensors = [*self.parameters, *self.trainer.sae.buffers(), self.trainer.inputs_since_fired]
+        state = torch.cat([t.detach().float().flatten() for t in tensors]).nan_to_num(nan=0.0)
+        highest, lowest = state.clone(), state.clone()
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if not torch.equal(highest, lowest):
+            raise RuntimeError("data parallel: the processes' copies of the SAEs differ after training")
 
 
 # --------------------------------------------------------------------------------------------------

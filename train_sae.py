@@ -3,15 +3,23 @@
     python train_sae.py --arch topk --seed 42             # the main command: one TopK SAE
     python train_sae.py --arch topk --seeds 0 1 2 3 4     # five seeds as one batched ensemble
     python train_sae.py --acts my_acts.safetensors        # any [N, d] activations, from any model
+    python train_sae.py --acts my_shards/                 # a folder of shards, streamed from disk
+    torchrun --nproc_per_node=2 train_sae.py --seeds 0 1 2 3   # the seeds shared out over 2 processes
 
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
-inputs, read at --hook at the `=` position; or an [N, d] tensor from --acts. Seeds share one data order
-unless told otherwise, so only the initialisation differs between them. Outputs, one set per seed, in
+inputs, read at --hook at the `=` position; or [N, d] activations from --acts: one safetensors file or a
+folder of shards (the format is described in sae_core.py, "activations streamed from disk"). A set of
+at most 100k rows is read into memory, trained on and evaluated whole; a larger one is streamed through
+a seeded shuffle buffer and evaluated on a held-out slice (--eval-rows). Seeds share one data order
+unless told otherwise, so only the initialisation differs between them. Under torchrun each process
+trains its share of the seeds and the first gathers them and writes every file, as one process would
+have written it (with --data-parallel each process trains every seed on its part of each batch instead).
+Outputs, one set per seed, in
 runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units (archetypal: W_dec its built rows, not unit norm);
                                     metadata: config, metrics, provenance
-    seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with full-data FVU
+    seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with FVU on the evaluation rows
     seed<N>.log.jsonl               training metrics every --log-every steps, then one line with the
                                     run's status and its wall-clock seconds (the only timing anywhere)
     last-good-seed<N>.safetensors   only when training diverged: the last weights that passed the check
@@ -28,6 +36,7 @@ non-finite tensor, and the same command gives byte-identical SAE and snapshot fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -39,10 +48,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_core import (ARCHITECTURES, MAX_SETTING, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, CliParser, HusaiError,
-                      RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, file_sha256,
-                      memory_limit_bytes, non_finite_tensors, pick_device, reconstruction_metrics, run_cli,
-                      sae_file_name, sae_reconstruct, save_tensors, snapshot_file_name, width_scaled_lr)
+from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, MAX_SETTING, SAE_FORMAT, SAE_VERSION, SMALL_ACTS_ROWS,
+                      SNAPSHOT_FORMAT, ActivationShards, CliParser, DataParallel, HusaiError, Ranks, RunOutput,
+                      SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
+                      gather_on_rank0, held_out_rows, memory_limit_bytes, non_finite_tensors, pick_device, run_cli,
+                      sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name,
+                      start_ranks, stop_ranks, width_scaled_lr)
 from train_transformer import activations_from, run_with_replacement
 
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
@@ -81,7 +92,15 @@ def build_parser() -> CliParser:
     add("--transformer", default=None, help=f"stage 1's model file (default: {DEFAULT_TRANSFORMER})")
     add("--checkpoint", type=int, default=None, help="train on this epoch's checkpoint instead of the final model")
     add("--hook", default=None, help="hook site, e.g. blocks.0.mlp_post (default: last block's resid_post)")
-    add("--acts", default=None, help="train on an [N, d] float tensor from this safetensors file instead")
+    add("--acts", default=None, help="train on [N, d] float activations instead: a safetensors file or a folder "
+                                     "of shards (see sae_core.py for the format)")
+    add("--eval-rows", type=int, default=None,
+        help="--acts: the held-out slice (the set's last rows, never trained on) that FVU, L0, dead fraction and "
+             f"the initial statistics are measured on (default: the whole set, also trained on, when it has at "
+             f"most {SMALL_ACTS_ROWS} rows; else its last 10%%, at most {SMALL_ACTS_ROWS} rows)")
+    add("--shuffle-buffer", type=int, default=2**17,
+        help="--acts: rows mixed at a time when the training rows are more than this and are streamed from "
+             "disk (each seed with its own --vary-data-order stream holds its own buffer)")
     # the SAE: its width, then every SAEConfig setting (architecture, sparsity, training tricks)
     add("--width", type=int, default=None, help="latents m (default: --expansion times d)")
     add("--expansion", type=float, default=4.0, help="width as a multiple of the activation dimension d")
@@ -104,6 +123,12 @@ def build_parser() -> CliParser:
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="replace this seed set's earlier run in --out")
+    add("--data-parallel", action="store_true",
+        help="under torchrun: every process trains every seed on its 1/N of each batch, gradients averaged "
+             "(deterministic for a fixed N; not bit-identical to one process), instead of sharing out the seeds")
+    add("--dist-timeout", type=float, default=3600.0,
+        help="under torchrun: seconds a process waits at a collective for the others (a dead process is "
+             "noticed at once; this bounds the wait for a hung one, and for the slowest to finish its seeds)")
     return parser
 
 
@@ -116,11 +141,14 @@ def validate(args) -> None:
     seeds distinct, and no contradictory flags. (The SAE settings are checked by SAEConfig, and the batch
     size, width and memory against the data, in main, still before any training.)"""
     counts = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1), "--snapshots": (args.snapshots, 2),
-              "--log-every": (args.log_every, 1), "--warmup-steps": (args.warmup_steps, 0)}
+              "--log-every": (args.log_every, 1), "--warmup-steps": (args.warmup_steps, 0),
+              "--shuffle-buffer": (args.shuffle_buffer, 1)}
     if args.width is not None:
         counts["--width"] = (args.width, 1)
     if args.checkpoint is not None:
         counts["--checkpoint"] = (args.checkpoint, 0)
+    if args.eval_rows is not None:
+        counts["--eval-rows"] = (args.eval_rows, 1)
     for flag, (value, low) in counts.items():
         if not low <= value <= MAX_SETTING:
             raise HusaiError(f"{flag} {value}: must be an integer in [{low}, {MAX_SETTING}]")
@@ -129,6 +157,8 @@ def validate(args) -> None:
     if args.lr is not None and not 0 < args.lr <= FLOAT32_MAX:
         raise HusaiError(f"--lr {args.lr}: must be a positive number float32 can hold (at most {FLOAT32_MAX:.3g}), "
                          f"or left out for the default")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise HusaiError(f"--dist-timeout {args.dist_timeout}: must be a positive finite number of seconds")
     if not 0 <= args.decay_frac <= 1:
         raise HusaiError(f"--decay-frac {args.decay_frac}: must be a fraction in [0, 1]")
     if args.seed is not None and args.seeds is not None:
@@ -146,26 +176,31 @@ def validate(args) -> None:
         if given:
             raise HusaiError(f"--acts and {given[0]}: --acts trains on the file's activations, so {given[0]} "
                              f"would be ignored; give one or the other")
+    elif args.eval_rows is not None:
+        raise HusaiError("--eval-rows applies to --acts; with the transformer every input is evaluated")
 
 
 def seeds_of(args) -> list[int]:
     return args.seeds if args.seeds is not None else [DEFAULT_SEED if args.seed is None else args.seed]
 
 
-def memory_estimate(n: int, d: int, width: int, n_seeds: int, batch_size: int, n_snapshots: int) -> int:
-    """Rough peak memory of a stage-2 run in bytes, from the sizes alone (nothing is allocated).
+def memory_estimate(n: int, d: int, width: int, n_seeds: int, batch_size: int, n_snapshots: int,
+                    evaluated_at_once: int | None = None) -> int:
+    """Rough peak memory of a stage-2 run in bytes, from the sizes alone (nothing is allocated). n is the
+    number of activation rows held in memory (a streamed set: its evaluation slice and shuffle buffers),
+    evaluated_at_once the rows evaluated in one piece (default n; a large slice goes in chunks).
 
     Per seed, the parameters are 2 d m + 2 m + d floats, held seven times in training (weights,
     gradients, Adam's two moments, the trainer's two kept copies, an export) and n_snapshots times more
     for the snapshots kept until the end. A step holds about 6 [S, B, m] and 4 [S, B, d] floats for the
     backward pass (pre-activations, latents, the dense scatter, their gradients). The activations are
-    held three times (float32 and the float64 copy of the data checks); evaluating a seed on all N rows
+    held three times (float32 and the float64 copy of the data checks); evaluating a seed on N rows at once
     takes about 3 N m floats (pre-activations, latents, masks). Peak = their sum + 0.5 GiB for Python
     and the libraries. Against the peak RSS of CPU runs on N = 12769, d = 128 (all four architectures,
     m 512-16384, 1-4 seeds, B 512-2048) this was 1.03-1.18 times the measured peak: it errs high."""
     params = 2 * d * width + 2 * width + d
     floats = (n_seeds * params * (7 + n_snapshots) + n_seeds * batch_size * (6 * width + 4 * d)
-              + 3 * n * d + 3 * n * width)
+              + 3 * n * d + 3 * (n if evaluated_at_once is None else evaluated_at_once) * width)
     return 4 * floats + 2**29
 
 
@@ -182,6 +217,67 @@ def check_memory(need: int, device: torch.device, sizes: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# The activations
+
+
+@dataclass
+class TrainingData:
+    """The activations of a run: the rows it trains on, in memory or streamed from shards, and the rows
+    it is evaluated on (FVU, L0, dead fraction, the initial statistics). A small set is one tensor,
+    trained on and evaluated whole; a large --acts set keeps only its held-out last rows in memory."""
+    provenance: dict
+    rows: int                           # N, the whole set
+    d: int
+    eval_acts: torch.Tensor             # [eval_rows, d] on the training device
+    train_rows: int                     # the first train_rows rows are trained on (all N for a small set)
+    train_acts: torch.Tensor | None     # [train_rows, d] on the device, or None when streamed from shards
+    shards: ActivationShards | None
+    model: object = None                # the transformer and its inputs (None for --acts)
+    tokens: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.train_acts is None
+
+    @property
+    def eval_chunk(self) -> int | None:
+        """Rows evaluated at a time: a small set in one piece (exactly as before shards existed)."""
+        return None if self.rows <= SMALL_ACTS_ROWS else EVAL_CHUNK_ROWS
+
+
+def read_activations(args, device: torch.device) -> TrainingData:
+    """The transformer's activations at --hook on every input, or --acts (one file or a folder of
+    shards) read by row range: the held-out slice, and the training rows too when they fit one shuffle
+    buffer. Every row held in memory is checked (check_activations); streamed rows are checked finite as
+    they are read."""
+    if not args.acts:
+        provenance = {"source": "transformer", "transformer": args.transformer or DEFAULT_TRANSFORMER,
+                      "hook": args.hook, "position": "eq", "checkpoint": args.checkpoint, "acts": None,
+                      "acts_sha256": None}
+        acts, model, tokens, labels, hook = activations_from(provenance, device)
+        provenance.update(hook=hook, transformer_sha256=file_sha256(provenance["transformer"]))
+        check_activations(acts, f"the activations of {provenance['transformer']} at {hook}")
+        return TrainingData(provenance, len(acts), acts.shape[1], acts, len(acts), acts, None, model, tokens, labels)
+    provenance = {"source": "acts", "acts": args.acts, "transformer": None, "transformer_sha256": None,
+                  "hook": None, "position": None, "checkpoint": None}
+    shards = ActivationShards(args.acts)
+    n = shards.rows
+    eval_rows = held_out_rows(n, args.eval_rows)
+    train_rows = n if eval_rows == n else n - eval_rows
+    eval_acts = shards.read(n - eval_rows, n).to(device)
+    if train_rows == n:
+        train_acts = eval_acts
+    else:
+        train_acts = None if train_rows > args.shuffle_buffer else shards.read(0, train_rows).to(device)
+    for what, acts in (("", eval_acts), (" (training rows)", train_acts)):
+        if acts is not None:
+            check_activations(acts, f"--acts {args.acts}{what}")
+    provenance.update(shards.provenance())
+    return TrainingData(provenance, n, shards.d, eval_acts, train_rows, train_acts, shards)
+
+
+# --------------------------------------------------------------------------------------------------
 # Training
 
 
@@ -193,13 +289,24 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator):
             yield order[start:start + batch_size]
 
 
-def data_streams(n: int, args, seeds: list[int]) -> list:
+def batches(data: TrainingData, batch_size: int, buffer_rows: int, generator: torch.Generator):
+    """An endless stream of training batches [batch_size, d] on the data's device: rows of the tensor in
+    memory in batch_order, or rows streamed from the shards through a shuffle buffer."""
+    device = data.eval_acts.device
+    if data.streamed:
+        return (batch.to(device) for batch in shuffled_batches(data.shards, data.train_rows, batch_size,
+                                                              buffer_rows, generator))
+    return (data.train_acts[rows.to(device)] for rows in batch_order(data.train_rows, batch_size, generator))
+
+
+def data_streams(data: TrainingData, args, seeds: list[int]) -> list:
     """One batch stream shared by every seed, or with --vary-data-order one per seed, whose order depends
-    only on (data seed, seed), not on the seeds trained beside it."""
+    only on (data seed, seed), not on the seeds trained beside it (nor on the process training it)."""
+    def stream(seed: int):
+        return batches(data, args.batch_size, args.shuffle_buffer, torch.Generator().manual_seed(seed))
     if not args.vary_data_order:
-        return [batch_order(n, args.batch_size, torch.Generator().manual_seed(args.data_seed))]
-    return [batch_order(n, args.batch_size, torch.Generator().manual_seed((args.data_seed * 1_000_003 + seed) % 2**64))
-            for seed in seeds]
+        return [stream(args.data_seed)]
+    return [stream((args.data_seed * 1_000_003 + seed) % 2**64) for seed in seeds]
 
 
 @dataclass
@@ -220,14 +327,16 @@ class Training:
     divergence: Divergence | None
 
 
-def train(sae, trainer: SAETrainer, acts: torch.Tensor, seeds: list[int], args, config: dict,
-          n_snapshots: int) -> Training:
-    """Run the trainer for --steps steps, taking snapshots (with full-data FVU) at log-spaced steps from 0
-    and logging every --log-every steps; stop at the first step whose check fails (SAETrainer.step)."""
+def train(sae, trainer: SAETrainer | DataParallel, data: TrainingData, seeds: list[int], args, config: dict,
+          n_snapshots: int, ranks: Ranks, snapshots: bool = True) -> Training:
+    """Run the trainer (or its data-parallel wrapper) for --steps steps, taking snapshots (with FVU on the
+    evaluation rows) at log-spaced steps from 0 unless told not to, and logging every --log-every steps;
+    stop at the first step whose check fails (SAETrainer.step). Only the first process shows progress."""
     from tqdm import tqdm
     steps = args.steps
     snapshot_steps = sorted({0, steps} | {round(t) for t in np.geomspace(1, steps, n_snapshots - 1)})
-    streams = data_streams(len(acts), args, seeds)
+    streams = data_streams(data, args, seeds)
+    eval_acts = data.eval_acts.cpu()
     run = Training({seed: [] for seed in seeds}, {seed: {} for seed in seeds}, {seed: [] for seed in seeds},
                    snapshot_steps, 0.0, None)
 
@@ -235,18 +344,18 @@ def train(sae, trainer: SAETrainer, acts: torch.Tensor, seeds: list[int], args, 
         for s, seed in enumerate(seeds):
             tensors = sae.export(s)
             run.snapshots[seed].update({f"step{step}.{key}": value for key, value in tensors.items()})
-            run.snapshot_fvu[seed].append(reconstruction_metrics(tensors, config, acts.cpu())["fvu"])
+            run.snapshot_fvu[seed].append(evaluation_metrics(tensors, config, eval_acts, data.eval_chunk)["fvu"])
 
     start = time.time()
-    with tqdm(range(steps), unit="step", mininterval=0.5) as bar:
+    with tqdm(range(steps), unit="step", mininterval=0.5, disable=ranks.rank != 0) as bar:
         for step in bar:
-            if step in snapshot_steps:
+            if step in snapshot_steps and snapshots:
                 take_snapshot(step)
-            batch = torch.stack([acts[next(stream).to(acts.device)] for stream in streams])
+            batch = torch.stack([next(stream) for stream in streams])
             try:
                 metrics = trainer.step(batch[0] if len(streams) == 1 else batch)
             except FloatingPointError as e:
-                run.divergence = Divergence(step, str(e), trainer.good_steps)
+                run.divergence = Divergence(step, str(e), (getattr(trainer, "trainer", trainer)).good_steps)
                 break
             if step % args.log_every == 0 or step == steps - 1:
                 means = {key: value.mean().item() for key, value in metrics.items()}
@@ -255,10 +364,47 @@ def train(sae, trainer: SAETrainer, acts: torch.Tensor, seeds: list[int], args, 
                 for s, seed in enumerate(seeds):
                     run.logs[seed].append({"step": step, **{key: round(value[s].item(), 6)
                                                              for key, value in metrics.items()}})
-    if run.divergence is None:
+    if run.divergence is None and snapshots:
         take_snapshot(steps)
     run.seconds = time.time() - start
     return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes
+
+
+@dataclass
+class Part:
+    """One ensemble's result, as one process trained it: its seeds' weights (after a divergence the last
+    good ones, which the ensemble holds again) and its Training."""
+    seeds: list[int]
+    weights: dict[int, dict[str, torch.Tensor]]
+    training: Training
+
+
+def own_seeds(all_seeds: list[int], ranks: Ranks, data_parallel: bool) -> list[int]:
+    """This process's seeds: seeds[rank::N] (a seed trains the same in any ensemble), or every seed in
+    data parallel. Refuses more processes than seeds."""
+    if data_parallel:
+        return all_seeds
+    if len(all_seeds) < ranks.world:
+        raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed "
+                         f"(or train every seed in every process with --data-parallel)")
+    return all_seeds[ranks.rank::ranks.world]
+
+
+def gather_parts(part: Part, stepper, ranks: Ranks, data_parallel: bool) -> list[Part] | None:
+    """Every process's Part on the first process (None on the others), then the process group ends. In
+    data parallel every process holds the same SAEs (checked here): the first one's are the result."""
+    if data_parallel:
+        if part.training.divergence is None:
+            stepper.check_replicas()
+        parts = [part] if ranks.rank == 0 else None
+    else:
+        parts = gather_on_rank0(part, ranks)
+    stop_ranks(ranks)
+    return parts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,6 +436,18 @@ def downstream_metrics(references: dict, model, tokens, labels, hook: str, tenso
         return (ce_ablated - ce_sae) / (ce_ablated - r["ce_clean"]) if ce_ablated != r["ce_clean"] else None
     return dict(r, acc_sae=acc_sae, ce_sae=ce_sae, loss_recovered_zero=recovered(r["ce_zero"]),
                 loss_recovered_mean=recovered(r["ce_mean"]))
+
+
+def describe_run(args, data: TrainingData, cfg: SAEConfig, lr: float, seeds: list[int], ranks: Ranks,
+                 data_parallel: bool, device: torch.device) -> str:
+    """The line a process prints before training: what it trains, on what, and where."""
+    line = f"process {ranks.rank + 1} of {ranks.world}: " if ranks.world > 1 else ""
+    line += f"data parallel, {args.batch_size // ranks.world} rows of each batch; " if data_parallel else ""
+    held_out = f", {len(data.eval_acts)} held out for evaluation" if data.train_rows < data.rows else ""
+    stream = f", streamed through a {args.shuffle_buffer}-row shuffle buffer" if data.streamed else ""
+    return (f"{line}{len(seeds)} x {cfg.arch} SAE, d={data.d} -> m={cfg.width}, {cfg.sparsity_name}, lr {lr:.2e}, "
+            f"{args.steps} steps of {args.batch_size} on {data.rows} activations "
+            f"({data.provenance['hook'] or args.acts}{held_out}{stream}), {device}")
 
 
 def describe_seed(seed: int, metrics: dict, path: Path) -> str:
@@ -361,13 +519,14 @@ def write_seed_files(run: RunOutput, seed: int, tensors: dict, metrics: dict, tr
               {"status": "finished", "steps": config["steps"], "train_seconds": round(training.seconds, 1)})
 
 
-def write_last_good(run: RunOutput, sae, seeds: list[int], training: Training, config: dict,
-                    provenance: dict) -> None:
-    """After a divergence: each seed's last good weights (the ensemble holds them again) and its log."""
+def write_last_good(run: RunOutput, part: Part, config: dict, provenance: dict) -> None:
+    """After a divergence: each of the ensemble's seeds' last good weights and its log."""
+    training = part.training
     stop = training.divergence
     status = {"status": "diverged", "diverged_at_step": stop.step, "reason": stop.reason}
-    for s, seed in enumerate(seeds):
-        save_tensors(run.path(last_good_file_name(seed)), checked(f"seed {seed}'s last good weights", sae.export(s)),
+    for seed in part.seeds:
+        save_tensors(run.path(last_good_file_name(seed)), checked(f"seed {seed}'s last good weights",
+                                                                  part.weights[seed]),
                      SAE_FORMAT, SAE_VERSION, {"config": dict(config, seed=seed), "provenance": provenance,
                                                **status, "steps": stop.good_steps})
         write_log(run.path(log_file_name(seed)), training.logs[seed],
@@ -385,25 +544,17 @@ def write_log(path: Path, rows: list[dict], last: dict) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     validate(args)
-    device = pick_device(args.device)
-    seeds = seeds_of(args)
+    all_seeds = seeds_of(args)
+    ranks, device = start_ranks(pick_device(args.device), args.dist_timeout)
+    data_parallel = args.data_parallel and ranks.world > 1
+    if data_parallel and args.batch_size % ranks.world:
+        raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the "
+                         f"{ranks.world} processes")
+    seeds = own_seeds(all_seeds, ranks, data_parallel)
 
     # ---- activations, checked -------------------------------------------------------------------
-    if args.acts:
-        provenance = {"source": "acts", "acts": args.acts, "transformer": None, "transformer_sha256": None,
-                      "hook": None, "position": None, "checkpoint": None}
-    else:
-        provenance = {"source": "transformer", "transformer": args.transformer or DEFAULT_TRANSFORMER,
-                      "hook": args.hook, "position": "eq", "checkpoint": args.checkpoint, "acts": None,
-                      "acts_sha256": None}
-    acts, model, tokens, labels, hook = activations_from(provenance, device)
-    if args.acts:
-        provenance["acts_sha256"] = file_sha256(args.acts)
-        check_activations(acts, f"--acts {args.acts}")
-    else:
-        provenance.update(hook=hook, transformer_sha256=file_sha256(provenance["transformer"]))
-        check_activations(acts, f"the activations of {provenance['transformer']} at {hook}")
-    n, d = acts.shape
+    data = read_activations(args, device)
+    n, d, provenance = data.rows, data.d, data.provenance
 
     # ---- the ensemble's settings, its memory, and where it goes -----------------------------------
     width = args.width if args.width is not None else round(args.expansion * d)
@@ -411,11 +562,18 @@ def main() -> None:
         raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width:.3g}; "
                          f"must lie in [1, {MAX_SETTING}]")
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
-    if args.batch_size > n:
-        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {n} activations")
-    ARCHITECTURES[cfg.arch].check_data(cfg, n)
+    eval_rows = len(data.eval_acts)
+    if args.batch_size > data.train_rows:
+        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {data.train_rows} training activations"
+                         + (f" ({eval_rows} of the {n} are held out: lower --eval-rows)" if data.train_rows < n
+                            else ""))
+    ARCHITECTURES[cfg.arch].check_data(cfg, eval_rows)   # initialised from the evaluation rows
     n_snapshots = min(args.snapshots, args.steps + 1)
-    check_memory(memory_estimate(n, d, width, len(seeds), args.batch_size, n_snapshots), device,
+    n_streams = len(seeds) if args.vary_data_order else 1
+    held = eval_rows + (n_streams * (args.shuffle_buffer + args.batch_size) if data.streamed
+                        else data.train_rows if data.train_acts is not data.eval_acts else 0)
+    check_memory(memory_estimate(held, d, width, len(seeds), args.batch_size, n_snapshots,
+                                 eval_rows if data.eval_chunk is None else min(eval_rows, data.eval_chunk)), device,
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "
                  f"and {n_snapshots} snapshots")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
@@ -428,43 +586,58 @@ def main() -> None:
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
-                  torch=torch.__version__)
+                  torch=torch.__version__, eval_rows=eval_rows,
+                  shuffle_buffer=args.shuffle_buffer if data.streamed else None,
+                  data_parallel_processes=ranks.world if data_parallel else None)
 
-    with RunOutput(out_dir, run_name(seeds), run_entries(seeds), args.force, advice=overlap_advice) as run:
+    # only the first process enters the run (its checks come before any training) and writes, after gathering
+    writer = ranks.rank == 0
+    output = (RunOutput(out_dir, run_name(all_seeds), run_entries(all_seeds), args.force, advice=overlap_advice)
+              if writer else contextlib.nullcontext())
+    with output as run:
         torch.set_flush_denormal(True)   # tiny Adam moments as denormals slow a CPU step ~10x
         sae = build_sae(cfg, seeds).to(device)
-        sae.init_from_data(acts)
+        sae.init_from_data(data.eval_acts)
         trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                              use_kernels=not args.no_kernels)
-        print(f"{len(seeds)} x {cfg.arch} SAE, d={d} -> m={width}, {cfg.sparsity_name}, lr {lr:.2e}, "
-              f"{args.steps} steps of {args.batch_size} on {n} activations ({provenance['hook'] or args.acts}), "
-              f"{device}")
-        training = train(sae, trainer, acts, seeds, args, config, n_snapshots)
+        stepper = DataParallel(trainer, ranks) if data_parallel else trainer
+        print(describe_run(args, data, cfg, lr, seeds, ranks, data_parallel, device))
+        training = train(sae, stepper, data, seeds, args, config, n_snapshots, ranks,
+                         snapshots=writer or not data_parallel)
+        part = Part(seeds, {seed: sae.export(s) for s, seed in enumerate(seeds)}, training)
+        parts = gather_parts(part, stepper, ranks, data_parallel)
+        if not writer:
+            return
 
-        if training.divergence:
-            write_last_good(run, sae, seeds, training, config, provenance)
-            run.commit()
-            stop = training.divergence
-            raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after {stop.good_steps} "
-                             f"steps) are in {out_dir}/last-good-seed<N>.safetensors and no seed<N>.safetensors was "
-                             f"written; try a lower --lr")
-        acts = acts.cpu()
-        references = None
-        if model is not None:
+        # ---- evaluation on every input (or the held-out slice), and the files --------------------
+        owner = {seed: part for part in parts for seed in part.seeds}
+        finished = [seed for seed in all_seeds if owner[seed].training.divergence is None]
+        acts, model, tokens, labels, references = data.eval_acts.cpu(), data.model, data.tokens, data.labels, None
+        if model is not None and finished:
             model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
             references = ablation_references(model, tokens, labels, provenance["hook"], acts)
         lines = []
-        for s, seed in enumerate(seeds):
-            tensors, seed_config = sae.export(s), dict(config, seed=seed)
-            metrics = reconstruction_metrics(tensors, seed_config, acts)
+        for seed in finished:
+            tensors, seed_config = owner[seed].weights[seed], dict(config, seed=seed)
+            metrics = evaluation_metrics(tensors, seed_config, acts, data.eval_chunk)
             if model is not None:
                 metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
                                                   seed_config))
-            write_seed_files(run, seed, tensors, metrics, training, seed_config, provenance)
+            write_seed_files(run, seed, tensors, metrics, owner[seed].training, seed_config, provenance)
             lines.append(describe_seed(seed, metrics, run.final_path(sae_file_name(seed))))
+        diverged = [part for part in parts if part.training.divergence]
+        for part in diverged:
+            write_last_good(run, part, config, provenance)
         run.commit()
     print("\n".join(lines))
-    print(f"trained {len(seeds)} seed(s) in {training.seconds:.1f} s")
+    if diverged:
+        stop = diverged[0].training.divergence
+        raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after {stop.good_steps} "
+                         f"steps) are in {out_dir}/last-good-seed<N>.safetensors and no seed<N>.safetensors was "
+                         f"written for {'its' if len(parts) == 1 else 'those'} seeds; try a lower --lr")
+    processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
+    seconds = max(part.training.seconds for part in parts)
+    print(f"trained {len(all_seeds)} seed(s) in {seconds:.1f} s{processes}")
 
 
 if __name__ == "__main__":

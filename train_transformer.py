@@ -2,6 +2,8 @@
 
     python train_transformer.py                 # default: fast, about a minute on a 2-core CPU
     python train_transformer.py --frac 0.3      # the published recipe (Nanda et al. 2023): slow, faithful
+    python train_transformer.py --extract runs/transformer/model.safetensors --shards runs/acts
+                                                # no training: a trained model's activations as shards
 
 The model reads [a, b, =] (or [a, op, b, =]) and predicts c = a op b mod p at the `=` position; c is
 never an input token. Training is full batch AdamW with weight decay 1.0, which is what makes the model
@@ -35,9 +37,10 @@ import torch
 import torch.nn.functional as F_nn
 from einops import rearrange
 
-from sae_core import (KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, RunOutput,
-                      embedding_spectrum, fourier_purity, load_tensors, memory_limit_bytes, pick_device,
-                      read_acts_file, run_cli, save_tensors, seed_everything, sum_frequency_directions)
+from sae_core import (ACTS_INDEX, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, RunOutput,
+                      embedding_spectrum, file_sha256, fourier_purity, load_tensors, memory_limit_bytes, pick_device,
+                      read_acts_file, run_cli, save_tensors, seed_everything, sum_frequency_directions,
+                      write_activation_shards)
 
 FORMAT = "husai.transformer"
 VERSION = 1
@@ -80,6 +83,14 @@ def build_parser() -> CliParser:
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--force", action="store_true",
         help="replace the earlier run of this --out (all its files, never those of another run)")
+    # instead of training: a trained model's activations as a shard folder, for train_sae.py --acts
+    add("--extract", metavar="MODEL", default=None,
+        help="train nothing: write MODEL's activations at --hook on all p^2 inputs (at `=`, row a * p + b) "
+             "to the shard folder --shards (--force replaces an earlier extraction there)")
+    add("--shards", default=None, help="--extract: the shard folder to write (the format is in sae_core.py)")
+    add("--hook", default=None, help="--extract: hook site, e.g. blocks.0.mlp_post (default: last block's resid_post)")
+    add("--checkpoint", type=int, default=None, help="--extract: this epoch's checkpoint instead of the final model")
+    add("--rows-per-shard", type=int, default=65536, help="--extract: rows per shard file")
     return parser
 
 
@@ -617,8 +628,30 @@ def without_timing(row: dict) -> dict:
     return {key: value for key, value in row.items() if key != "seconds"}
 
 
+def extract_shards(args) -> None:
+    """--extract: a trained model's activations at --hook, at `=`, on every input in the order a * p + b,
+    written as a shard folder (sae_core.write_activation_shards); train_sae.py --acts trains on it
+    exactly as it would on the model itself."""
+    if not args.shards:
+        raise HusaiError("--extract needs --shards DIR, the folder to write the activations to")
+    provenance = {"source": "transformer", "transformer": args.extract, "hook": args.hook, "position": "eq",
+                  "checkpoint": args.checkpoint}
+    data = activations_from(provenance, pick_device(args.device))
+    source = dict(provenance, hook=data.hook, transformer_sha256=file_sha256(args.extract),
+                  inputs="every pair (a, b), row a * p + b")
+    rows, d = write_activation_shards(args.shards, data.acts.split(4096), args.rows_per_shard, source, args.force)
+    print(f"wrote {rows} activations of d = {d} at {data.hook} to {args.shards} "
+          f"({-(-rows // args.rows_per_shard)} shard(s) and {ACTS_INDEX})")
+
+
 def main() -> None:
     args = build_parser().parse_args()
+    if args.extract:
+        extract_shards(args)
+        return
+    for flag in ("shards", "hook", "checkpoint"):
+        if getattr(args, flag) is not None:
+            raise HusaiError(f"--{flag} applies to --extract only")
     validate(args)
     cfg = model_config_from_args(args)
     device = pick_device(args.device)
