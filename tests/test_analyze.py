@@ -563,7 +563,7 @@ def figures_named_by(report: dict) -> set[str]:
     return names
 
 
-def test_non_finite_saes_are_skipped_with_the_reason_and_runs_being_written_are_ignored(tmp_path):
+def test_non_finite_saes_are_skipped_with_the_reason_and_runs_being_written_are_ignored(tmp_path, monkeypatch, capsys):
     transformer = write_transformer(tmp_path / "transformer" / "model.safetensors")
     group = tmp_path / "sae" / "topk-w16-k4"
     write_sae_group(group, transformer, seeds=[0, 1, 2, 3], width=16)
@@ -576,8 +576,7 @@ def test_non_finite_saes_are_skipped_with_the_reason_and_runs_being_written_are_
     staging = group / RUN_DIR / "staging-seeds-7-123"        # a stage-2 run still being written
     staging.mkdir(parents=True)
     (staging / "seed7.safetensors").write_bytes((group / "seed0.safetensors").read_bytes())
-    result = run_analyze("sae", "--out", "out", "--device", "cpu", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert analyze_in_process(monkeypatch, capsys, tmp_path, "sae", "--out", "out")[0] == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped_files"]}
     assert set(skipped) == {"seed2.safetensors", "seed3.safetensors"}
