@@ -518,7 +518,10 @@ def test_saes_on_mlp_post_get_planes_families_and_latent_types(tmp_path):
 
 
 def test_no_silent_overwrite(inputs):
-    result = run_analyze("sae/topk-w16-k4/seed0.safetensors", "--out", "out1", cwd=inputs)
+    existing = inputs / "out-existing"
+    existing.mkdir(exist_ok=True)
+    (existing / "report.json").write_text("{}\n")
+    result = run_analyze("sae/topk-w16-k4/seed0.safetensors", "--out", "out-existing", cwd=inputs)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "--force" in result.stderr and "Traceback" not in result.stderr
 
