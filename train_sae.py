@@ -564,9 +564,9 @@ def main() -> None:
     cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
     eval_rows = len(data.eval_acts)
     if args.batch_size > data.train_rows:
-        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {data.train_rows} training activations"
-                         + (f" ({eval_rows} of the {n} are held out: lower --eval-rows)" if data.train_rows < n
-                            else ""))
+        held_out = f" training activations ({eval_rows} of the {n} are held out: lower --eval-rows)"
+        raise HusaiError(f"--batch-size {args.batch_size} is larger than the {data.train_rows}"
+                         + (held_out if data.train_rows < n else " activations"))
     ARCHITECTURES[cfg.arch].check_data(cfg, eval_rows)   # initialised from the evaluation rows
     n_snapshots = min(args.snapshots, args.steps + 1)
     n_streams = len(seeds) if args.vary_data_order else 1
