@@ -152,7 +152,7 @@ def test_a_harmonic_joins_its_fundamental_whichever_group_holds_more_energy(plan
     r2_from_8 = an.frequency_r2(f, fourier, torch.tensor([8, 9]))
     r2_from_4 = an.frequency_r2(f, fourier, torch.arange(8))
     assert float(r2_from_4[8 - 1]) >= an.FAMILY_R2 > float(r2_from_8[4 - 1])
-    gram = an.c_latent_gram(f, types == LATENT_TYPES.index("c"))          # one Gram, sliced: the same R^2
+    gram = an.latent_gram(f, an.plane_carriers(types))                    # one Gram, sliced: the same R^2
     assert torch.allclose(an.frequency_r2(f, fourier, torch.tensor([8, 9]), gram(torch.tensor([8, 9]))), r2_from_8)
     for heavy in (torch.arange(8), torch.tensor([8, 9])):       # the 4-arcs, then the 8-arcs hold the energy
         energy = torch.full((18,), 0.01, dtype=torch.float64)
