@@ -84,8 +84,11 @@ RECOMMENDED_SEEDS = 5
 FIGURE_LATENTS = 128             # latents shown in a similarity heat map
 VARIABLES = ("c", "a", "b", "other")   # of an input (a, b): c the answer ((a + b) mod p; (a - b) for sub), the two
                                        # inputs, and the other combination ((a - b) mod p; (a + b) for sub)
-LATENT_TYPES = VARIABLES + ("unexplained", "dead")
-TYPE_SHARE = 0.5                 # a latent is a v-latent when >= this share of its variance is a function of v
+LATENT_TYPES = VARIABLES + ("frequency", "unexplained", "dead")
+TYPE_SHARE = 0.5                 # a latent is a v-latent when >= this share of its variance is a function of v; a
+                                 # frequency-latent when none is, but this share lies at one frequency of the four
+                                 # variables together (the neuron rule's block {1, cos w, sin w}^2 of a and b)
+PLANE_TYPES = ("c", "frequency")  # the latents that carry the answer's planes, grouped into harmonic families
 FAMILY_R2 = 0.9                  # two groups are one harmonic family when either's cos/sin decode from the other's
                                  # group this well (grokked model: harmonic pairs 0.88-0.98, other pairs <= 0.84)
 HARMONICS = 10                   # harmonic purity counts a latent's c-energy at j w, j = 1..HARMONICS: an arc
@@ -777,12 +780,22 @@ def variable_shares(fourier: GridFourier) -> torch.Tensor:
     return fourier.energy().sum(dim=1) / fourier.variance.clamp_min(1e-300)
 
 
+def frequency_energy(fourier: GridFourier) -> torch.Tensor:
+    """[n_freq, k]: energy of each column at each frequency, the four variables together: the 2-D Fourier
+    block {1, cos w, sin w} x {1, cos w, sin w} of a and b without its constant (cos w a cos w b, ... are
+    combinations of cos/sin w (a + b) and w (a - b)), the block of sae_core's neuron purity."""
+    return fourier.energy().sum(dim=0)
+
+
 def latent_types(fourier: GridFourier) -> torch.Tensor:
     """[k] long index into LATENT_TYPES: the variable holding >= TYPE_SHARE of the latent's variance (at
-    most one can), "unexplained" when none does, "dead" when the latent never varies on the grid."""
-    shares = variable_shares(fourier)
-    best_share, best = shares.max(dim=0)
-    types = torch.where(best_share >= TYPE_SHARE, best, LATENT_TYPES.index("unexplained"))
+    most one can); else "frequency" when one frequency (frequency_energy) holds that share, as an MLP
+    neuron of the grokked model does; "unexplained" when neither; "dead" when it never varies on the grid."""
+    best_share, best = variable_shares(fourier).max(dim=0)
+    one_frequency = frequency_energy(fourier).max(dim=0).values / fourier.variance.clamp_min(1e-300)
+    types = torch.where(best_share >= TYPE_SHARE, best,
+                        torch.where(one_frequency >= TYPE_SHARE, LATENT_TYPES.index("frequency"),
+                                    LATENT_TYPES.index("unexplained")))
     dead = fourier.variance <= 1e-12 * fourier.variance.max().clamp_min(1e-300)
     return torch.where(dead, LATENT_TYPES.index("dead"), types)
 
@@ -792,9 +805,11 @@ def c_energy(fourier: GridFourier) -> torch.Tensor:
     return fourier.energy()[0]
 
 
-def fundamental_frequencies(fourier: GridFourier) -> torch.Tensor:
-    """[k]: the frequency of c (1..n_freq) holding the most energy, a latent's fundamental."""
-    return c_energy(fourier).argmax(dim=0) + 1
+def fundamental_frequencies(fourier: GridFourier, types: torch.Tensor) -> torch.Tensor:
+    """[k]: a latent's fundamental (1..n_freq): the frequency of c holding the most of its energy, or for
+    a frequency-latent the frequency holding the most of the four variables' energy together."""
+    of_c = c_energy(fourier).argmax(dim=0) + 1
+    return torch.where(types == LATENT_TYPES.index("frequency"), frequency_energy(fourier).argmax(dim=0) + 1, of_c)
 
 
 def harmonic_table(p: int, harmonics: int = HARMONICS) -> torch.Tensor:
@@ -879,7 +894,12 @@ def frequency_r2(f: scipy.sparse.spmatrix, fourier: GridFourier, latents: torch.
     return torch.einsum("wik,kl,wil->w", q, inverse, q).div(2).clamp(0, 1)
 
 
-def c_latent_gram(f: scipy.sparse.spmatrix, chosen: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def plane_carriers(types: torch.Tensor) -> torch.Tensor:
+    """[k] bool: the latents of PLANE_TYPES."""
+    return torch.isin(types, torch.tensor([LATENT_TYPES.index(t) for t in PLANE_TYPES]))
+
+
+def latent_gram(f: scipy.sparse.spmatrix, chosen: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """One centred_gram of the chosen latents (mask [m]); returns the function that slices it for any
     subset of them (a group or a family)."""
     latents = torch.nonzero(chosen).squeeze(1)
@@ -894,28 +914,30 @@ def c_latent_gram(f: scipy.sparse.spmatrix, chosen: torch.Tensor) -> Callable[[t
 
 
 class Family(NamedTuple):
-    """A harmonic family: groups of c-latents (one per fundamental frequency) linked by decoding."""
+    """A harmonic family: groups of plane-carrying latents (PLANE_TYPES; one group per fundamental
+    frequency) linked by decoding."""
     root: int                    # the fundamental of the family's group holding the most energy
     frequencies: list[int]       # root first, then the other members in increasing order
-    latents: torch.Tensor        # [k] long: the c-latents of every group in the family
+    latents: torch.Tensor        # [k] long: the latents of every group in the family
     links: dict                  # member w -> the best R^2 of decoding cos/sin(w c) from another member's group
 
 
 def harmonic_families(f: scipy.sparse.spmatrix, fourier: GridFourier, types: torch.Tensor, energy: torch.Tensor,
                       candidates: list[int], gram: Callable | None = None) -> list[Family]:
-    """Group the c-latents by fundamental frequency and merge the groups into harmonic families.
+    """Group the plane-carrying latents (c- and frequency-latents) by fundamental frequency and merge the
+    groups into harmonic families.
 
     Groups w and w' are linked when cos/sin(w' c) decode from w's group, or cos/sin(w c) from w''s, with
     R^2 >= FAMILY_R2; families are the linked components. Both directions are tried because a harmonic
     decodes from its fundamental's arcs and not the reverse (arcs of w carry j w; those of j w cannot
     make w). For p prime every w' is +-j w mod p for some j, so the relation alone says nothing: decoding
     is the test. A candidate frequency with no group of its own joins the family whose group decodes it
-    best, when that R^2 >= FAMILY_R2; otherwise it stays unplaced (no plane). gram: c_latent_gram of the
-    c-latents, when the caller has it."""
-    is_c = types == LATENT_TYPES.index("c")
-    fundamental = fundamental_frequencies(fourier)
-    groups = {int(w): torch.nonzero(is_c & (fundamental == w)).squeeze(1) for w in fundamental[is_c].unique()}
-    gram = gram or c_latent_gram(f, is_c)
+    best, when that R^2 >= FAMILY_R2; otherwise it stays unplaced (no plane). gram: latent_gram of the
+    plane-carrying latents, when the caller has it."""
+    carries = plane_carriers(types)
+    fundamental = fundamental_frequencies(fourier, types)
+    groups = {int(w): torch.nonzero(carries & (fundamental == w)).squeeze(1) for w in fundamental[carries].unique()}
+    gram = gram or latent_gram(f, carries)
     decodes = {w: frequency_r2(f, fourier, latents, gram(latents)) for w, latents in groups.items()}   # group -> R^2 of every w'
     parent = {w: w for w in groups}
 
@@ -967,7 +989,8 @@ def written_plane(fourier: GridFourier, W_dec: torch.Tensor, latents: torch.Tens
 class PlaneAnalysis(NamedTuple):
     """One SAE's latents seen through the planes: per latent, per family and per frequency."""
     types: torch.Tensor          # [m] index into LATENT_TYPES
-    fundamental: torch.Tensor    # [m] fundamental frequency of c (meaningful for c-latents)
+    fundamental: torch.Tensor    # [m] fundamental frequency (fundamental_frequencies; meaningful for c- and
+                                 # frequency-latents)
     purity: torch.Tensor         # [m] harmonic purity
     families: list[Family]       # largest energy first
     planes: dict                 # w -> PlaneFit, for every requested and every family frequency
@@ -1005,7 +1028,7 @@ def plane_analysis(f: scipy.sparse.spmatrix, energy: torch.Tensor, W_dec: torch.
         raise HusaiError(f"frequencies {frequencies}: each must lie in 1..{(p - 1) // 2} for p = {p}")
     fourier = grid_fourier(f, p, grid.op)
     types = latent_types(fourier)
-    gram = c_latent_gram(f, types == LATENT_TYPES.index("c"))
+    gram = latent_gram(f, plane_carriers(types))
     families = harmonic_families(f, fourier, types, energy, frequencies, gram)
     planes = {w: PlaneFit(None, [], 0, None, [0.0, 0.0], 0.0) for w in frequencies}
     for family in families:
@@ -1015,7 +1038,7 @@ def plane_analysis(f: scipy.sparse.spmatrix, energy: torch.Tensor, W_dec: torch.
             to_truth = principal_cosines(basis, grid.truth[w]) if w in grid.truth else None
             planes[w] = PlaneFit(family.root, family.frequencies, len(family.latents), basis, to_truth,
                                  float(r2[w - 1]))
-    return PlaneAnalysis(types, fundamental_frequencies(fourier), harmonic_purity(fourier, p), families,
+    return PlaneAnalysis(types, fundamental_frequencies(fourier, types), harmonic_purity(fourier, p), families,
                          dict(sorted(planes.items())), type_summary(types, energy))
 
 
@@ -1833,8 +1856,8 @@ def comparison_row(result: dict) -> dict:
                                                      if result["stability"] else None)
     types, planes = result["latent_types"], result["planes"]
     for kind in ("trained", *NULLS):
-        c_energy_stat = types["c"]["energy"].get(kind) if types else None
-        row[f"c_energy_{kind}"] = c_energy_stat["mean"] if c_energy_stat else None
+        carried = [types[t]["energy"].get(kind) for t in PLANE_TYPES] if types else [None]
+        row[f"plane_energy_{kind}"] = sum(stat["mean"] for stat in carried) if None not in carried else None
         recovered = [entry["recovery"].get(kind) for entry in planes["per_frequency"].values()] if planes else []
         row[f"recovery_{kind}"] = (float(np.mean([r["mean"] for r in recovered]))
                                    if recovered and None not in recovered else None)
@@ -2239,7 +2262,8 @@ COMPARISON_COLUMNS = [
     Column("sparsity", "sparsity", str), Column("seeds", "seeds", str), Column("FVU", "fvu", fixed(4)),
     Column("L0", "l0", fixed(1)), Column("dead", "dead_frac", fixed(3)), Column("acc (SAE)", "acc_sae", fixed(4))]
 PLANE_COMPARISON_COLUMNS = [
-    Column("c-latent energy (init / random)", ("c_energy_trained", "c_energy_init", "c_energy_random"), beside_nulls),
+    Column("c- and frequency-latent energy (init / random)", ("plane_energy_trained", "plane_energy_init",
+                                                                "plane_energy_random"), beside_nulls),
     Column("plane recovery (init / random)", ("recovery_trained", "recovery_init", "recovery_random"), beside_nulls)]
 PLANE_COLUMNS = [
     Column("w", "w", str), Column("variance share", "variance_share", fixed(3)),
@@ -2567,9 +2591,10 @@ CHOICES = [
     ("activation normalisation", "none here: saved weights are in raw activation units and cosines and "
                                  "correlations ignore scale; the training-time setting (`normalize`) is listed per group"),
     ("key frequencies K", f"{KEY_FREQUENCY_RULE}, recomputed from the embedding of the exact checkpoint analysed"),
-    ("latent types and families", f"a v-latent holds >= {TYPE_SHARE} of its variance as a function of v; groups of "
-                                  f"c-latents form one family when either's frequency decodes from the other's "
-                                  f"with R^2 >= {FAMILY_R2}"),
+    ("latent types and families", f"a v-latent holds >= {TYPE_SHARE} of its variance as a function of v, a "
+                                  f"frequency-latent as much at one frequency; groups of c- and frequency-latents "
+                                  f"form one family when either's frequency decodes from the other's with R^2 >= "
+                                  f"{FAMILY_R2}"),
     ("tau", "shared-fraction threshold; the curve over tau is in report.json and the stability figures"),
     ("number of seeds", f"{RECOMMENDED_SEEDS} or more recommended; confidence intervals resample seeds "
                         f"({BOOTSTRAP_RESAMPLES} resamples, {CI_LEVEL:.0%} percentile), never the list of pairs"),
@@ -2587,14 +2612,17 @@ read unit decoder rows d_i and encoder columns, with cosines C = A B^T.
 - **Latent types**: a latent's activation over the p^2 inputs (a, b) splits into parts that are
   functions of c (the answer), of a, of b, of the other combination of a and b, and the rest (their
   interaction). A latent is a v-latent when >= {type_share} of its variance is a function of v (at most
-  one can be), unexplained when none is, dead when it never varies. Per type: count, share of the
-  reconstruction energy, and stability (its latents' energy-weighted best correlation in the other seed).
-- **Harmonic families and planes**: c-latents are grouped by fundamental frequency (the frequency of c
-  holding most of their energy); two groups are one family when cos/sin of either's frequency decode
-  linearly from the other's group with R^2 >= {family_r2}. At each key frequency w, the family holding w
-  writes a plane: the regression of the family's reconstruction on cos(w c) and sin(w c). **Recovery** =
-  the smaller principal-angle cosine between that plane and the true one (the activations' own
-  regression on cos(w c), sin(w c)); **R^2** = how well cos/sin(w c) decode linearly from the family.
+  one can be); else a frequency-latent when >= {type_share} lies at one frequency w of the four variables
+  together (the block {{1, cos w, sin w}}^2 of a and b, where an MLP neuron of this model lives);
+  unexplained when neither; dead when it never varies. Per type: count, share of the reconstruction
+  energy, and stability (its latents' energy-weighted best correlation in the other seed).
+- **Harmonic families and planes**: c- and frequency-latents are grouped by fundamental frequency (the
+  frequency of c, or for a frequency-latent of the four variables, holding most of their energy); two
+  groups are one family when cos/sin of either's frequency decode linearly from the other's group with
+  R^2 >= {family_r2}. At each key frequency w, the family holding w writes a plane: the regression of the
+  family's reconstruction on cos(w c) and sin(w c). **Recovery** = the smaller principal-angle cosine
+  between that plane and the true one (the activations' own regression on cos(w c), sin(w c)); **R^2** =
+  how well cos/sin(w c) decode linearly from the family.
 - **Harmonic purity** of a latent: the share of its variance that is a function of c at the harmonics
   j w (j <= {harmonics}) of one fundamental w. An arc relu(cos(w c - phi) - t) scores ~1 at any firing
   rate (the neuron rule, one frequency's block, gives a half circle 0.84).
@@ -2797,17 +2825,20 @@ def planes_section(g: dict) -> list[str]:
 
 
 def saturation_sentences(per_frequency: dict) -> list[str]:
-    """Plain sentences for the plane numbers that do not separate trained SAEs from the random null."""
+    """Plain sentences for the plane numbers that do not separate trained SAEs from the random null, saying
+    why where the null itself writes the plane (its mean >= 0.5)."""
     sentences = []
     for what, label in (("agreement", "agreement across seeds"), ("recovery", "recovery of the true plane")):
-        below = [str(w) for w, entry in per_frequency.items()
+        below = {w: entry[what]["random"]["mean"] for w, entry in per_frequency.items()
                  if entry[what] and entry[what]["trained"] and entry[what]["random"]
-                 and not entry[what]["trained"]["ci"][0] > entry[what]["random"]["max"]]
+                 and not entry[what]["trained"]["ci"][0] > entry[what]["random"]["max"]}
         if below:
-            sentences.append(f"Plane {label} is NOT above the random null at w = {', '.join(below)}: random TopK "
-                             "dictionaries in the data's subspace write these planes as well (any dictionary that "
-                             "reconstructs the answer's part of the activations does), so there the number separates "
-                             "trained SAEs from their initialisation only.")
+            sentences.append(f"Plane {label} is NOT above the random null at w = {', '.join(map(str, below))}.")
+        written = [str(w) for w, mean in below.items() if mean >= 0.5]
+        if written:
+            sentences.append(f"At w = {', '.join(written)} random TopK dictionaries in the data's subspace write the "
+                             "plane as well (any dictionary that reconstructs the answer's part of the activations "
+                             "does): there the number separates trained SAEs from their initialisation only.")
     return [" ".join(sentences), ""] if sentences else []
 
 
@@ -2959,8 +2990,8 @@ def comparison_section(report: dict, tau: float) -> list[str]:
     lines = ["## Comparison across configurations", "",
              f"Means over seeds (pairs of seeds for the scores), primary variant ({PRIMARY_VARIANT}), decoder view for "
              f"the direction scores, tau = {tau}. A column named after a null holds that null's mean; normalised is "
-             "against the initialisation. c-latent energy: the share of the reconstruction energy held by latents "
-             "that are functions of the answer; plane recovery: the mean over the key frequencies of the written "
+             "against the initialisation. c- and frequency-latent energy: the share of the reconstruction energy "
+             "held by the latents that carry the planes; plane recovery: the mean over the key frequencies of the written "
              "plane's smaller principal cosine to the true plane (trained / init / random).", ""]
     lines += table(COMPARISON_COLUMNS + score_columns_ + PLANE_COMPARISON_COLUMNS, report["comparison"])
     return lines + ["", f"Pareto frontier ({pareto.short} normalised against the initialisation higher, FVU lower; "

@@ -152,7 +152,7 @@ def test_a_harmonic_joins_its_fundamental_whichever_group_holds_more_energy(plan
     r2_from_8 = an.frequency_r2(f, fourier, torch.tensor([8, 9]))
     r2_from_4 = an.frequency_r2(f, fourier, torch.arange(8))
     assert float(r2_from_4[8 - 1]) >= an.FAMILY_R2 > float(r2_from_8[4 - 1])
-    gram = an.c_latent_gram(f, types == LATENT_TYPES.index("c"))          # one Gram, sliced: the same R^2
+    gram = an.latent_gram(f, an.plane_carriers(types))                    # one Gram, sliced: the same R^2
     assert torch.allclose(an.frequency_r2(f, fourier, torch.tensor([8, 9]), gram(torch.tensor([8, 9]))), r2_from_8)
     for heavy in (torch.arange(8), torch.tensor([8, 9])):       # the 4-arcs, then the 8-arcs hold the energy
         energy = torch.full((18,), 0.01, dtype=torch.float64)
@@ -422,3 +422,25 @@ def test_bad_inputs_are_husai_errors(planted):
         latent_correlations(planted["pA"], latent_profile(fA[:-1], WA))
     with pytest.raises(HusaiError):
         project_rows(WA, torch.eye(3))
+
+
+def test_neuron_like_latents_are_frequency_latents_and_their_family_writes_the_answer_plane():
+    """At mlp_post the units are neurons like relu(cos(w a + phi) + cos(w b + psi)): functions of a and b at
+    one frequency, no single variable holding half their variance. They are frequency-latents of fundamental
+    w, they form one family, and with the neurons themselves as the activations (an identity dictionary)
+    that family writes exactly the plane of cos/sin(w c) the activations carry."""
+    p, w, n = 59, 4, 8
+    values = grid_variables(p)
+    phases = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
+    angle_a, angle_b = (2 * math.pi * w * values[v].double()[:, None] / p for v in (1, 2))
+    neurons = torch.relu(torch.cos(angle_a + phases) + torch.cos(angle_b + 2 * phases + 0.3)).float()   # [p^2, n]
+    fourier = grid_fourier(neurons, p)
+    assert variable_shares(fourier).max() < an.TYPE_SHARE                   # no single variable explains one
+    assert latent_types(fourier).tolist() == [LATENT_TYPES.index("frequency")] * n
+    assert an.fundamental_frequencies(fourier, latent_types(fourier)).tolist() == [w] * n
+    truth = true_planes(neurons, [w])
+    planes = profile(neurons, torch.eye(n), truth, p).planes
+    assert [family.frequencies for family in planes.families] == [[w]]
+    assert min(planes.planes[w].cosines_to_truth) == pytest.approx(1, abs=1e-6)
+    # the same neurons as arcs of c would be c-latents: the type follows what the activation is a function of
+    assert harmonic_purity(fourier, p).max() < 0.5
