@@ -131,6 +131,18 @@ def memory_limit_bytes() -> int:
     return limit
 
 
+def check_memory(need: int, device: torch.device, sizes: str, advice: str) -> None:
+    """Refuse, before anything is allocated, a run whose memory estimate `need` (bytes) exceeds this
+    machine's memory (or the GPU's): one line naming the sizes, the estimate and what to shrink."""
+    limits = {"memory": memory_limit_bytes()}
+    if device.type == "cuda":
+        limits["GPU memory"] = torch.cuda.get_device_properties(device).total_memory
+    for what, have in limits.items():
+        if need > have:
+            raise HusaiError(f"{sizes} needs about {need / 2**30:.3g} GiB of {what}; this machine has "
+                             f"{have / 2**30:.3g} GiB: {advice}")
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, MAX_SETTING, SAE_FORMAT, SAE_VERSION, SMALL_ACTS_ROWS,
                       SNAPSHOT_FORMAT, ActivationShards, CliParser, DataParallel, HusaiError, Ranks, RunOutput,
                       SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
-                      gather_on_rank0, held_out_rows, memory_limit_bytes, non_finite_tensors, pick_device, run_cli,
+                      gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
                       sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name,
                       start_ranks, stop_ranks, width_scaled_lr)
 from train_transformer import activations_from, run_with_replacement
@@ -202,18 +202,6 @@ def memory_estimate(n: int, d: int, width: int, n_seeds: int, batch_size: int, n
     floats = (n_seeds * params * (7 + n_snapshots) + n_seeds * batch_size * (6 * width + 4 * d)
               + 3 * n * d + 3 * (n if evaluated_at_once is None else evaluated_at_once) * width)
     return 4 * floats + 2**29
-
-
-def check_memory(need: int, device: torch.device, sizes: str) -> None:
-    """Refuse a run whose memory estimate exceeds this machine's memory (or the GPU's), before training."""
-    limits = {"memory": memory_limit_bytes()}
-    if device.type == "cuda":
-        limits["GPU memory"] = torch.cuda.get_device_properties(device).total_memory
-    for what, have in limits.items():
-        if need > have:
-            raise HusaiError(f"{sizes} needs about {need / 2**30:.3g} GiB of {what}; this machine has "
-                             f"{have / 2**30:.3g} GiB: choose a smaller --width, --batch-size, --snapshots or "
-                             f"fewer seeds")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,7 +563,7 @@ def main() -> None:
     check_memory(memory_estimate(held, d, width, len(seeds), args.batch_size, n_snapshots,
                                  eval_rows if data.eval_chunk is None else min(eval_rows, data.eval_chunk)), device,
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "
-                 f"and {n_snapshots} snapshots")
+                 f"and {n_snapshots} snapshots", "choose a smaller --width, --batch-size, --snapshots or fewer seeds")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
     name = f"{cfg.arch}-w{width}-{cfg.folder_label}"
     if args.acts:

@@ -38,7 +38,7 @@ import torch.nn.functional as F_nn
 from einops import rearrange
 
 from sae_core import (ACTS_INDEX, KEY_FREQUENCY_MIN_SHARE, PURE_NEURON_THRESHOLD, CliParser, HusaiError, RunOutput,
-                      embedding_spectrum, file_sha256, fourier_purity, load_tensors, memory_limit_bytes, pick_device,
+                      embedding_spectrum, file_sha256, fourier_purity, load_tensors, check_memory, pick_device,
                       read_acts_file, run_cli, save_tensors, seed_everything, sum_frequency_directions,
                       write_activation_shards)
 
@@ -518,20 +518,6 @@ def memory_estimate(cfg: ModelConfig, n_train: int) -> int:
     return 4 * max(train, measure) + 2**29
 
 
-def check_memory(cfg: ModelConfig, n_train: int, device: torch.device) -> None:
-    """Refuse sizes whose memory estimate exceeds this machine's RAM (or the GPU's memory), before
-    anything is allocated, instead of being killed by the kernel part-way."""
-    need = memory_estimate(cfg, n_train)
-    limits = {"memory": memory_limit_bytes()}
-    if device.type == "cuda":
-        limits["GPU memory"] = torch.cuda.get_device_properties(device).total_memory
-    for what, have in limits.items():
-        if need > have:
-            raise HusaiError(f"--p {cfg.p} --d-model {cfg.d_model} --d-mlp {cfg.d_mlp} --layers {cfg.n_layers} with "
-                             f"{n_train} training pairs needs about {need / 2**30:.3g} GiB of {what}; this machine has "
-                             f"{have / 2**30:.3g} GiB: choose a smaller model or modulus")
-
-
 def save_model(path: Path, model: Transformer, train_idx: torch.Tensor, metadata: dict) -> None:
     save_weights(path, model.state_dict(), train_idx, metadata)
 
@@ -655,7 +641,9 @@ def main() -> None:
     validate(args)
     cfg = model_config_from_args(args)
     device = pick_device(args.device)
-    check_memory(cfg, round(args.frac * cfg.p**2), device)
+    n_train = round(args.frac * cfg.p**2)
+    check_memory(memory_estimate(cfg, n_train), device, f"--p {cfg.p} --d-model {cfg.d_model} --d-mlp {cfg.d_mlp} "
+                 f"--layers {cfg.n_layers} with {n_train} training pairs", "choose a smaller model or modulus")
     train_idx, test_idx = train_test_split(cfg.p, args.frac, args.seed)
     out = Path(args.out)
     files = run_files(out)
