@@ -1,7 +1,7 @@
 """Stage 3: do SAEs trained with different seeds learn the same features, and are those the model's
 Fourier features?
 
-    python analyze.py                                   # every runs/sae/*/seed<N>.safetensors
+    python analyze.py                                   # every runs/sae/*/seed<N>
     python analyze.py runs/sae/topk-w512-k32 'runs/sae/relu-*'   # chosen files, folders or globs
     python analyze.py --out runs/analysis --force       # regenerate an existing report
 
@@ -57,10 +57,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
-from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, RUN_DIR, SAE_VERSION, SNAPSHOT_FORMAT, CliParser,
-                      HusaiError, RunOutput, atomic_write, embedding_spectrum, file_sha256, fourier_basis, load_sae,
+from sae_core import (ARCHITECTURES, KEY_FREQUENCY_MIN_SHARE, RUN_DIR, SAE_VERSION, SAELENS_CONFIG, SNAPSHOT_FORMAT,
+                      ActivationShards, CliParser, HusaiError, RunOutput, atomic_write, embedding_spectrum, file_sha256, fourier_basis, load_sae,
                       load_tensors, non_finite_tensors, pick_device, reconstruction_metrics, run_cli, sae_latents,
-                      snapshot_file_name)
+                      seed_files)
 from train_transformer import activations_from, plot_fourier_spectrum, plot_training_curves, training_log_path
 
 matplotlib.use("Agg")   # figures go to files; no display is needed or used
@@ -129,8 +129,8 @@ VARIANTS = {"signed, all latents": Variant(False, False, True), "signed, alive l
 PRIMARY_VARIANT = "signed, all latents"
 TRAINING_SETTINGS = ("steps", "batch_size", "lr", "normalize", "data_seed", "vary_data_order")   # shown per group
 DOWNSTREAM = ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mean")   # as train_sae.py recorded
-SAE_FILE = re.compile(r"seed(\d+)\.safetensors")   # not seedN.snapshots.safetensors, not last-good-*
-DEFAULT_INPUTS = "runs/sae/*/seed*.safetensors"
+SAE_FILE = re.compile(r"seed(\d+)(\.safetensors)?")   # a seed folder or an earlier run's file; not last-good-*
+DEFAULT_INPUTS = "runs/sae/*/seed*"
 TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
 
 # --------------------------------------------------------------------------------------------------
@@ -1984,10 +1984,17 @@ def load_inputs(paths: list[Path]) -> Inputs:
     return Inputs(skipped, refused, loaded, failed, sources)
 
 
+def is_sae(path: Path) -> bool:
+    """A seed's SAE: a folder seed<N> holding cfg.json, or an earlier run's file seed<N>.safetensors."""
+    match = SAE_FILE.fullmatch(path.name)
+    return bool(match) and (path.is_file() if match.group(2) else (path / SAELENS_CONFIG).is_file())
+
+
 def find_sae_files(inputs: list[str]) -> list[Path]:
-    """SAE files from files, folders (searched recursively) and globs, sorted; the default glob without
-    inputs. A file named explicitly is taken as it is; folders and globs yield seed<N>.safetensors only.
-    Nothing inside a RUN_DIR (.husai) folder is taken: those are runs being written or set aside.
+    """SAEs (seed folders, or files of earlier runs) from files, folders (searched recursively) and globs,
+    sorted; the default glob without inputs. A seed folder or a file named explicitly is taken as it is;
+    other folders and globs yield seed<N> folders and seed<N>.safetensors files only. Nothing inside a
+    RUN_DIR (.husai) folder is taken: those are runs being written or set aside.
     A named path that does not exist is an error; finding nothing at all is one too."""
     patterns = inputs or [DEFAULT_INPUTS]
     found = set()
@@ -1999,10 +2006,9 @@ def find_sae_files(inputs: list[str]) -> list[Path]:
         else:
             raise HusaiError(f"{pattern}: no such file or folder")
         for match in matches:
-            if match.is_dir():
-                found |= {c for c in match.rglob("seed*.safetensors")
-                          if SAE_FILE.fullmatch(c.name) and RUN_DIR not in c.relative_to(match).parts}
-            elif SAE_FILE.fullmatch(match.name) or not glob.has_magic(pattern):
+            if match.is_dir() and not is_sae(match):
+                found |= {c for c in match.rglob("seed*") if is_sae(c) and RUN_DIR not in c.relative_to(match).parts}
+            elif is_sae(match) or not glob.has_magic(pattern):
                 found.add(match)
     found = {path for path in found if RUN_DIR not in path.parts}   # a run's staging and set-aside files
     if not found:
@@ -2102,27 +2108,39 @@ def group_files(files: list[SAEFile]) -> tuple[list[Group], list[str]]:
 
 def load_source(group: Group, cache: dict) -> Source:
     """Recompute the group's activations from its provenance (the transformer at its checkpoint and
-    hook, at the `=` position; or the activation file), after checking the file is the one the SAEs
-    were trained on (sha256). A HusaiError explains a group that cannot be analysed."""
+    hook, at the `=` position; or the activation file or shard folder), after checking it is the one the
+    SAEs were trained on (sha256). A HusaiError explains a group that cannot be analysed."""
     provenance = group.first.provenance
     kind, path, sha = source_of(provenance)
     checkpoint, hook = provenance.get("checkpoint"), provenance.get("hook")
+    eval_rows = group.first.config.get("eval_rows")
     if provenance.get("position") not in ("eq", None):
         raise HusaiError(f"position {provenance['position']!r}: this analysis reads activations at `=` (eq) only")
-    key = (kind, path, sha, checkpoint, hook)
-    if key not in cache:
-        if not Path(path).is_file():
-            raise HusaiError(f"the {kind} file {path} named in the SAEs' provenance does not exist")
-        if file_sha256(path) != sha:
-            raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
-        data = activations_from(provenance)
-        if kind == "acts":
-            cache[key] = Source(data.acts, None, None, path, None)
-        else:
-            transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
-            cache[key] = Source(data.acts, data.model, transformer_id, path,
-                                read_training_log(training_log_path(path)))
+    key = (kind, path, sha, checkpoint, hook, eval_rows if kind == "acts" else None)
+    if key in cache:
+        return cache[key]
+    if not Path(path).exists():
+        raise HusaiError(f"the {kind} file {path} named in the SAEs' provenance does not exist")
+    if kind == "acts":
+        cache[key] = Source(evaluation_rows(path, sha, eval_rows), None, None, path, None)
+        return cache[key]
+    if file_sha256(path) != sha:
+        raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
+    data = activations_from(provenance)
+    transformer_id = path + (f" (epoch {checkpoint})" if checkpoint is not None else "")
+    cache[key] = Source(data.acts, data.model, transformer_id, path, read_training_log(training_log_path(path)))
     return cache[key]
+
+
+def evaluation_rows(path: str, sha: str, eval_rows: int | None) -> torch.Tensor:
+    """The rows [eval_rows, d] of an activation file or shard folder that train_sae.py evaluated the SAEs
+    on: its last eval_rows rows (all of a small set; all of them for runs that predate the setting), read
+    through the shard reader, after checking the set is the one in the provenance (acts_sha256)."""
+    shards = ActivationShards(path, flag="the provenance's acts")
+    if shards.provenance()["acts_sha256"] != sha:
+        raise HusaiError(f"{path} has changed since the SAEs were trained (sha256 differs from the provenance)")
+    rows = shards.rows if eval_rows is None else min(int(eval_rows), shards.rows)
+    return shards.read(shards.rows - rows, shards.rows)
 
 
 def read_training_log(path: Path) -> list[dict] | None:
@@ -2138,7 +2156,7 @@ def load_snapshots(files: list[SAEFile]) -> tuple[dict | None, str | None]:
     try:
         loaded = []
         for sae_file in files:
-            path = sae_file.path.with_name(snapshot_file_name(sae_file.seed))
+            path = seed_files(sae_file.path).snapshots
             tensors, meta = load_tensors(path, SNAPSHOT_FORMAT, SAE_VERSION, required=("step0.W_enc", "step0.W_dec"))
             bad = non_finite_tensors(tensors) + [f"FVU at step {t}" for t, v in zip(meta["steps"], meta["fvu"])
                                                  if not math.isfinite(v)]

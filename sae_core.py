@@ -944,7 +944,12 @@ class DataParallel:
     Deterministic for a fixed N: an all-reduce adds in an order fixed by N, so runs with the same N are
     bit-identical, and runs with different N (or one process) agree only up to rounding. Two things are
     per part rather than per batch: BatchTopK keeps the k B/N largest activations of each part, and AuxK
-    normalises by its part's residual variance."""
+    normalises by its part's residual variance.
+
+    The step check (SAETrainer.check_step) sees the whole batch's loss and FVU, the means of the parts'
+    (whole_batch): a part whose loss is not finite, or whose FVU explodes, stops every process at the same
+    step with the same last good weights, never one process alone (which would leave the others waiting
+    at the next all-reduce)."""
 
     def __init__(self, trainer, ranks: Ranks):
         self.trainer, self.ranks = trainer, ranks
@@ -952,6 +957,15 @@ class DataParallel:
         self.waiting = 0                       # gradients accumulated in this backward, not yet reduced
         for parameter in self.parameters:
             parameter.register_post_accumulate_grad_hook(self.gradient_ready)
+        trainer.whole_batch = self.whole_batch
+
+    def whole_batch(self, loss: torch.Tensor, fvu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's loss [S] and batch FVU [S] averaged over the processes' parts (the mean of a part's NaN
+        or infinity is one too, on every process)."""
+        both = torch.stack([loss, fvu])
+        dist.all_reduce(both)
+        both /= self.ranks.world
+        return both[0], both[1]
 
     def part(self, batch: torch.Tensor) -> torch.Tensor:
         """This process's rows of a batch [..., B, d]."""
@@ -1121,14 +1135,36 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 SAE_FORMAT, SAE_VERSION = "husai.sae", 1
 SNAPSHOT_FORMAT = "husai.sae_snapshots"
 
+# A seed's files, in its configuration's folder, are one folder that SAELens loads as it is
+# (SAE.load_from_disk("runs/sae/<configuration>/seed<N>")):
+#     seed<N>/sae_weights.safetensors   exactly SAELens's tensors for its architecture (SAELENS_TENSORS)
+#     seed<N>/cfg.json                  the keys SAELens reads (saelens_config), and HUSAI's config, metrics and
+#                                       provenance under "husai"
+#     seed<N>/husai_tensors.safetensors only if the architecture exports tensors SAELens has no place for
+#     seed<N>/snapshots.safetensors     SNAPSHOT_FORMAT: its weights at log-spaced steps, with their FVU
+#     seed<N>/log.jsonl                 the training log
+# Runs written before this layout hold seed<N>.safetensors (the tensors, with config, metrics and provenance
+# in its header), seed<N>.snapshots.safetensors and seed<N>.log.jsonl; seed_files finds either.
+
+SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
+EXTRA_TENSORS_FILE, SNAPSHOTS_FILE, LOG_FILE = "husai_tensors.safetensors", "snapshots.safetensors", "log.jsonl"
+SAELENS_TENSORS = {"standard": ("W_enc", "W_dec", "b_enc", "b_dec"), "topk": ("W_enc", "W_dec", "b_enc", "b_dec"),
+                   "jumprelu": ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+SAELENS_CFG_VERSION = "6.0.0"   # cfg.json follows SAELens 6's layout (an older one is converted as pre-6 by its loader)
+
+
+def seed_folder_name(seed: int) -> str:
+    """One seed's SAE folder, in its configuration's folder."""
+    return f"seed{seed}"
+
 
 def sae_file_name(seed: int) -> str:
-    """One seed's SAE, in its configuration's folder."""
+    """One seed's SAE in the single-file layout of earlier runs (read, no longer written)."""
     return f"seed{seed}.safetensors"
 
 
 def snapshot_file_name(seed: int) -> str:
-    """The SNAPSHOT_FORMAT file beside a seed's SAE: its weights at log-spaced steps, with full-data FVU."""
+    """The snapshots beside sae_file_name(seed) in the single-file layout of earlier runs."""
     return f"seed{seed}.snapshots.safetensors"
 
 
@@ -1338,6 +1374,7 @@ class SAEEnsemble(torch.nn.Module):
     sparsity: ClassVar[str]                  # the setting that sets its sparsity: names folders, groups analyses
     sparsity_format: ClassVar[str] = "{name}_{value:g}"   # how that setting reads in a folder name
     extra_tensors: ClassVar[tuple[str, ...]] = ()         # saved beside W_enc, W_dec, b_enc, b_dec
+    saelens: ClassVar[str]                   # the SAELens architecture that computes its inference (cfg.json)
     uses_auxk: ClassVar[bool] = False
     variant_settings: ClassVar[tuple[str, ...]] = ()      # settings that make another kind of SAE: in folder names
 
@@ -1487,6 +1524,7 @@ def check_k(cfg: SAEConfig) -> None:
 class ReLUSAE(SAEEnsemble):
     """ReLU SAE: f = ReLU(z); penalty lambda * sum_i f_i ||W_dec[i]||, lambda ramped up from 0."""
     name = "relu"
+    saelens = "standard"
     settings = {
         "l1": setting(0.7, "L1 coefficient, decoder-norm weighted, in normalised units (0.7: L0 33.5 on the "
                            "grokked model's residual stream, next to TopK's k = 32)", NON_NEGATIVE),
@@ -1510,6 +1548,7 @@ class TopKSAE(SAEEnsemble):
     """TopK (Gao et al. 2024): the k largest pre-activations of each input, ReLU'd; AuxK revives dead
     latents. On a GPU (or under the Triton interpreter) training runs the fused kernels."""
     name = "topk"
+    saelens = "topk"
     settings = {"k": K, **AUXK}
     sparsity = "k"
     sparsity_format = "k{value}"
@@ -1542,6 +1581,7 @@ class BatchTopKSAE(SAEEnsemble):
     """BatchTopK (Bussmann et al. 2024): the B*k largest pre-activations of each seed's batch in training;
     at inference one global threshold, a running average of the smallest kept activation."""
     name = "batchtopk"
+    saelens = "jumprelu"
     settings = {"k": K, **AUXK, "threshold_momentum": setting(
         0.99, "running average of the smallest kept activation, the inference threshold", BELOW_ONE)}
     sparsity = "k"
@@ -1598,6 +1638,7 @@ class JumpReLUSAE(SAEEnsemble):
     """JumpReLU (Rajamanoharan et al. 2024): f = z * H(z - theta) with learned per-latent thresholds;
     penalty lambda * L0, trained through straight-through estimators."""
     name = "jumprelu"
+    saelens = "jumprelu"
     settings = {
         "l0": setting(0.05, "coefficient of the L0 norm (the number of active latents)", NON_NEGATIVE),
         "threshold_init": setting(0.5, "initial per-latent threshold (normalised units)", POSITIVE),
@@ -1824,9 +1865,79 @@ def sae_reconstruct(tensors: dict[str, torch.Tensor], config: dict, x: torch.Ten
     return sae_latents(tensors, config, x) @ tensors["W_dec"] + tensors["b_dec"]
 
 
+def saelens_config(tensors: dict[str, torch.Tensor], husai: dict) -> dict:
+    """cfg.json for an SAE's exported tensors (W_enc [d, m], ...) and HUSAI's record of it (`config`, with
+    `arch`, and metrics, provenance, ...). The keys are the fields SAELens's inference configs read
+    (sae_lens/saes/sae.py SAEConfig; topk_sae.py TopKSAEConfig adds k): the tensors are in raw activation
+    units (no normalisation to apply), b_dec is subtracted before encoding, and TopK selects on the
+    pre-activations themselves. SAELens ignores the other keys; HUSAI's own are under "husai"."""
+    config = husai["config"]
+    architecture = ARCHITECTURES[config["arch"]].saelens
+    d_in, d_sae = tensors["W_enc"].shape
+    cfg = {"architecture": architecture, "d_in": int(d_in), "d_sae": int(d_sae), "dtype": "float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"sae_lens_version": SAELENS_CFG_VERSION},
+           "husai": {"format": SAE_FORMAT, "version": SAE_VERSION, **husai}}
+    if architecture == "topk":
+        cfg.update(k=int(config["k"]), rescale_acts_by_decoder_norm=False)
+    return cfg
+
+
+def write_sae_folder(folder: Path, tensors: dict[str, torch.Tensor], husai: dict) -> None:
+    """An SAE as a folder SAELens loads: sae_weights.safetensors with exactly SAELens's tensors for its
+    architecture, cfg.json (saelens_config), and any other exported tensor in husai_tensors.safetensors.
+    `folder` exists (a run's staging folder entry), so the files need no atomic rename of their own."""
+    cfg = saelens_config(tensors, husai)
+    names = SAELENS_TENSORS[cfg["architecture"]]
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ValueError(f"{husai['config']['arch']} exports no {', '.join(missing)}, which SAELens's "
+                         f"{cfg['architecture']} needs")
+    save_tensors(folder / SAELENS_WEIGHTS, {name: tensors[name] for name in names}, SAE_FORMAT, SAE_VERSION, {})
+    extra = {name: t for name, t in tensors.items() if name not in names}
+    if extra:
+        save_tensors(folder / EXTRA_TENSORS_FILE, extra, SAE_FORMAT, SAE_VERSION, {})
+    (folder / SAELENS_CONFIG).write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
+
+
+class SeedFiles(NamedTuple):
+    """Where one seed's files are, in either layout (see seed_folder_name)."""
+    weights: Path          # sae_weights.safetensors, or seed<N>.safetensors
+    config: Path | None    # cfg.json; None in the single-file layout, whose weights file holds the record
+    extra: Path | None     # husai_tensors.safetensors (present or not); None in the single-file layout
+    snapshots: Path
+    log: Path
+
+
+def seed_files(path: str | Path) -> SeedFiles:
+    """A seed's files from its folder (or a file in it) or from a single file seed<N>.safetensors."""
+    path = Path(path)
+    if path.is_dir() or path.name in (SAELENS_WEIGHTS, SAELENS_CONFIG):
+        folder = path if path.is_dir() else path.parent
+        return SeedFiles(folder / SAELENS_WEIGHTS, folder / SAELENS_CONFIG, folder / EXTRA_TENSORS_FILE,
+                         folder / SNAPSHOTS_FILE, folder / LOG_FILE)
+    stem = path.name.removesuffix(".safetensors")
+    return SeedFiles(path, None, None, path.with_name(f"{stem}.snapshots.safetensors"), path.with_name(f"{stem}.log.jsonl"))
+
+
 def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, meta = load_tensors(path, SAE_FORMAT, SAE_VERSION, required=("W_enc", "W_dec", "b_enc", "b_dec"),
-                                 hint="python train_sae.py --arch topk --seed 42")
+    """(tensors in SAELens's names, HUSAI's record: config, metrics, provenance, ...) of a seed folder or
+    of a single-file SAE of an earlier run. Every problem is a HusaiError naming the file."""
+    files = seed_files(path)
+    hint = "python train_sae.py --arch topk --seed 42"
+    tensors, meta = load_tensors(files.weights, SAE_FORMAT, SAE_VERSION, required=("W_enc", "W_dec", "b_enc", "b_dec"),
+                                 hint=hint)
+    if files.config is not None:
+        if not files.config.is_file():
+            raise HusaiError(f"{files.config}: no such file; create it with `{hint}`")
+        record = read_json(files.config, "SAE config")
+        meta = record.get("husai") if isinstance(record, dict) else None
+        if not isinstance(meta, dict) or (meta.get("format"), meta.get("version")) != (SAE_FORMAT, SAE_VERSION):
+            raise HusaiError(f"{files.config}: no \"husai\" record of format {SAE_FORMAT!r} version {SAE_VERSION} "
+                             f"(not an SAE written by train_sae.py)")
+        meta = {key: value for key, value in meta.items() if key not in ("format", "version")}
+        if files.extra.is_file():
+            tensors.update(load_tensors(files.extra, SAE_FORMAT, SAE_VERSION)[0])
     arch = meta.get("config", {}).get("arch")
     if arch not in ARCHITECTURES:
         raise HusaiError(f"{path}: architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
@@ -1878,6 +1989,7 @@ class SAETrainer:
         self.last_good: list[torch.Tensor] | None = None   # a copy of the last state that passed the check
         self.good_steps = 0                 # optimiser steps that produced the last good state
         self.fvu_reference: torch.Tensor | None = None   # [S] max(1, the first batch's FVU)
+        self.whole_batch: Callable | None = None   # data parallel: (loss, FVU) of a part -> the whole batch's
 
     def losses(self, acts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
@@ -1930,7 +2042,10 @@ class SAETrainer:
 
     def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
         """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started
-        from, and the parameters after its update."""
+        from, and the parameters after its update. In data parallel the loss and FVU checked are the
+        whole batch's (whole_batch), so that every process takes the same decision at the same step."""
+        if self.whole_batch is not None:
+            loss, fvu = self.whole_batch(loss, fvu)
         if self.fvu_reference is None:
             self.fvu_reference = torch.nan_to_num(fvu, nan=1.0).clamp_min(1.0)
         params_sum = torch.stack([p.detach().sum() for p in self.sae.parameters()]).sum()

@@ -14,22 +14,25 @@ a seeded shuffle buffer and evaluated on a held-out slice (--eval-rows). Seeds s
 unless told otherwise, so only the initialisation differs between them. Under torchrun each process
 trains its share of the seeds and the first gathers them and writes every file, as one process would
 have written it (with --data-parallel each process trains every seed on its part of each batch instead).
-Outputs, one set per seed, in
+Outputs, one folder per seed, which SAELens loads as it is (SAE.load_from_disk), in
 runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
-    seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
-                                    activation units (archetypal: W_dec its built rows, not unit norm);
-                                    metadata: config, metrics, provenance
-    seed<N>.snapshots.safetensors   the weights at log-spaced steps from 0, with FVU on the evaluation rows
-    seed<N>.log.jsonl               training metrics every --log-every steps, then one line with the
+    seed<N>/sae_weights.safetensors W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
+                                    activation units (archetypal: W_dec its built rows, not unit norm)
+    seed<N>/cfg.json                SAELens's keys (architecture: standard for relu, topk for topk and
+                                    archetypal, jumprelu for jumprelu, batchtopk and matryoshka, whose global
+                                    threshold is the threshold tensor), and "husai": config, metrics, provenance
+    seed<N>/snapshots.safetensors   the weights at log-spaced steps from 0, with FVU on the evaluation rows
+    seed<N>/log.jsonl               training metrics every --log-every steps, then one line with the
                                     run's status and its wall-clock seconds (the only timing anywhere)
-    last-good-seed<N>.safetensors   only when training diverged: the last weights that passed the check
+    last-good-seed<N>/              only when training diverged: the last weights that passed the check, as
+                                    sae_weights.safetensors and cfg.json, and the log
 One invocation's seed set is one run (sae_core.RunOutput): its files are written beside the folder and
 moved into place together, so an interruption, a full disk or a second run on the same folder never
 leaves a mix; --force with the same seed set replaces that run whole, and never touches the files of
 another invocation's seeds in the folder. Every flag, the data and the memory estimate are checked
 before any training. Every step checks that the loss is finite, that the batch FVU has not exploded and
 that the updated weights are finite; at the first failure the run stops, keeps the last good weights in
-last-good-seed<N>.safetensors (no seed<N>.safetensors) and exits with status 2. No file holds a
+last-good-seed<N>/ (no seed<N>/) and exits with status 2. No file holds a
 non-finite tensor, and the same command gives byte-identical SAE and snapshot files.
 """
 
@@ -48,12 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, MAX_SETTING, SAE_FORMAT, SAE_VERSION, SMALL_ACTS_ROWS,
-                      SNAPSHOT_FORMAT, ActivationShards, CliParser, DataParallel, HusaiError, Ranks, RunOutput,
-                      SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
+from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, LOG_FILE, MAX_SETTING, SAE_VERSION, SMALL_ACTS_ROWS,
+                      SNAPSHOT_FORMAT, SNAPSHOTS_FILE, ActivationShards, CliParser, DataParallel, HusaiError, Ranks,
+                      RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
                       gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
-                      sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name,
-                      start_ranks, stop_ranks, width_scaled_lr)
+                      sae_file_name, sae_reconstruct, save_tensors, seed_folder_name, shuffled_batches,
+                      snapshot_file_name, start_ranks, stop_ranks, width_scaled_lr, write_sae_folder)
 from train_transformer import activations_from, run_with_replacement
 
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
@@ -462,18 +465,21 @@ def run_name(seeds: list[int]) -> str:
     return f"seeds-{listed}"
 
 
-def log_file_name(seed: int) -> str:
-    return f"seed{seed}.log.jsonl"
+def last_good_folder_name(seed: int) -> str:
+    return f"last-good-{seed_folder_name(seed)}"
 
 
-def last_good_file_name(seed: int) -> str:
-    return f"last-good-seed{seed}.safetensors"
+def single_file_names(seed: int) -> list[str]:
+    """A seed's files in the single-file layout of earlier runs."""
+    return [sae_file_name(seed), snapshot_file_name(seed), f"seed{seed}.log.jsonl", f"last-good-seed{seed}.safetensors"]
 
 
 def run_entries(seeds: list[int]) -> list[str]:
-    """Every file a run may write, seed by seed."""
-    return [name(seed) for seed in seeds
-            for name in (sae_file_name, snapshot_file_name, log_file_name, last_good_file_name)]
+    """Every entry a run may write, seed by seed: its folder, or after a divergence its last-good folder.
+    The seed's names in the single-file layout are entries too, though never written: an earlier run's
+    files of the same seed are then this run's to replace (--force) or another run's to refuse."""
+    return [name for seed in seeds for name in (seed_folder_name(seed), last_good_folder_name(seed),
+                                                *single_file_names(seed))]
 
 
 def overlap_advice(other: dict) -> str:
@@ -495,29 +501,33 @@ def checked(label: str, tensors: dict[str, torch.Tensor], metrics: dict | None =
 
 def write_seed_files(run: RunOutput, seed: int, tensors: dict, metrics: dict, training: Training, config: dict,
                      provenance: dict) -> None:
-    """A trained seed's SAE, snapshots and log, into the run's staging folder, every tensor checked finite."""
-    save_tensors(run.path(sae_file_name(seed)), checked(f"seed {seed}", tensors, metrics), SAE_FORMAT, SAE_VERSION,
-                 {"config": config, "metrics": metrics, "provenance": provenance})
+    """A trained seed's folder (SAELens's files, snapshots and log) into the run's staging folder, every
+    tensor checked finite."""
+    folder = run.path(seed_folder_name(seed))
+    folder.mkdir()
+    write_sae_folder(folder, checked(f"seed {seed}", tensors, metrics),
+                     {"config": config, "metrics": metrics, "provenance": provenance})
     snapshot_fvu = {f"FVU at step {t}": v for t, v in zip(training.snapshot_steps, training.snapshot_fvu[seed])}
-    save_tensors(run.path(snapshot_file_name(seed)), checked(f"seed {seed}'s snapshots", training.snapshots[seed],
-                                                             snapshot_fvu),
+    save_tensors(folder / SNAPSHOTS_FILE, checked(f"seed {seed}'s snapshots", training.snapshots[seed], snapshot_fvu),
                  SNAPSHOT_FORMAT, SAE_VERSION,
                  {"steps": training.snapshot_steps, "fvu": training.snapshot_fvu[seed], "config": config})
-    write_log(run.path(log_file_name(seed)), training.logs[seed],
+    write_log(folder / LOG_FILE, training.logs[seed],
               {"status": "finished", "steps": config["steps"], "train_seconds": round(training.seconds, 1)})
 
 
 def write_last_good(run: RunOutput, part: Part, config: dict, provenance: dict) -> None:
-    """After a divergence: each of the ensemble's seeds' last good weights and its log."""
+    """After a divergence: each of the ensemble's seeds' last good weights (a folder SAELens loads too)
+    and its log."""
     training = part.training
     stop = training.divergence
     status = {"status": "diverged", "diverged_at_step": stop.step, "reason": stop.reason}
     for seed in part.seeds:
-        save_tensors(run.path(last_good_file_name(seed)), checked(f"seed {seed}'s last good weights",
-                                                                  part.weights[seed]),
-                     SAE_FORMAT, SAE_VERSION, {"config": dict(config, seed=seed), "provenance": provenance,
-                                               **status, "steps": stop.good_steps})
-        write_log(run.path(log_file_name(seed)), training.logs[seed],
+        folder = run.path(last_good_folder_name(seed))
+        folder.mkdir()
+        write_sae_folder(folder, checked(f"seed {seed}'s last good weights", part.weights[seed]),
+                         {"config": dict(config, seed=seed), "provenance": provenance, **status,
+                          "steps": stop.good_steps})
+        write_log(folder / LOG_FILE, training.logs[seed],
                   {**status, "good_steps": stop.good_steps, "train_seconds": round(training.seconds, 1)})
 
 
@@ -612,7 +622,7 @@ def main() -> None:
                 metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
                                                   seed_config))
             write_seed_files(run, seed, tensors, metrics, owner[seed].training, seed_config, provenance)
-            lines.append(describe_seed(seed, metrics, run.final_path(sae_file_name(seed))))
+            lines.append(describe_seed(seed, metrics, run.final_path(seed_folder_name(seed))))
         diverged = [part for part in parts if part.training.divergence]
         for part in diverged:
             write_last_good(run, part, config, provenance)
@@ -621,7 +631,7 @@ def main() -> None:
     if diverged:
         stop = diverged[0].training.divergence
         raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after {stop.good_steps} "
-                         f"steps) are in {out_dir}/last-good-seed<N>.safetensors and no seed<N>.safetensors was "
+                         f"steps) are in {out_dir}/last-good-seed<N>/ and no seed<N>/ was "
                          f"written for {'its' if len(parts) == 1 else 'those'} seeds; try a lower --lr")
     processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
     seconds = max(part.training.seconds for part in parts)

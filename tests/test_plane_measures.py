@@ -368,7 +368,7 @@ def test_the_initialisation_null_equals_the_trained_score_after_zero_training_st
     ensemble = SAEEnsemble(SAEConfig(d_in=d, width=width, k=k), [0, 1])
     ensemble.init_from_data(acts)
     untrained = [ensemble.export(s) for s in range(2)]
-    initial = [step_weights(load_tensors(out / f"seed{seed}.snapshots.safetensors", SNAPSHOT_FORMAT, SAE_VERSION)[0], 0)
+    initial = [step_weights(load_tensors(out / f"seed{seed}" / "snapshots.safetensors", SNAPSHOT_FORMAT, SAE_VERSION)[0], 0)
                for seed in (0, 1)]
     for zero_steps, snapshot in zip(untrained, initial):
         assert zero_steps.keys() == snapshot.keys()
@@ -386,7 +386,7 @@ def test_the_initialisation_null_equals_the_trained_score_after_zero_training_st
     assert scores(untrained) == scores(initial)
     # ... and the trained files are not the initialisation (the check can tell them apart)
     from sae_core import load_sae
-    trained = [load_sae(out / f"seed{seed}.safetensors")[0] for seed in (0, 1)]
+    trained = [load_sae(out / f"seed{seed}")[0] for seed in (0, 1)]
     assert not torch.equal(trained[0]["W_dec"], initial[0]["W_dec"])
 
 

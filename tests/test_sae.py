@@ -307,11 +307,11 @@ def test_trains_on_an_acts_file_and_round_trips(tmp_path):
     result = run_sae_stage("--acts", source, "--width", "32", "--k", "2", "--seeds", "3", "4", "--steps", "200",
                            "--batch-size", "256", "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
-    tensors, meta = load_sae(out / "seed4.safetensors")
+    tensors, meta = load_sae(out / "seed4")
     assert tensors["W_enc"].shape == (16, 32) and tensors["W_dec"].shape == (32, 16)
     assert meta["config"]["seed"] == 4 and meta["provenance"]["source"] == "acts"
     assert meta["metrics"]["fvu"] < 0.5
-    assert (out / "seed3.snapshots.safetensors").is_file() and (out / "seed3.log.jsonl").is_file()
+    assert (out / "seed3" / "snapshots.safetensors").is_file() and (out / "seed3" / "log.jsonl").is_file()
     again = run_sae_stage("--acts", source, "--width", "32", "--seeds", "4", "3", "--steps", "5", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
 
@@ -326,7 +326,7 @@ def test_the_stage_trains_the_new_architectures_from_their_flags(tmp_path, flags
     result = run_sae_stage("--acts", write_acts(tmp_path / "acts.safetensors", acts), "--width", "32", "--k", "2",
                            "--seeds", "0", "1", "--steps", "200", "--batch-size", "256", "--out", str(out), *flags)
     assert result.returncode == 0, result.stderr
-    tensors, meta = load_sae(out / "seed1.safetensors")
+    tensors, meta = load_sae(out / "seed1")
     assert {key: meta["config"][key] for key in stored} == stored
     assert meta["metrics"]["fvu"] < 0.5 and meta["metrics"]["l0"] > 0.5
 
@@ -475,8 +475,9 @@ def stage_in_process(monkeypatch, capsys, *args: str) -> tuple[int, list[str]]:
 
 
 def run_files(folder: Path) -> dict[str, bytes]:
-    """Every file of the runs in `folder` (the bookkeeping folder aside) and its bytes."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file of the runs in `folder` (the bookkeeping folder aside), by its path in `folder`, and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and RUN_DIR not in p.relative_to(folder).parts}
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -623,19 +624,20 @@ def test_a_diverging_run_keeps_finite_last_good_weights_and_replaces_its_earlier
                                    "--out", str(folder), "--force")
     assert code == 2 and lines[-1].startswith("error: training diverged: batch FVU exploded at step 1 (seeds [0, 1]")
     assert "the last good weights (after 0 steps) are in" in lines[-1] and "try a lower --lr" in lines[-1]
-    assert sorted(run_files(folder)) == ["last-good-seed0.safetensors", "last-good-seed1.safetensors",
-                                         "seed0.log.jsonl", "seed1.log.jsonl"], "nothing of the earlier run is left"
+    assert sorted(run_files(folder)) == [f"last-good-seed{s}/{name}" for s in (0, 1)
+                                         for name in ("cfg.json", "log.jsonl", "sae_weights.safetensors")], \
+        "nothing of the earlier run is left"
     for seed in (0, 1):
-        assert all_finite(folder / f"last-good-seed{seed}.safetensors")
-        tensors, meta = load_sae(folder / f"last-good-seed{seed}.safetensors")
+        assert all_finite(folder / f"last-good-seed{seed}" / "sae_weights.safetensors")
+        tensors, meta = load_sae(folder / f"last-good-seed{seed}")
         assert meta["status"] == "diverged" and meta["diverged_at_step"] == 1 and meta["steps"] == 0
-        last = json.loads((folder / f"seed{seed}.log.jsonl").read_text().splitlines()[-1])
+        last = json.loads((folder / f"last-good-seed{seed}" / "log.jsonl").read_text().splitlines()[-1])
         assert last["status"] == "diverged" and last["diverged_at_step"] == 1
     code, _ = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "0", "--out",
                                str(folder), "--force")
     assert code == 0, "the same seed set in another order is the same run"
-    assert sorted(run_files(folder)) == [f"seed{s}.{kind}" for s in (0, 1)
-                                         for kind in ("log.jsonl", "safetensors", "snapshots.safetensors")]
+    assert sorted(run_files(folder)) == [f"seed{s}/{name}" for s in (0, 1) for name in
+                                         ("cfg.json", "log.jsonl", "sae_weights.safetensors", "snapshots.safetensors")]
     assert leftovers(folder) == []
 
 
@@ -645,11 +647,11 @@ def test_force_replaces_this_seed_sets_run_whole_and_never_another_runs_files(fi
     first = run_files(folder)
     assert stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seed", "2", "--out", str(folder))[0] == 0
     second = {name: data for name, data in run_files(folder).items() if name.startswith("seed2")}
-    assert len(second) == 3 and run_files(folder) == first | second
+    assert len(second) == 4 and run_files(folder) == first | second
 
     code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "1", "2", "--out",
                                    str(folder), "--force")
-    assert code == 2 and lines[-1].startswith(f"error: {folder}/seed1.safetensors belongs to another run, 'seeds-0-1'")
+    assert code == 2 and lines[-1].startswith(f"error: {folder}/seed1 belongs to another run, 'seeds-0-1'")
     assert "rerun exactly that command with --force to replace it" in lines[-1]
     code, lines = stage_in_process(monkeypatch, capsys, "--acts", acts, *TINY_SAE, "--seeds", "0", "1", "--out",
                                    str(folder))
@@ -662,14 +664,14 @@ def test_force_replaces_this_seed_sets_run_whole_and_never_another_runs_files(fi
     now = run_files(folder)
     assert {name: data for name, data in now.items() if name.startswith("seed2")} == second, "another run untouched"
     assert all(now[name] != first[name] for name in first), "every file of the replaced run is new"
-    assert load_sae(folder / "seed0.safetensors")[1]["config"]["steps"] == 3 and leftovers(folder) == []
+    assert load_sae(folder / "seed0")[1]["config"]["steps"] == 3 and leftovers(folder) == []
 
 
 WRITES_THEN = {
     "interrupted": (KeyboardInterrupt, 130, "interrupted: run 'seeds-0-1' was not committed; nothing in {folder} was "
                                             "changed"),
     "disk full": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), 1,
-                  "error: cannot write {folder}/seed0.snapshots.safetensors: No space left on device; run 'seeds-0-1' "
+                  "error: cannot write {folder}/seed0/snapshots.safetensors: No space left on device; run 'seeds-0-1' "
                   "was not committed and {folder} is unchanged"),
 }
 
@@ -726,11 +728,12 @@ def test_the_same_command_twice_writes_byte_identical_sae_and_snapshot_files(fin
         assert result.returncode == 0, result.stderr
         files.append(run_files(folder))
     first, second = files
-    assert sorted(first) == sorted(second) and len(first) == 6
+    assert sorted(first) == sorted(second) and len(first) == 8
     for name in first:
-        if name.endswith(".safetensors"):
+        if not name.endswith("log.jsonl"):
             assert first[name] == second[name], name
-            assert "seconds" not in load_file_metadata(folder / name), name
+            assert "seconds" not in (load_file_metadata(folder / name) if name.endswith(".safetensors")
+                                     else first[name].decode()), name
         else:
             rows = [[json.loads(line) for line in run[name].decode().splitlines()] for run in files]
             assert [row for row in rows[0][:-1]] == rows[1][:-1], "the logged metrics are identical"

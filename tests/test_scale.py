@@ -50,7 +50,9 @@ def run_stage(script: str, *args: str, launcher: list[str] = ()) -> subprocess.C
 
 
 def tensors_of(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {path.name: load_file(str(path)) for path in sorted(folder.glob("*.safetensors"))}
+    """Every safetensors file of a stage-2 folder, by its path there (seed0/sae_weights.safetensors, ...)."""
+    return {str(path.relative_to(folder)): load_file(str(path)) for path in sorted(folder.glob("*/*.safetensors"))
+            if not path.parent.name.startswith(".")}
 
 
 def log_without_timing(path: Path) -> list[dict]:
@@ -231,8 +233,8 @@ def test_a_small_folder_trains_the_same_sae_as_one_file_of_its_rows_and_as_the_p
         torch.set_flush_denormal(False)
     for s, seed in enumerate([0, 1]):
         expected = sae.export(s)
-        assert all(torch.equal(from_file[f"seed{seed}.safetensors"][key], expected[key]) for key in expected)
-    _, meta = load_sae(tmp_path / "out-shards" / "seed1.safetensors")
+        assert all(torch.equal(from_file[f"seed{seed}/sae_weights.safetensors"][key], expected[key]) for key in expected)
+    _, meta = load_sae(tmp_path / "out-shards" / "seed1")
     assert meta["config"]["eval_rows"] == 2000 and meta["config"]["shuffle_buffer"] is None
     assert [shard["rows"] for shard in meta["provenance"]["acts_shards"]] == [700, 700, 600]
 
@@ -247,7 +249,7 @@ def test_a_large_set_is_streamed_and_evaluated_on_its_held_out_slice_reproducibl
         assert result.returncode == 0, result.stderr
     assert "800 held out for evaluation, streamed through a 512-row shuffle buffer" in result.stdout
     assert_same_tensors(tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b"))
-    tensors, meta = load_sae(tmp_path / "a" / "seed3.safetensors")
+    tensors, meta = load_sae(tmp_path / "a" / "seed3")
     assert meta["config"]["eval_rows"] == 800 and meta["config"]["shuffle_buffer"] == 512
     held_out = reconstruction_metrics(tensors, meta["config"], acts[-800:])
     assert meta["metrics"]["fvu"] == pytest.approx(held_out["fvu"], rel=1e-5)
@@ -309,11 +311,10 @@ def test_two_processes_write_the_same_files_as_one(tmp_path):
     assert "process 1 of 2: 2 x topk" in two.stdout and "process 2 of 2: 1 x topk" in two.stdout
     assert_same_tensors(tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two"))
     for seed in (0, 1, 2):
-        (_, a), (_, b) = load_sae(tmp_path / "one" / f"seed{seed}.safetensors"), \
-            load_sae(tmp_path / "two" / f"seed{seed}.safetensors")
-        assert a == b, "the same metadata: config, metrics, provenance (no timing)"
-        assert log_without_timing(tmp_path / "one" / f"seed{seed}.log.jsonl") == \
-            log_without_timing(tmp_path / "two" / f"seed{seed}.log.jsonl")
+        assert (tmp_path / "one" / f"seed{seed}" / "cfg.json").read_bytes() == \
+            (tmp_path / "two" / f"seed{seed}" / "cfg.json").read_bytes(), "config, metrics, provenance (no timing)"
+        assert log_without_timing(tmp_path / "one" / f"seed{seed}" / "log.jsonl") == \
+            log_without_timing(tmp_path / "two" / f"seed{seed}" / "log.jsonl")
 
 
 def test_when_a_process_dies_the_other_stops_with_one_line_and_no_files(tmp_path):
@@ -357,10 +358,10 @@ def test_data_parallel_training_is_deterministic_and_matches_one_process_up_to_r
     assert "data parallel, 64 rows of each batch; 2 x topk" in two.stdout
     alone, shared = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "two")
     for seed in (0, 1):
-        a, b = alone[f"seed{seed}.safetensors"], shared[f"seed{seed}.safetensors"]
+        a, b = alone[f"seed{seed}/sae_weights.safetensors"], shared[f"seed{seed}/sae_weights.safetensors"]
         for key in a:      # the mean of two half-batch gradients is the whole batch's, up to rounding
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
-    _, meta = load_sae(tmp_path / "two" / "seed0.safetensors")
+    _, meta = load_sae(tmp_path / "two" / "seed0")
     assert meta["config"]["data_parallel_processes"] == 2
 
 
@@ -376,4 +377,5 @@ def test_data_parallel_keeps_every_processs_copy_the_same_and_repeats_bit_for_bi
         result = run_stage("train_sae.py", *args, "--out", str(tmp_path / run), launcher=torchrun(2))
         assert result.returncode == 0, result.stderr
     assert_same_tensors(tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b"))
-    assert log_without_timing(tmp_path / "a" / "seed4.log.jsonl") == log_without_timing(tmp_path / "b" / "seed4.log.jsonl")
+    assert log_without_timing(tmp_path / "a" / "seed4" / "log.jsonl") == \
+        log_without_timing(tmp_path / "b" / "seed4" / "log.jsonl")
