@@ -492,6 +492,31 @@ def test_real_train_sae_output_is_analysed(tmp_path):
         assert group["dynamics"]["steps"][0]["step"] == 0 and "init" in group["nulls"]
 
 
+def test_saes_trained_on_a_shard_folder_are_analysed_on_the_rows_they_were_evaluated_on(tmp_path):
+    """--acts FOLDER (shards, with a held-out slice): analyze.py reads the folder its provenance names, checks
+    its sha256, and measures on the held-out rows train_sae.py measured on (the same FVU), not on all rows;
+    a changed shard is refused."""
+    acts = torch.randn(900, 8, generator=torch.Generator().manual_seed(3))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate(acts.split(300)):
+        save_file({"acts": part.contiguous()}, str(shards / f"acts-{i:05d}.safetensors"))
+    trained = subprocess.run([sys.executable, str(REPO / "train_sae.py"), "--acts", str(shards), "--eval-rows", "200",
+                              "--seeds", "0", "1", "--width", "16", "--k", "3", "--steps", "20", "--batch-size", "64",
+                              "--snapshots", "3", "--no-kernels", "--device", "cpu", "--out", str(tmp_path / "sae" / "s")],
+                             capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr
+    result = run_analyze("sae", "--out", "out", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (group,) = json.loads((tmp_path / "out" / "report.json").read_text())["groups"]
+    assert group["activations"]["n"] == 200 and group["stability"] is not None
+    for row, path in zip(group["per_seed"], group["files"]):
+        assert row["fvu"] == pytest.approx(load_sae(tmp_path / path)[1]["metrics"]["fvu"], abs=1e-5)
+    save_file({"acts": acts[:300].flip(0).contiguous()}, str(shards / "acts-00000.safetensors"))
+    changed = run_analyze("sae", "--out", "out2", "--device", "cpu", cwd=tmp_path)
+    assert changed.returncode == 2 and "has changed since the SAEs were trained" in changed.stderr
+
+
 def test_saes_on_mlp_post_get_planes_families_and_latent_types(tmp_path):
     """At blocks.0.mlp_post the activations are the neurons (d = d_mlp), whose true units are frequencies: the
     planes, families and latent types are read from the latents' activations there as at the residual
@@ -530,7 +555,7 @@ def test_no_sae_files_is_one_line_with_the_command_that_makes_them(tmp_path):
     result = run_analyze(cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "runs/sae/*/seed*.safetensors" in result.stderr
+    assert "no SAE files found in runs/sae/*/seed*;" in result.stderr
     assert "python train_sae.py --arch topk --seeds 0 1 2 3 4" in result.stderr
     assert not (tmp_path / "runs").exists(), "nothing is written when there is nothing to analyse"
 
