@@ -365,6 +365,45 @@ def test_data_parallel_training_is_deterministic_and_matches_one_process_up_to_r
     assert meta["config"]["data_parallel_processes"] == 2
 
 
+def diverge_in_one_part(rank: int, world: int, folder: str) -> None:
+    """One of two data-parallel processes: four steps of a TopK SAE, where at step 2 only the second
+    process's part of the batch is shifted far off the data (its FVU explodes, the first part's does not).
+    Saves what the process saw: the step and reason it stopped at, and its weights afterwards."""
+    import datetime
+    import torch.distributed as dist
+    from sae_core import DataParallel, Ranks
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+    acts, _ = planted_data(512, 12, 24, active=2)
+    sae = build_sae(SAEConfig(arch="topk", d_in=12, width=32, k=3), [0])
+    sae.init_from_data(acts)
+    stepper = DataParallel(SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False),
+                           Ranks(rank, world))
+    stopped = None
+    for step in range(4):
+        batch = acts[step * 64:(step + 1) * 64].clone()
+        if step == 2:
+            batch[32:] += 1e4
+        try:
+            stepper.step(batch)
+        except FloatingPointError as e:
+            stopped = (step, str(e))
+            break
+    torch.save({"stopped": stopped, "good_steps": stepper.trainer.good_steps, "state": sae.state_dict()},
+               f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_divergence_in_one_processs_part_stops_every_process_at_the_same_step(tmp_path):
+    torch.multiprocessing.spawn(diverge_in_one_part, args=(2, str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    assert first["stopped"] is not None and first["stopped"] == second["stopped"], "both stop, at the same step"
+    assert first["stopped"][0] == 2 and "batch FVU exploded at step 2" in first["stopped"][1]
+    assert first["good_steps"] == second["good_steps"] == 1, "the weights whose own batch passed: after step 0"
+    assert all(torch.equal(first["state"][name], second["state"][name]) for name in first["state"])
+
+
 def test_data_parallel_keeps_every_processs_copy_the_same_and_repeats_bit_for_bit(tmp_path):
     """BatchTopK's running threshold and the dead-latent counters (256 latents, of which a 64-row part fires
     fewer than 192, and a short dead window: AuxK is on) are updated by every process from its own part
