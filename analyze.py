@@ -5,7 +5,7 @@ Fourier features?
     python analyze.py runs/sae/topk-w512-k32 'runs/sae/relu-*'   # chosen files, folders or globs
     python analyze.py --out runs/analysis --force       # regenerate an existing report
 
-Reads the SAEs written by train_sae.py and the transformer (or activation file) that each one names in
+Reads the SAEs written by train_sae.py and the transformer (or activation file or shard folder) that each one names in
 its provenance, groups them by configuration, and writes to --out:
     report.md       readable on its own: what each number is, every choice that moves the numbers, each
                     score beside its nulls
