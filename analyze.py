@@ -1860,6 +1860,7 @@ def comparison_row(result: dict) -> dict:
     config = result["settings"]["shared"]
     row["kind"] = sae_kind(dict(config, vary_data_order=False))
     row["data_order"] = "varied" if config.get("vary_data_order") else "same"
+    row["activations"] = f"{result['hook']}-{result['source_sha256'][:8]}"   # a map never mixes two sources
     row |= {f"map_{measure.key}": measure.read(result) for measure in MAP_MEASURES}
     types, planes = result["latent_types"], result["planes"]
     for kind in ("trained", *NULLS):
@@ -1924,6 +1925,12 @@ MAP_MEASURES = (
 )
 
 
+def map_name(row: dict, rows: list[dict]) -> str:
+    """The map a group belongs to: its kind, and its activations (hook and source) when the rows have several."""
+    several = len({r["activations"] for r in rows}) > 1
+    return f"{row['kind']}-{row['activations']}" if several else row["kind"]
+
+
 def stability_map(rows: list[dict]) -> dict:
     """The map's verdicts from the comparison rows: the frontier (groups stable and true at a stated FVU:
     plane agreement's and plane recovery's CIs above FRONTIER_LEVEL, mean FVU at most FRONTIER_FVU), the
@@ -1939,7 +1946,7 @@ def stability_map(rows: list[dict]) -> dict:
                and row["map_latent_match"]["ci"][0] > row["map_latent_match_shuffled"]["ci"][1]]
     by_configuration = defaultdict(dict)
     for row in rows:
-        by_configuration[(row["kind"], row["width"], row["sparsity"])][row["data_order"]] = row["name"]
+        by_configuration[(map_name(row, rows), row["width"], row["sparsity"])][row["data_order"]] = row["name"]
     twins = [{"kind": kind, "width": width, "sparsity": sparsity_text, **orders}
              for (kind, width, sparsity_text), orders in by_configuration.items() if len(orders) == 2]
     return {"frontier": frontier, "latents_beyond_phase": latents, "twins": twins,
@@ -2638,7 +2645,7 @@ def plot_maps(rows: list[dict], frontier: list[str], folder: Path) -> dict[str, 
     by_kind = defaultdict(list)
     for row in rows:
         if row["data_order"] == "same":
-            by_kind[row["kind"]].append(row)
+            by_kind[map_name(row, rows)].append(row)
     names = {}
     for kind, members in sorted(by_kind.items()):
         if len(members) < 2:
@@ -2675,7 +2682,7 @@ def plot_maps(rows: list[dict], frontier: list[str], folder: Path) -> dict[str, 
         for ax in list(axes.flat)[len(MAP_MEASURES):]:
             ax.axis("off")
         fig.suptitle(f"{kind}: the stability map (mean over seeds or seed pairs; red: the frontier)")
-        names[kind] = f"map-{kind}.png"
+        names[kind] = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"map-{kind}.png")
         finish(fig, folder / names[kind])
     return names
 
