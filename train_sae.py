@@ -67,20 +67,34 @@ FLOAT32_MAX = torch.finfo(torch.float32).max   # Adam applies the learning rate 
 # Named grids (--grid NAME). Each is a list of this stage's command lines, trained in one invocation as if
 # each were given alone: a line's several values multiply into cells (grid_cells), and every cell goes into
 # its usual folder. A grid's flags cannot also be given on the command line; the others (--acts, --device,
-# --runs-dir, --force, ...) apply to every line. Steps, seeds and cells were chosen from cell times measured
-# on the 2-core CPU (README, "The stability map").
+# --runs-dir, --force, ...) apply to every line. The cells, steps and seeds were chosen from cell times
+# measured on the 2-core CPU (README, "The stability map"); 500 steps instead of the default 1000 keep the
+# study inside its budget (TopK w512 k32 reaches FVU ~0.004 by then, against 0.0017 at 1000).
 GRIDS = {
-    # quick: the map's machinery end to end in about 5 minutes: TopK and ReLU at two widths and two
-    # sparsities, 5 seeds, short training (FVU not converged: a smoke test of the map, not a finding)
+    # quick: the map's machinery end to end in under 5 minutes (about 2.5 measured on a busy CPU): TopK and
+    # ReLU at two widths and two sparsities, 5 seeds, 300 steps (not converged: a smoke test, not a finding)
     "quick": (
         "--arch topk --width 16 64 --k 4 8 --seeds 0 1 2 3 4 --steps 300",
-        "--arch relu --width 16 64 --l1 2 6 --seeds 0 1 2 3 4 --steps 300",
+        "--arch relu --width 16 64 --l1 0.3 3 --l1-warmup-steps 150 --seeds 0 1 2 3 4 --steps 300",
     ),
-    # study: the question's map, every architecture over widths 8-1024 and k 1-64, 5 seeds each; the
-    # penalty architectures at the coefficients whose L0 was measured next to TopK's k (there is no
-    # --target-l0 yet); and twins with every seed's own data order for a few TopK cells
+    # study: the question's map, 5 seeds per cell. TopK over widths 8-1024 and k 1-64 (k > width skipped);
+    # the other kinds over widths 16-256 at k 4 and 16; the penalty architectures at the coefficients whose
+    # L0 (measured: one seed, 400 steps, penalty ramp 200) lies nearest TopK's k 4 and 16 at each width, as there is no
+    # --target-l0 yet (relu w16: l1 3 -> L0 3.9, l1 0.3 -> 8.2, no coefficient reaches 16; w64: 7 -> 6.1,
+    # 1 -> 14.8; w256: 3 -> 12.9, 1 -> 31; jumprelu w16: l0 5 -> 3.9, 0.01 -> 8.6; w64: 2 -> 6.4,
+    # 0.01 -> 19.9; w256: 2 -> 12.5, 0.05 -> 25); and two TopK cells again with every seed's own data order.
     "study": (
-        "--arch topk --width 8 16 32 64 128 256 512 1024 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500",
+        "--arch topk --width 8 32 128 512 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500",
+        "--arch topk --width 1024 --k 4 32 --seeds 0 1 2 3 4 --steps 500",
+        "--arch batchtopk matryoshka archetypal --centroids shared per-seed --width 16 64 256 --k 4 16 "
+        "--seeds 0 1 2 3 4 --steps 500",
+        "--arch relu --width 16 --l1 3 0.3 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
+        "--arch relu --width 64 --l1 7 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
+        "--arch relu --width 256 --l1 3 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
+        "--arch jumprelu --width 16 --l0 5 0.01 --seeds 0 1 2 3 4 --steps 500",
+        "--arch jumprelu --width 64 --l0 2 0.01 --seeds 0 1 2 3 4 --steps 500",
+        "--arch jumprelu --width 256 --l0 2 0.05 --seeds 0 1 2 3 4 --steps 500",
+        "--arch topk --width 32 128 --k 4 16 --vary-data-order --seeds 0 1 2 3 4 --steps 500",
     ),
 }
 
