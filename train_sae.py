@@ -5,6 +5,14 @@
     python train_sae.py --acts my_acts.safetensors        # any [N, d] activations, from any model
     python train_sae.py --acts my_shards/                 # a folder of shards, streamed from disk
     torchrun --nproc_per_node=2 train_sae.py --seeds 0 1 2 3   # the seeds shared out over 2 processes
+    python train_sae.py --arch topk relu --width 16 64 --k 4 16 --l1 1 3 --seeds 0 1 2 3 4   # a grid of cells
+    python train_sae.py --grid study                      # a named grid (GRIDS below): the stability map's runs
+
+A grid: --arch, --width (or --expansion) and each architecture's numbers and choices (k, l1, l0, delta,
+centroids, ...) take several values; every valid cell of their cross product (a setting an architecture
+lacks does not multiply its cells) is trained as a seed ensemble into its usual folder, one cell after
+another, with files identical to training that cell alone. The activations are read once; every cell is
+checked before the first trains, and one refused by its architecture (k > width) is skipped with a note.
 
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
 inputs, read at --hook at the `=` position; or [N, d] activations from --acts: one safetensors file or a
@@ -15,7 +23,8 @@ unless told otherwise, so only the initialisation differs between them. Under to
 trains its share of the seeds and the first gathers them and writes every file, as one process would
 have written it (with --data-parallel each process trains every seed on its part of each batch instead).
 Outputs, one set per seed, in
-runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
+runs/sae/<arch>-w<width>-<k or penalty>[-<variant>][-varied-order]/ (archetypal's variant: shared or per-seed
+centroids; -varied-order with --vary-data-order; --runs-dir replaces runs/sae):
     seed<N>.safetensors             W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units (archetypal: W_dec its built rows, not unit norm);
                                     metadata: config, metrics, provenance
