@@ -78,13 +78,15 @@ FLOAT32_MAX = torch.finfo(torch.float32).max   # Adam applies the learning rate 
 # its usual folder. A grid's flags cannot also be given on the command line; the others (--acts, --device,
 # --runs-dir, --force, ...) apply to every line. The cells, steps and seeds were chosen from cell times
 # measured on the 2-core CPU (README, "The stability map"); 500 steps instead of the default 1000 keep the
-# study inside its budget (TopK w512 k32 reaches FVU ~0.004 by then, against 0.0017 at 1000).
+# study inside its budget (TopK w512 k32 reaches FVU ~0.004 by then, against 0.0017 at 1000), and 5
+# snapshots (steps 0, 1, 8, 63 and the last) instead of 12 keep the initialisation null while sparing the
+# analysis most of its dynamics, which read every seed at every snapshot (half of a group's time at 12).
 GRIDS = {
     # quick: the map's machinery end to end in under 5 minutes (about 2.5 measured on a busy CPU): TopK and
     # ReLU at two widths and two sparsities, 5 seeds, 300 steps (not converged: a smoke test, not a finding)
     "quick": (
-        "--arch topk --width 16 64 --k 4 8 --seeds 0 1 2 3 4 --steps 300",
-        "--arch relu --width 16 64 --l1 0.3 3 --l1-warmup-steps 150 --seeds 0 1 2 3 4 --steps 300",
+        "--arch topk --width 16 64 --k 4 8 --seeds 0 1 2 3 4 --steps 300 --snapshots 5",
+        "--arch relu --width 16 64 --l1 0.3 3 --l1-warmup-steps 150 --seeds 0 1 2 3 4 --steps 300 --snapshots 5",
     ),
     # study: the question's map, 5 seeds per cell. TopK over widths 8-1024 and k 1-64 (k > width skipped);
     # the other kinds over widths 16-256 at k 4 and 16; the penalty architectures at the coefficients whose
@@ -93,17 +95,17 @@ GRIDS = {
     # 1 -> 14.8; w256: 3 -> 12.9, 1 -> 31; jumprelu w16: l0 5 -> 3.9, 0.01 -> 8.6; w64: 2 -> 6.4,
     # 0.01 -> 19.9; w256: 2 -> 12.5, 0.05 -> 25); and two TopK cells again with every seed's own data order.
     "study": (
-        "--arch topk --width 8 32 128 512 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500",
-        "--arch topk --width 1024 --k 4 32 --seeds 0 1 2 3 4 --steps 500",
+        "--arch topk --width 8 32 128 512 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch topk --width 1024 --k 4 32 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
         "--arch batchtopk matryoshka archetypal --centroids shared per-seed --width 16 64 256 --k 4 16 "
-        "--seeds 0 1 2 3 4 --steps 500",
-        "--arch relu --width 16 --l1 3 0.3 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
-        "--arch relu --width 64 --l1 7 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
-        "--arch relu --width 256 --l1 3 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500",
-        "--arch jumprelu --width 16 --l0 5 0.01 --seeds 0 1 2 3 4 --steps 500",
-        "--arch jumprelu --width 64 --l0 2 0.01 --seeds 0 1 2 3 4 --steps 500",
-        "--arch jumprelu --width 256 --l0 2 0.05 --seeds 0 1 2 3 4 --steps 500",
-        "--arch topk --width 32 128 --k 4 16 --vary-data-order --seeds 0 1 2 3 4 --steps 500",
+        "--seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 16 --l1 3 0.3 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 64 --l1 7 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 256 --l1 3 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 16 --l0 5 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 64 --l0 2 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 256 --l0 2 0.05 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch topk --width 32 128 --k 4 16 --vary-data-order --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
     ),
 }
 

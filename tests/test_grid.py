@@ -126,3 +126,21 @@ def test_the_map_renders_a_2x2_grid_with_its_cells_in_report_json(tmp_path, monk
     text = (tmp_path / "report" / "report.md").read_text()
     assert "### The stability map" in text and "Same versus varied data order" in text
     assert text.count("| topk-w") == 2 * 5, "every group in the comparison table and in the map table"
+
+
+@pytest.mark.parametrize("name,cells", [("quick", 8), ("study", 55)])
+def test_the_named_grids_expand_to_their_cells_on_the_default_model(name, cells, capsys):
+    """Every line of GRIDS parses and is valid for the default model's activations (d = 128, 113^2 rows):
+    only TopK cells with k > width are skipped, and every kind of SAE is in the study."""
+    import train_sae
+    runs = train_sae.command_lines(train_sae.build_parser(), ["--grid", name])
+    configs = [cfg for args in runs for cfg in train_sae.grid_cells(args, 128, 113**2)]
+    notes = capsys.readouterr().out.splitlines()
+    assert len(configs) == cells and all("must lie between 1 and the width" in note for note in notes), notes
+    if name == "study":
+        kinds = {cfg.arch + (f"-{cfg.centroids}" if cfg.arch == "archetypal" else "") for cfg in configs}
+        assert kinds == {"topk", "batchtopk", "matryoshka", "archetypal-shared", "archetypal-per-seed", "relu",
+                         "jumprelu"}
+        assert {cfg.width for cfg in configs} == {8, 16, 32, 64, 128, 256, 512, 1024}
+        assert {cfg.k for cfg in configs if cfg.arch == "topk"} == {1, 4, 16, 32, 64}
+        assert sum(args.vary_data_order for args in runs for _ in train_sae.grid_cells(args, 128, 113**2)) == 4
