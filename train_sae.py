@@ -311,7 +311,7 @@ def grid_cells(args, d: int, eval_rows: int) -> list[SAEConfig]:
     fixed = {f.name: getattr(args, f.name) for f in flagged_settings() if f.name not in grid_settings()}
     cells, refused = [], []
     for arch in setting_values(args, "arch"):
-        own = [name for name in grid_settings() if name in ARCHITECTURES[arch].settings]
+        own = [name for name in grid_settings() if name in getattr(ARCHITECTURES.get(arch), "settings", ())]
         for width in widths_of(args, d):
             for values in itertools.product(*(setting_values(args, name) for name in own)):
                 chosen = {"arch": arch, "width": width, **dict(zip(own, values))}
