@@ -132,6 +132,9 @@ DOWNSTREAM = ("acc_clean", "acc_sae", "loss_recovered_zero", "loss_recovered_mea
 SAE_FILE = re.compile(r"seed(\d+)(\.safetensors)?")   # a seed folder or an earlier run's file; not last-good-*
 DEFAULT_INPUTS = "runs/sae/*/seed*"
 TRAIN_COMMAND = "python train_sae.py --arch topk --seeds 0 1 2 3 4"
+FRONTIER_FVU = 0.03              # the map's frontier: configurations stable and true at FVU at most this (plane
+                                 # agreement holds across seeds from about this FVU down: circles.md)
+FRONTIER_LEVEL = 0.9             # ... whose plane agreement and plane recovery have the lower CI end above this
 
 # --------------------------------------------------------------------------------------------------
 # The stability scores of a pair of SAEs. A new score is its function (in the next part, beside the
@@ -1824,7 +1827,7 @@ def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
     rows, pareto = comparison(results)
     transformers = {s.transformer_id: s for s in inputs.sources.values() if s.model is not None}
     spectra = {transformer_id: describe_transformer(source) for transformer_id, source in sorted(transformers.items())}
-    return Analysis(results, plots, rows, pareto, spectra)
+    return Analysis(results, plots, rows, pareto, stability_map(rows), spectra)
 
 
 def comparison(results: list[dict]) -> tuple[list[dict], list[str]]:
@@ -1854,6 +1857,11 @@ def comparison_row(result: dict) -> dict:
         for statistic in score.comparison:
             row[comparison_key(score, statistic)] = (comparison_statistic(result, name, statistic)
                                                      if result["stability"] else None)
+    config = result["settings"]["shared"]
+    row["kind"] = sae_kind(dict(config, vary_data_order=False))
+    row["data_order"] = "varied" if config.get("vary_data_order") else "same"
+    row["activations"] = f"{result['hook']}-{result['source_sha256'][:8]}"   # a map never mixes two sources
+    row |= {f"map_{measure.key}": measure.read(result) for measure in MAP_MEASURES}
     types, planes = result["latent_types"], result["planes"]
     for kind in ("trained", *NULLS):
         carried = [types[t]["energy"].get(kind) for t in PLANE_TYPES] if types else [None]
@@ -1873,6 +1881,79 @@ def comparison_statistic(result: dict, name: str, statistic: str) -> float | Non
     return ((summary or {}).get(PRIMARY_VARIANT, {}).get(name) or {}).get("mean")
 
 
+class MapMeasure(NamedTuple):
+    """One headline measure of the stability map: a panel of each architecture's width x sparsity heat map,
+    and a column (mean [CI], seeds resampled) of the map's table."""
+    key: str                                # report.json: comparison rows' "map_<key>"
+    label: str                              # panel title and column header
+    digits: int
+    read: Callable[[dict], dict | None]     # a group's result -> {"mean", "ci"} over its seeds or seed pairs
+    log: bool = False                       # coloured on a log scale
+
+
+def stability_of(name: str) -> Callable[[dict], dict | None]:
+    return lambda result: ((result["stability"] or {}).get(PRIMARY_VARIANT) or {}).get(name)
+
+
+def phase_of(statistic: str) -> Callable[[dict], dict | None]:
+    return lambda result: (result["phase"] or {}).get(statistic)
+
+
+def plane_recovery(result: dict) -> dict | None:
+    """Per seed, the mean over the key frequencies of the smaller principal cosine between the plane its
+    family writes and the true plane (plane_similarity); mean and CI over seeds."""
+    planes = result["planes"]
+    if not planes or not planes["per_frequency"]:
+        return None
+    per_seed = [[min(fit["cosines_to_truth"]) for fit in entry["per_seed"]] for entry in planes["per_frequency"].values()]
+    return mean_and_ci(np.mean(per_seed, axis=0))
+
+
+def reconstruction_of(name: str) -> Callable[[dict], dict | None]:
+    return lambda result: result["reconstruction"].get(name)
+
+
+MAP_MEASURES = (
+    MapMeasure("plane_agreement", "plane agreement across seeds", 3, stability_of("plane_agreement")),
+    MapMeasure("plane_recovery", "plane recovery (to the true plane)", 3, plane_recovery),
+    MapMeasure("act_match_weighted", "energy-weighted activation match", 3, stability_of("act_match_weighted")),
+    MapMeasure("latent_match", "c-latent one-to-one match, as trained", 3, phase_of("trained_one_to_one")),
+    MapMeasure("latent_match_shuffled", "c-latent one-to-one match, phases shuffled", 3,
+               phase_of("shuffled_one_to_one")),
+    MapMeasure("fvu", "FVU", 4, reconstruction_of("fvu"), log=True),
+    MapMeasure("dead_frac", "dead fraction", 3, reconstruction_of("dead_frac")),
+)
+
+
+def map_name(row: dict, rows: list[dict]) -> str:
+    """The map a group belongs to: its kind, and its activations (hook and source) when the rows have several."""
+    several = len({r["activations"] for r in rows}) > 1
+    return f"{row['kind']}-{row['activations']}" if several else row["kind"]
+
+
+def stability_map(rows: list[dict]) -> dict:
+    """The map's verdicts from the comparison rows: the frontier (groups stable and true at a stated FVU:
+    plane agreement's and plane recovery's CIs above FRONTIER_LEVEL, mean FVU at most FRONTIER_FVU), the
+    groups whose c-latents match one to one beyond their shuffled phases (the trained CI above the
+    shuffled one), and each configuration trained with the same and with varied data orders (twins)."""
+    def low(row, key):
+        stat = row[f"map_{key}"]
+        return stat["ci"][0] if stat else -math.inf
+
+    frontier = [row["name"] for row in rows if row["data_order"] == "same" and row["fvu"] <= FRONTIER_FVU
+                and low(row, "plane_agreement") > FRONTIER_LEVEL and low(row, "plane_recovery") > FRONTIER_LEVEL]
+    latents = [row["name"] for row in rows if row["map_latent_match"] and row["map_latent_match_shuffled"]
+               and row["map_latent_match"]["ci"][0] > row["map_latent_match_shuffled"]["ci"][1]]
+    by_configuration = defaultdict(dict)
+    for row in rows:
+        by_configuration[(map_name(row, rows), row["width"], row["sparsity"])][row["data_order"]] = row["name"]
+    twins = [{"kind": kind, "width": width, "sparsity": sparsity_text, **orders}
+             for (kind, width, sparsity_text), orders in by_configuration.items() if len(orders) == 2]
+    return {"frontier": frontier, "latents_beyond_phase": latents, "twins": twins,
+            "frontier_rule": f"plane agreement and plane recovery with CI above {FRONTIER_LEVEL}, FVU at most "
+                             f"{FRONTIER_FVU}, same data order for every seed"}
+
+
 def describe_transformer(source: Source) -> dict:
     """A transformer's embedding spectrum, key frequencies and last logged epoch (None without a log)."""
     shares, keys = embedding_spectrum(source.model.W_E[:source.model.cfg.p])
@@ -1888,6 +1969,7 @@ class Analysis(NamedTuple):
     plots: list[dict]               # per group, the data of its figures
     comparison: list[dict]          # one row per group
     pareto: list[str]               # names of the groups on the frontier
+    map: dict                       # stability_map's verdicts
     transformers: dict[str, dict]   # per transformer: spectrum, key frequencies, log
 
 
@@ -2043,9 +2125,11 @@ def read_sae_files(paths: list[Path]) -> tuple[list[SAEFile], list[dict]]:
 
 def sae_kind(config: dict) -> str:
     """The architecture, with the value of each of its variant settings (archetypal-shared,
-    archetypal-per-seed): SAEs of two kinds are never compared as seeds of one configuration."""
+    archetypal-per-seed), and varied-order when each seed had its own data order: SAEs of two kinds are
+    never compared as seeds of one configuration."""
     arch = config["arch"]
-    return "-".join([arch] + [str(config[name]) for name in ARCHITECTURES[arch].variant_settings])
+    return "-".join([arch] + [str(config[name]) for name in ARCHITECTURES[arch].variant_settings]
+                    + ["varied-order"] * bool(config.get("vary_data_order")))
 
 
 def sparsity(config: dict) -> tuple[str, float]:
@@ -2348,9 +2432,10 @@ def render(analysis: Analysis, inputs: Inputs, command: str, tau: float, out: Pa
         "failed_groups": inputs.failed,
         "transformers": plot_transformers(analysis.transformers, figures),
         "groups": analysis.results, "comparison": analysis.comparison, "pareto": analysis.pareto,
-        "comparison_figure": plot_comparison(analysis.comparison, figures),
+        "comparison_figure": plot_comparison(analysis.comparison, figures), "map": analysis.map,
     }
     report = rounded(report)
+    report["map"]["figures"] = plot_maps(report["comparison"], report["map"]["frontier"], figures)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
     write_report(report, out / "report.md")
 
@@ -2563,6 +2648,61 @@ def plot_comparison(rows: list[dict], folder: Path) -> str:
     name = "stability-vs-width-k.png"
     finish(fig, folder / name)
     return name
+
+
+def map_axes(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """The widths (x) and sparsity values (y: k, or the penalty coefficient) of an architecture's map."""
+    return sorted({row["width"] for row in rows}), sorted({row["sparsity_value"] for row in rows})
+
+
+def plot_maps(rows: list[dict], frontier: list[str], folder: Path) -> dict[str, str]:
+    """Per kind of SAE with two or more configurations (same data order), one figure: a width x sparsity
+    heat map per MAP_MEASURES entry, each cell its mean (blank where nothing was trained or measured),
+    frontier cells outlined in red. Drawn from report.json's comparison rows. Returns {kind: file}."""
+    from matplotlib.colors import LogNorm, Normalize
+    by_kind = defaultdict(list)
+    for row in rows:
+        if row["data_order"] == "same":
+            by_kind[map_name(row, rows)].append(row)
+    names = {}
+    for kind, members in sorted(by_kind.items()):
+        if len(members) < 2:
+            continue
+        widths, values = map_axes(members)
+        columns = 4
+        fig, axes = plt.subplots(math.ceil(len(MAP_MEASURES) / columns), columns, squeeze=False,
+                                 figsize=(4 * columns, 0.5 * len(values) + 2.5 + 3.2 * (len(MAP_MEASURES) > columns)))
+        for ax, measure in zip(axes.flat, MAP_MEASURES):
+            grid = np.full((len(values), len(widths)), np.nan)
+            for row in members:
+                stat = row[f"map_{measure.key}"]
+                if stat is not None:
+                    grid[values.index(row["sparsity_value"]), widths.index(row["width"])] = stat["mean"]
+            positive = grid[np.isfinite(grid) & (grid > 0)]
+            norm = (LogNorm(positive.min(), max(positive.max(), positive.min() * 1.01)) if measure.log and positive.size
+                    else Normalize(0, 1) if not measure.log else None)
+            image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap="viridis", norm=norm)
+            for (i, j), value in np.ndenumerate(grid):
+                if np.isfinite(value):
+                    ax.text(j, i, f"{value:.{min(measure.digits, 2) if not measure.log else 3}f}", ha="center",
+                            va="center", fontsize=8, color="w" if norm is None or norm(value) < 0.6 else "k")
+            if not np.isfinite(grid).any():
+                ax.text(0.5, 0.5, "not measured here", ha="center", va="center", transform=ax.transAxes)
+            for row in members:
+                if row["name"] in frontier:
+                    ax.add_patch(plt.Rectangle((widths.index(row["width"]) - 0.5, values.index(row["sparsity_value"]) - 0.5),
+                                               1, 1, fill=False, edgecolor="red", lw=2))
+            ax.set(xticks=range(len(widths)), xticklabels=widths, yticks=range(len(values)),
+                   yticklabels=[f"{v:g}" for v in values], xlabel="width", ylabel=members[0]["sparsity_parameter"],
+                   title=measure.label)
+            ax.title.set_fontsize(9)
+            fig.colorbar(image, ax=ax, fraction=0.046)
+        for ax in list(axes.flat)[len(MAP_MEASURES):]:
+            ax.axis("off")
+        fig.suptitle(f"{kind}: the stability map (mean over seeds or seed pairs; red: the frontier)")
+        names[kind] = re.sub(r"[^A-Za-z0-9._+-]+", "_", f"map-{kind}.png")
+        finish(fig, folder / names[kind])
+    return names
 
 
 def plot_transformers(transformers: dict[str, dict], folder: Path) -> dict[str, dict]:
@@ -3014,7 +3154,41 @@ def comparison_section(report: dict, tau: float) -> list[str]:
     lines += table(COMPARISON_COLUMNS + score_columns_ + PLANE_COMPARISON_COLUMNS, report["comparison"])
     return lines + ["", f"Pareto frontier ({pareto.short} normalised against the initialisation higher, FVU lower; "
                     "groups with two or more seeds): " + (", ".join(report["pareto"]) or "none (no group has two seeds)")
-                    + ".", "", f"![stability vs width and k](figures/{report['comparison_figure']})", ""]
+                    + ".", "", f"![stability vs width and k](figures/{report['comparison_figure']})", ""] + map_section(report)
+
+
+MAP_COLUMNS = ([Column("group", "name", str), Column("L0", "l0", fixed(1))]
+               + [Column(measure.label, f"map_{measure.key}", with_ci(measure.digits)) for measure in MAP_MEASURES])
+TWIN_COLUMNS = [Column("configuration", ("kind", "width", "sparsity"), lambda kind, width, s: f"{kind} w{width} {s}")] + [
+    Column(f"{measure.label}: same / varied order", ("same", "varied"), lambda a, b, key=measure.key, digits=measure.digits:
+           f"{fmt_ci(a.get(key), digits)} / {fmt_ci(b.get(key), digits)}")
+    for measure in MAP_MEASURES[:4]]
+
+
+def map_section(report: dict) -> list[str]:
+    """The stability map: per kind its heat-map figure, the table of every group's map measures with CIs,
+    the frontier, where latents match beyond their phases, and same versus varied data order."""
+    rows, found = report["comparison"], report["map"]
+    if len(rows) < 2:
+        return []
+    lines = ["### The stability map", "",
+             "Per kind of SAE, each headline measure on width x sparsity (k, or the penalty coefficient: its L0 is in "
+             "the table), mean [CI] over seeds or seed pairs, seeds resampled. Plane agreement and recovery: the "
+             "planes the harmonic families write (the invariant of a circle); energy-weighted activation match: the "
+             "latents' functions; c-latent one-to-one match as trained against each latent's phase shuffled: where "
+             "the two are alike, the latents agree only as a tiling of the circle, not one by one.", ""]
+    lines += [f"![{kind}](figures/{name})" for kind, name in found["figures"].items()] + [""]
+    order = sorted(rows, key=lambda row: (row["kind"], row["data_order"], row["sparsity_value"], row["width"]))
+    lines += table(MAP_COLUMNS, order)
+    lines += ["", f"Frontier ({found['frontier_rule']}): " + (", ".join(found["frontier"]) or "none") + ".", "",
+              "c-latents matched one to one beyond their shuffled phases (trained CI above the shuffled CI): "
+              + (", ".join(found["latents_beyond_phase"]) or "none") + ".", ""]
+    if found["twins"]:
+        by_name = {row["name"]: {measure.key: row[f"map_{measure.key}"] for measure in MAP_MEASURES} for row in rows}
+        twins = [dict(twin, same=by_name[twin["same"]], varied=by_name[twin["varied"]]) for twin in found["twins"]]
+        lines += ["Same versus varied data order (every seed its own batches, --vary-data-order):", ""]
+        lines += table(TWIN_COLUMNS, twins) + [""]
+    return lines
 
 
 # ==================================================================================================

@@ -5,6 +5,14 @@
     python train_sae.py --acts my_acts.safetensors        # any [N, d] activations, from any model
     python train_sae.py --acts my_shards/                 # a folder of shards, streamed from disk
     torchrun --nproc_per_node=2 train_sae.py --seeds 0 1 2 3   # the seeds shared out over 2 processes
+    python train_sae.py --arch topk relu --width 16 64 --k 4 16 --l1 1 3 --seeds 0 1 2 3 4   # a grid of cells
+    python train_sae.py --grid study                      # a named grid (GRIDS below): the stability map's runs
+
+A grid: --arch, --width (or --expansion) and each architecture's numbers and choices (k, l1, l0, delta,
+centroids, ...) take several values; every valid cell of their cross product (a setting an architecture
+lacks does not multiply its cells) is trained as a seed ensemble into its usual folder, one cell after
+another, with files identical to training that cell alone. The activations are read once; every cell is
+checked before the first trains, and one refused by its architecture (k > width) is skipped with a note.
 
 Activations: the transformer from stage 1 (default runs/transformer/model.safetensors) run on all p^2
 inputs, read at --hook at the `=` position; or [N, d] activations from --acts: one safetensors file or a
@@ -15,7 +23,8 @@ unless told otherwise, so only the initialisation differs between them. Under to
 trains its share of the seeds and the first gathers them and writes every file, as one process would
 have written it (with --data-parallel each process trains every seed on its part of each batch instead).
 Outputs, one folder per seed, which SAELens loads as it is (SAE.load_from_disk), in
-runs/sae/<arch>-w<width>-<k or penalty>[-<variant>]/ (archetypal's variant: shared or per-seed centroids):
+runs/sae/<arch>-w<width>-<k or penalty>[-<variant>][-varied-order]/ (archetypal's variant: shared or per-seed
+centroids; -varied-order with --vary-data-order; --runs-dir replaces runs/sae):
     seed<N>/sae_weights.safetensors W_enc [d, m], W_dec [m, d], b_enc, b_dec (+ threshold), in raw
                                     activation units (archetypal: W_dec its built rows, not unit norm)
     seed<N>/cfg.json                SAELens's keys (architecture: standard for relu, topk for topk and
@@ -41,8 +50,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -64,6 +76,42 @@ DEFAULT_SEED = 42
 MAX_SEED = 2**63    # seeds and the data seed lie in [0, 2^63)
 FLOAT32_MAX = torch.finfo(torch.float32).max   # Adam applies the learning rate to float32 weights
 
+# Named grids (--grid NAME). Each is a list of this stage's command lines, trained in one invocation as if
+# each were given alone: a line's several values multiply into cells (grid_cells), and every cell goes into
+# its usual folder. A grid's flags cannot also be given on the command line; the others (--acts, --device,
+# --runs-dir, --force, ...) apply to every line. The cells, steps and seeds were chosen from cell times
+# measured on the 2-core CPU (README, "The stability map"); 500 steps instead of the default 1000 keep the
+# study inside its budget (TopK w512 k32 reaches FVU ~0.004 by then, against 0.0017 at 1000), and 5
+# snapshots (steps 0, 1, 8, 63 and the last) instead of 12 keep the initialisation null while sparing the
+# analysis most of its dynamics, which read every seed at every snapshot (half of a group's time at 12).
+GRIDS = {
+    # quick: the map's machinery end to end in under 5 minutes (about 2.5 measured on a busy CPU): TopK and
+    # ReLU at two widths and two sparsities, 5 seeds, 300 steps (not converged: a smoke test, not a finding)
+    "quick": (
+        "--arch topk --width 16 64 --k 4 8 --seeds 0 1 2 3 4 --steps 300 --snapshots 5",
+        "--arch relu --width 16 64 --l1 0.3 3 --l1-warmup-steps 150 --seeds 0 1 2 3 4 --steps 300 --snapshots 5",
+    ),
+    # study: the question's map, 5 seeds per cell. TopK over widths 8-1024 and k 1-64 (k > width skipped);
+    # the other kinds over widths 16-256 at k 4 and 16; the penalty architectures at the coefficients whose
+    # L0 (measured: one seed, 400 steps, penalty ramp 200) lies nearest TopK's k 4 and 16 at each width, as there is no
+    # --target-l0 yet (relu w16: l1 3 -> L0 3.9, l1 0.3 -> 8.2, no coefficient reaches 16; w64: 7 -> 6.1,
+    # 1 -> 14.8; w256: 3 -> 12.9, 1 -> 31; jumprelu w16: l0 5 -> 3.9, 0.01 -> 8.6; w64: 2 -> 6.4,
+    # 0.01 -> 19.9; w256: 2 -> 12.5, 0.05 -> 25); and two TopK cells again with every seed's own data order.
+    "study": (
+        "--arch topk --width 8 32 128 512 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch topk --width 1024 --k 4 32 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch batchtopk matryoshka archetypal --centroids shared per-seed --width 16 64 256 --k 4 16 "
+        "--seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 16 --l1 3 0.3 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 64 --l1 7 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu --width 256 --l1 3 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 16 --l0 5 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 64 --l0 2 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch jumprelu --width 256 --l0 2 0.05 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch topk --width 32 128 --k 4 16 --vary-data-order --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+    ),
+}
+
 
 def flagged_settings() -> list:
     """The SAEConfig fields that are flags of this stage: all but those whose flag is "" (d_in comes from
@@ -71,21 +119,36 @@ def flagged_settings() -> list:
     return [f for f in fields(SAEConfig) if f.metadata["flag"] != ""]
 
 
+def flag_of(f) -> str:
+    return f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
+
+
+def grid_settings() -> list[str]:
+    """The settings that take several values, whose cross product is the grid: the architecture, and
+    every architecture's own number or choice (k, l1, l0, delta, centroids, ...; not its switches or lists)."""
+    own = {name for cls in ARCHITECTURES.values() for name in cls.settings}
+    return [f.name for f in flagged_settings()
+            if f.name == "arch" or (f.name in own and not isinstance(f.default, (bool, tuple)))]
+
+
 def add_config_flags(parser: CliParser) -> None:
     """One flag per flagged SAEConfig field, its help from the field's metadata: `--name VALUE`, for a
-    tuple `--name VALUE [VALUE ...]`, or for a switch `--name` / `--no-name`."""
+    tuple `--name VALUE [VALUE ...]`, for a switch `--name` / `--no-name`, and for a grid setting
+    `--name VALUE [VALUE ...]`, each value a cell of the grid."""
+    grid = grid_settings()
     for f in flagged_settings():
-        flag = f"--{f.metadata['flag'] or f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument(flag_of(f), dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f.metadata["help"])
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, dest=f.name, nargs="+", type=type(f.default[0]), default=f.default,
+            parser.add_argument(flag_of(f), dest=f.name, nargs="+", type=type(f.default[0]), default=f.default,
                                 help=f.metadata["help"])
         else:   # allowed values are checked by SAEConfig itself, with its one-line errors
             choices = f.metadata["choices"]
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                                help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else ""))
+            parser.add_argument(flag_of(f), dest=f.name, type=type(f.default), default=f.default,
+                                nargs="+" if f.name in grid else None,
+                                help=f.metadata["help"] + (f" ({', '.join(choices)})" if choices else "")
+                                + ("; several values: one grid cell each" if f.name in grid else ""))
 
 
 def build_parser() -> CliParser:
@@ -105,14 +168,20 @@ def build_parser() -> CliParser:
         help="--acts: rows mixed at a time when the training rows are more than this and are streamed from "
              "disk (each seed with its own --vary-data-order stream holds its own buffer)")
     # the SAE: its width, then every SAEConfig setting (architecture, sparsity, training tricks)
-    add("--width", type=int, default=None, help="latents m (default: --expansion times d)")
-    add("--expansion", type=float, default=4.0, help="width as a multiple of the activation dimension d")
+    add("--width", type=int, nargs="+", default=None, help="latents m (default: --expansion times d); several "
+                                                           "values: one grid cell each")
+    add("--expansion", type=float, nargs="+", default=[4.0], help="width as a multiple of the activation dimension d")
     add_config_flags(parser)
+    add("--grid", choices=sorted(GRIDS), default=None,
+        help="train a named grid (GRIDS at the top of this file: its command lines, one invocation); the flags it "
+             "sets cannot be given too")
     # seeds and data order
     add("--seed", type=int, default=None, help=f"one seed (default {DEFAULT_SEED}); or --seeds")
     add("--seeds", type=int, nargs="+", default=None, help="several seeds, trained together as one ensemble")
     add("--data-seed", type=int, default=0, help="seeds the order of training batches")
-    add("--vary-data-order", action="store_true", help="give every seed its own data order")
+    add("--vary-data-order", action="store_true",
+        help="give every seed its own data order, seeded by (--data-seed, seed) apart from its initialisation "
+             "(its own folder: <name>-varied-order)")
     # optimisation
     add("--steps", type=int, default=1000, help="optimiser steps (chosen where FVU has plateaued; see README)")
     add("--batch-size", type=int, default=1024, help="activations per step")
@@ -122,7 +191,9 @@ def build_parser() -> CliParser:
     add("--snapshots", type=int, default=12, help="log-spaced weight snapshots, step 0 included (at most steps + 1)")
     add("--log-every", type=int, default=25, help="write training metrics every N steps")
     # where and how
-    add("--out", default=None, help="output folder (default: runs/sae/<arch>-w<width>-<k or penalty>[-<variant>])")
+    add("--out", default=None, help="output folder of one configuration (default: "
+                                    "<--runs-dir>/<arch>-w<width>-<k or penalty>[-<variant>][-varied-order])")
+    add("--runs-dir", default="runs/sae", help="where each configuration's folder goes (a grid's cells: one each)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     add("--no-kernels", action="store_true", help="use the plain-torch path even on a GPU")
     add("--force", action="store_true", help="replace this seed set's earlier run in --out")
@@ -146,17 +217,17 @@ def validate(args) -> None:
     counts = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1), "--snapshots": (args.snapshots, 2),
               "--log-every": (args.log_every, 1), "--warmup-steps": (args.warmup_steps, 0),
               "--shuffle-buffer": (args.shuffle_buffer, 1)}
-    if args.width is not None:
-        counts["--width"] = (args.width, 1)
+    counts |= {f"--width {i}": (width, 1) for i, width in enumerate(args.width or [])}
     if args.checkpoint is not None:
         counts["--checkpoint"] = (args.checkpoint, 0)
     if args.eval_rows is not None:
         counts["--eval-rows"] = (args.eval_rows, 1)
     for flag, (value, low) in counts.items():
         if not low <= value <= MAX_SETTING:
-            raise HusaiError(f"{flag} {value}: must be an integer in [{low}, {MAX_SETTING}]")
-    if not (math.isfinite(args.expansion) and args.expansion > 0):
-        raise HusaiError(f"--expansion {args.expansion}: must be a positive finite number")
+            raise HusaiError(f"{flag.split()[0]} {value}: must be an integer in [{low}, {MAX_SETTING}]")
+    for expansion in args.expansion:
+        if not (math.isfinite(expansion) and expansion > 0):
+            raise HusaiError(f"--expansion {expansion}: must be a positive finite number")
     if args.lr is not None and not 0 < args.lr <= FLOAT32_MAX:
         raise HusaiError(f"--lr {args.lr}: must be a positive number float32 can hold (at most {FLOAT32_MAX:.3g}), "
                          f"or left out for the default")
@@ -185,6 +256,86 @@ def validate(args) -> None:
 
 def seeds_of(args) -> list[int]:
     return args.seeds if args.seeds is not None else [DEFAULT_SEED if args.seed is None else args.seed]
+
+
+UNSET = object()
+
+
+def given_settings(parser: CliParser, argv: list[str]) -> set[str]:
+    """The settings (argparse dests) that a command line gives, even where it gives their default."""
+    blank = argparse.Namespace(**{action.dest: UNSET for action in parser._actions})
+    return {dest for dest, value in vars(parser.parse_args(argv, blank)).items() if value is not UNSET}
+
+
+def command_lines(parser: CliParser, argv: list[str]) -> list[argparse.Namespace]:
+    """The settings of each command line this invocation trains, each checked by validate: the one given,
+    or with --grid NAME the given one with each line of GRIDS[NAME] added (a flag both give is refused)."""
+    args = parser.parse_args(argv)
+    lines = [shlex.split(line) for line in GRIDS[args.grid]] if args.grid else [[]]
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    given = given_settings(parser, argv)
+    runs = []
+    for line in lines:
+        both = sorted(given & given_settings(parser, line))
+        if both:
+            raise HusaiError(f"--grid {args.grid} sets {flags[both[0]]} itself: leave it out (GRIDS in train_sae.py "
+                             f"lists each grid's flags), or give a grid of your own with several values per flag")
+        runs.append(parser.parse_args(argv + line))
+        validate(runs[-1])
+    return runs
+
+
+def setting_values(args, name: str) -> list:
+    """A setting's values, each once, in the order given (one value for a setting given once)."""
+    value = getattr(args, name)
+    return list(dict.fromkeys(value if isinstance(value, list) else [value]))
+
+
+def widths_of(args, d: int) -> list[int]:
+    """--width's values, or each --expansion times d, rounded; each once."""
+    if args.width is not None:
+        return list(dict.fromkeys(args.width))
+    widths = []
+    for expansion in args.expansion:
+        width = round(expansion * d)
+        if not 1 <= width <= MAX_SETTING:
+            raise HusaiError(f"--expansion {expansion} with d = {d}: width {width:.3g}; must lie in [1, {MAX_SETTING}]")
+        widths.append(width)
+    return list(dict.fromkeys(widths))
+
+
+def grid_cells(args, d: int, eval_rows: int) -> list[SAEConfig]:
+    """The configurations one command line trains: per architecture and width, the cross product of the
+    values of the grid settings that architecture has. A setting it does not have neither multiplies its
+    cells nor enters its files (it keeps its default), so a cell's files are the same whichever grid it was
+    trained in. A cell its architecture refuses (k > width, Matryoshka prefixes without a latent, more
+    archetypal centroids than rows) is skipped with a note; no cell left, or a value no cell can use, is an
+    error (for one cell, its own error, as a single run has always given)."""
+    fixed = {f.name: getattr(args, f.name) for f in flagged_settings() if f.name not in grid_settings()}
+    cells, refused = [], []
+    for arch in setting_values(args, "arch"):
+        own = [name for name in grid_settings() if name in getattr(ARCHITECTURES.get(arch), "settings", ())]
+        for width in widths_of(args, d):
+            for values in itertools.product(*(setting_values(args, name) for name in own)):
+                chosen = {"arch": arch, "width": width, **dict(zip(own, values))}
+                try:
+                    cfg = SAEConfig(**fixed, **chosen, d_in=d)
+                    ARCHITECTURES[arch].check_data(cfg, eval_rows)
+                    cells.append(cfg)
+                except HusaiError as e:
+                    refused.append((chosen, str(e)))
+    if not cells:
+        raise HusaiError(refused[0][1])
+    used = {(name, getattr(cfg, name)) for cfg in cells for name in ("width", *grid_settings())}
+    flags = {"width": "--width"} | {f.name: flag_of(f) for f in flagged_settings()}
+    for chosen, reason in refused:
+        unused = [(name, value) for name, value in chosen.items() if (name, value) not in used]
+        if unused:
+            name, value = unused[0]
+            raise HusaiError(f"{flags[name]} {value}: no cell of the grid can use it ({reason})")
+        shown = [name for name in chosen if name in ("arch", "width") or len(setting_values(args, name)) > 1]
+        print(f"note: skipped {', '.join(f'{name} {chosen[name]}' for name in shown)}: {reason}")
+    return cells
 
 
 def memory_estimate(n: int, d: int, width: int, n_seeds: int, batch_size: int, n_snapshots: int,
@@ -319,10 +470,11 @@ class Training:
 
 
 def train(sae, trainer: SAETrainer | DataParallel, data: TrainingData, seeds: list[int], args, config: dict,
-          n_snapshots: int, ranks: Ranks, snapshots: bool = True) -> Training:
+          n_snapshots: int, ranks: Ranks, snapshots: bool = True, label: str | None = None) -> Training:
     """Run the trainer (or its data-parallel wrapper) for --steps steps, taking snapshots (with FVU on the
     evaluation rows) at log-spaced steps from 0 unless told not to, and logging every --log-every steps;
-    stop at the first step whose check fails (SAETrainer.step). Only the first process shows progress."""
+    stop at the first step whose check fails (SAETrainer.step). Only the first process shows progress,
+    after `label` (a grid's cell)."""
     from tqdm import tqdm
     steps = args.steps
     snapshot_steps = sorted({0, steps} | {round(t) for t in np.geomspace(1, steps, n_snapshots - 1)})
@@ -338,7 +490,7 @@ def train(sae, trainer: SAETrainer | DataParallel, data: TrainingData, seeds: li
             run.snapshot_fvu[seed].append(evaluation_metrics(tensors, config, eval_acts, data.eval_chunk)["fvu"])
 
     start = time.time()
-    with tqdm(range(steps), unit="step", mininterval=0.5, disable=ranks.rank != 0) as bar:
+    with tqdm(range(steps), desc=label, unit="step", mininterval=0.5, disable=ranks.rank != 0) as bar:
         for step in bar:
             if step in snapshot_steps and snapshots:
                 take_snapshot(step)
@@ -386,15 +538,14 @@ def own_seeds(all_seeds: list[int], ranks: Ranks, data_parallel: bool) -> list[i
 
 
 def gather_parts(part: Part, stepper, ranks: Ranks, data_parallel: bool) -> list[Part] | None:
-    """Every process's Part on the first process (None on the others), then the process group ends. In
-    data parallel every process holds the same SAEs (checked here): the first one's are the result."""
+    """Every process's Part on the first process (None on the others). In data parallel every process
+    holds the same SAEs (checked here): the first one's are the result."""
     if data_parallel:
         if part.training.divergence is None:
             stepper.check_replicas()
         parts = [part] if ranks.rank == 0 else None
     else:
         parts = gather_on_rank0(part, ranks)
-    stop_ranks(ranks)
     return parts
 
 
@@ -539,33 +690,45 @@ def write_log(path: Path, rows: list[dict], last: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-    validate(args)
+@dataclass
+class Cell:
+    """One configuration of the invocation, checked and ready to train: its command line's settings, its
+    SAEConfig, its seeds (this process's share of all_seeds), the config its files record, and where."""
+    args: argparse.Namespace
+    cfg: SAEConfig
+    all_seeds: list[int]
+    seeds: list[int]
+    data_parallel: bool
+    lr: float
+    n_snapshots: int
+    config: dict
+    out_dir: Path
+
+
+def cell_folder(args, cfg: SAEConfig, provenance: dict) -> Path:
+    """--out, or <--runs-dir>/<arch>-w<width>-<k or penalty>[-<variant>][-<source>][-varied-order]."""
+    name = f"{cfg.arch}-w{cfg.width}-{cfg.folder_label}"
+    if args.acts:
+        name += f"-acts-{Path(args.acts).stem}"
+    elif args.hook or args.checkpoint is not None:
+        name += f"-{provenance['hook']}" + (f"-epoch{args.checkpoint}" if args.checkpoint is not None else "")
+    name += "-varied-order" if args.vary_data_order else ""
+    return Path(args.out or Path(args.runs_dir) / name)
+
+
+def prepare_cell(args, cfg: SAEConfig, data: TrainingData, ranks: Ranks, device: torch.device) -> Cell:
+    """A cell's checks against the data (batch size, memory), its learning rate, config and folder."""
     all_seeds = seeds_of(args)
-    ranks, device = start_ranks(pick_device(args.device), args.dist_timeout)
     data_parallel = args.data_parallel and ranks.world > 1
     if data_parallel and args.batch_size % ranks.world:
         raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the "
                          f"{ranks.world} processes")
     seeds = own_seeds(all_seeds, ranks, data_parallel)
-
-    # ---- activations, checked -------------------------------------------------------------------
-    data = read_activations(args, device)
-    n, d, provenance = data.rows, data.d, data.provenance
-
-    # ---- the ensemble's settings, its memory, and where it goes -----------------------------------
-    width = args.width if args.width is not None else round(args.expansion * d)
-    if not 1 <= width <= MAX_SETTING:
-        raise HusaiError(f"--expansion {args.expansion} with d = {d}: width {width:.3g}; "
-                         f"must lie in [1, {MAX_SETTING}]")
-    cfg = SAEConfig(**{f.name: getattr(args, f.name) for f in flagged_settings()}, d_in=d, width=width)
-    eval_rows = len(data.eval_acts)
+    n, d, eval_rows, width = data.rows, data.d, len(data.eval_acts), cfg.width
     if args.batch_size > data.train_rows:
         held_out = f" training activations ({eval_rows} of the {n} are held out: lower --eval-rows)"
         raise HusaiError(f"--batch-size {args.batch_size} is larger than the {data.train_rows}"
                          + (held_out if data.train_rows < n else " activations"))
-    ARCHITECTURES[cfg.arch].check_data(cfg, eval_rows)   # initialised from the evaluation rows
     n_snapshots = min(args.snapshots, args.steps + 1)
     n_streams = len(seeds) if args.vary_data_order else 1
     held = eval_rows + (n_streams * (args.shuffle_buffer + args.batch_size) if data.streamed
@@ -575,41 +738,57 @@ def main() -> None:
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "
                  f"and {n_snapshots} snapshots", "choose a smaller --width, --batch-size, --snapshots or fewer seeds")
     lr = args.lr if args.lr is not None else width_scaled_lr(width)
-    name = f"{cfg.arch}-w{width}-{cfg.folder_label}"
-    if args.acts:
-        name += f"-acts-{Path(args.acts).stem}"
-    elif args.hook or args.checkpoint is not None:
-        name += f"-{provenance['hook']}" + (f"-epoch{args.checkpoint}" if args.checkpoint is not None else "")
-    out_dir = Path(args.out or Path("runs/sae") / name)
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
                   torch=torch.__version__, eval_rows=eval_rows,
                   shuffle_buffer=args.shuffle_buffer if data.streamed else None,
                   data_parallel_processes=ranks.world if data_parallel else None)
+    return Cell(args, cfg, all_seeds, seeds, data_parallel, lr, n_snapshots, config,
+                cell_folder(args, cfg, data.provenance))
 
-    # only the first process enters the run (its checks come before any training) and writes, after gathering
+
+def check_outputs(cells: list[Cell]) -> None:
+    """Before a grid trains anything: each cell's folder would take its run (not in use, not another
+    run's files, nothing to replace without --force). Each cell checks again when it starts."""
+    folders = [cell.out_dir for cell in cells]
+    if len(set(folders)) < len(folders):
+        twice = next(folder for folder in folders if folders.count(folder) > 1)
+        raise HusaiError(f"two cells of the grid write {twice}: with several cells --out cannot name one folder; "
+                         f"leave it out (each cell goes to <--runs-dir>/<its name>)")
+    for cell in cells:
+        with RunOutput(cell.out_dir, run_name(cell.all_seeds), run_entries(cell.all_seeds), cell.args.force,
+                       advice=overlap_advice):
+            pass
+
+
+def train_cell(cell: Cell, data: TrainingData, ranks: Ranks, device: torch.device, label: str | None) -> float:
+    """Train one cell's seeds as one ensemble, evaluate them and write their files (the first process,
+    after gathering every process's seeds), exactly as a single invocation does. Returns the seconds its
+    training took. A diverged ensemble writes its last good weights and raises."""
+    args, cfg, data_parallel, seeds, config = cell.args, cell.cfg, cell.data_parallel, cell.seeds, cell.config
+    provenance = data.provenance
     writer = ranks.rank == 0
-    output = (RunOutput(out_dir, run_name(all_seeds), run_entries(all_seeds), args.force, advice=overlap_advice)
-              if writer else contextlib.nullcontext())
+    output = (RunOutput(cell.out_dir, run_name(cell.all_seeds), run_entries(cell.all_seeds), args.force,
+                        advice=overlap_advice) if writer else contextlib.nullcontext())
     with output as run:
         torch.set_flush_denormal(True)   # tiny Adam moments as denormals slow a CPU step ~10x
         sae = build_sae(cfg, seeds).to(device)
         sae.init_from_data(data.eval_acts)
-        trainer = SAETrainer(sae, lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
+        trainer = SAETrainer(sae, cell.lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                              use_kernels=not args.no_kernels)
         stepper = DataParallel(trainer, ranks) if data_parallel else trainer
-        print(describe_run(args, data, cfg, lr, seeds, ranks, data_parallel, device))
-        training = train(sae, stepper, data, seeds, args, config, n_snapshots, ranks,
-                         snapshots=writer or not data_parallel)
+        print(describe_run(args, data, cfg, cell.lr, seeds, ranks, data_parallel, device))
+        training = train(sae, stepper, data, seeds, args, config, cell.n_snapshots, ranks,
+                         snapshots=writer or not data_parallel, label=label)
         part = Part(seeds, {seed: sae.export(s) for s, seed in enumerate(seeds)}, training)
         parts = gather_parts(part, stepper, ranks, data_parallel)
         if not writer:
-            return
+            return training.seconds
 
         # ---- evaluation on every input (or the held-out slice), and the files --------------------
         owner = {seed: part for part in parts for seed in part.seeds}
-        finished = [seed for seed in all_seeds if owner[seed].training.divergence is None]
+        finished = [seed for seed in cell.all_seeds if owner[seed].training.divergence is None]
         acts, model, tokens, labels, references = data.eval_acts.cpu(), data.model, data.tokens, data.labels, None
         if model is not None and finished:
             model, tokens, labels = model.cpu(), tokens.cpu(), labels.cpu()
@@ -631,11 +810,44 @@ def main() -> None:
     if diverged:
         stop = diverged[0].training.divergence
         raise HusaiError(f"training diverged: {stop.reason}; the last good weights (after {stop.good_steps} "
-                         f"steps) are in {out_dir}/last-good-seed<N>/ and no seed<N>/ was "
+                         f"steps) are in {cell.out_dir}/last-good-seed<N>/ and no seed<N>/ was "
                          f"written for {'its' if len(parts) == 1 else 'those'} seeds; try a lower --lr")
     processes = f" on {ranks.world} processes" if ranks.world > 1 else ""
     seconds = max(part.training.seconds for part in parts)
-    print(f"trained {len(all_seeds)} seed(s) in {seconds:.1f} s{processes}")
+    print(f"trained {len(cell.all_seeds)} seed(s) in {seconds:.1f} s{processes}")
+    return seconds
+
+
+def cell_work(cell: Cell) -> float:
+    """A cell's rough cost for the grid's time estimate: steps x seeds x (width + 64)."""
+    return cell.args.steps * len(cell.all_seeds) * (cell.cfg.width + 64)
+
+
+def main() -> None:
+    runs = command_lines(build_parser(), sys.argv[1:])   # the command line, or each line of a named grid
+    first = runs[0]
+    ranks, device = start_ranks(pick_device(first.device), first.dist_timeout)
+
+    # ---- activations, read once and checked; then every cell checked before any training -------------
+    data = read_activations(first, device)
+    cells = [prepare_cell(args, cfg, data, ranks, device)
+             for args in runs for cfg in grid_cells(args, data.d, len(data.eval_acts))]
+    if len(cells) > 1 and ranks.rank == 0:
+        check_outputs(cells)
+        print(f"grid: {len(cells)} cells, {sum(len(cell.all_seeds) for cell in cells)} SAEs")
+
+    # ---- the cells, one after another, with the time of each ----------------------------------------
+    start, done = time.time(), 0.0
+    for i, cell in enumerate(cells):
+        label = f"cell {i + 1}/{len(cells)} {cell.out_dir.name}" if len(cells) > 1 else None
+        cell_start = time.time()
+        train_cell(cell, data, ranks, device, label)
+        done += cell_work(cell)
+        if label and ranks.rank == 0:
+            elapsed = time.time() - start
+            left = elapsed * (sum(map(cell_work, cells)) / done - 1)
+            print(f"{label}: {time.time() - cell_start:.1f} s; grid {elapsed:.0f} s so far, about {left:.0f} s left")
+    stop_ranks(ranks)
 
 
 if __name__ == "__main__":

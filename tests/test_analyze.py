@@ -585,7 +585,7 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def figures_named_by(report: dict) -> set[str]:
-    names = {report["comparison_figure"]}
+    names = {report["comparison_figure"], *report["map"]["figures"].values()}
     for entry in [*report["groups"], *report["transformers"].values()]:
         names |= set((entry.get("figures") or {}).values())
     return names
