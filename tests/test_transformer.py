@@ -198,7 +198,7 @@ def test_same_seed_same_weights_different_seed_different(tmp_path):
     weights = {}
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         out = tmp_path / name / "model.safetensors"
-        result = run_stage(*SMALL, "--epochs", "30", "--ckpt-every", "0", "--seed", seed, "--out", str(out),
+        result = run_stage(*SMALL, "--epochs", "5", "--ckpt-every", "0", "--seed", seed, "--out", str(out),
                            "--device", "cpu")
         assert result.returncode == 0, result.stderr
         weights[name] = load_tensors(out, FORMAT, VERSION)[0]
