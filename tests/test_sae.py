@@ -334,7 +334,7 @@ def test_the_stage_trains_the_new_architectures_from_their_flags(tmp_path, flags
 def test_shared_and_per_seed_archetypal_runs_get_their_own_folders():
     labels = {centroids: SAEConfig(arch="archetypal", centroids=centroids).folder_label for centroids in ("shared", "per-seed")}
     assert labels == {"shared": "k32-shared", "per-seed": "k32-per-seed"}
-    assert SAEConfig(arch="topk").folder_label == "k32" and SAEConfig(arch="relu").folder_label == "l1_0.7"
+    assert SAEConfig(arch="topk").folder_label == "k32" and SAEConfig(arch="relu").folder_label == "l1_0.2"
 
 
 def test_every_setting_is_a_flag_with_its_help_text():
@@ -368,7 +368,10 @@ BAD_ACTS = {
     (["--k", "65", "--width", "64"], "k 65: must lie between 1 and the width (64)"),
     (["--width", "0"], "--width 0: must be an integer in [1, 2147483647]"),
     (["--k", "300", "--width", "512"], "k 300: the fused TopK kernel keeps at most 256 latents per input"),
-    (["--k-aux", "0"], "k_aux 0: must be at least 1"),
+    (["--k-aux", "-1"], "k_aux -1: must not be negative"),
+    (["--arch", "relu", "--target-l0", "600", "--width", "512"], "target_l0 600: must be at most the width (512)"),
+    (["--grad-clip", "-1"], "grad_clip -1.0: must not be negative"),
+    (["--adam-beta2", "1"], "adam_beta2 1.0: must lie in (0, 1)"),
     (["--arch", "jumprelu", "--bandwidth", "nan"], "bandwidth nan: must be a finite number"),
     (["--b-dec-init", "mode"], "b_dec_init 'mode': valid are median, mean, zero"),
     (["--arch", "matryoshka", "--prefixes", "0.5", "0.9"], "prefixes 0.5 0.9: need fractions in (0, 1], the last 1"),
