@@ -1421,10 +1421,10 @@ class SAEEnsemble(torch.nn.Module):
         """Adam's parameter groups at learning rate lr: by default one, every parameter at lr."""
         return [{"params": list(self.parameters()), "lr": lr}]
 
-    def aux_k(self, l0: torch.Tensor) -> int:
-        """AuxK's number of dead latents per input: the k_aux setting, or when it is 0 the SAE's own L0 (k
-        for the TopK family; see PenaltySAE). l0 [S] is the batch's measured L0."""
-        return self.cfg.k_aux or self.cfg.k
+    def aux_k(self, l0: torch.Tensor) -> list[int]:
+        """AuxK's number of dead latents per input, per seed: the k_aux setting, or when it is 0 the SAE's
+        own L0 (k for the TopK family; see PenaltySAE). l0 [S] is each seed's batch L0."""
+        return [self.cfg.k_aux or self.cfg.k] * len(self.seeds)
 
     def reconstruction_loss(self, x: torch.Tensor, codes: Codes, error: torch.Tensor) -> torch.Tensor:
         """The reconstruction term of each seed's loss [S]. `error` [S] is the full reconstruction's
@@ -1464,8 +1464,8 @@ class SAEEnsemble(torch.nn.Module):
         """What a saved SAE computes at inference: latents f [N, m] from pre-activations z [N, m]."""
         raise NotImplementedError
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-        """AuxK (Gao et al.): the k_aux largest pre-activations of the dead latents reconstruct the residual
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: list[int]) -> torch.Tensor:
+        """AuxK (Gao et al.): for each seed s, the k_aux[s] largest pre-activations of the dead latents reconstruct the residual
         e = x - x_hat (without b_dec); loss = ||e - e_hat||^2 / ||e - mean(e)||^2 per seed [S]. Its gradient
         reaches the dead latents' encoder columns and decoder rows, which is what revives them. x [S, B, d]
         is already normalised; each seed computes the pre-activations of its own dead latents only (n << m).
@@ -1485,7 +1485,7 @@ class SAEEnsemble(torch.nn.Module):
                 losses.append(x.new_zeros(()))
                 continue
             z = (x[s] - b_dec[s]) @ W_enc[s][:, latent] + b_enc[s][latent]     # [B, n]
-            values, indices = z.topk(min(k_aux, len(latent)), dim=-1, sorted=False)
+            values, indices = z.topk(min(k_aux[s], len(latent)), dim=-1, sorted=False)
             e, e_hat = residual[s], scatter_latents(values, indices, z) @ W_dec[s][latent]
             losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
         return torch.stack(losses)
@@ -1535,10 +1535,10 @@ class PenaltySAE(SAEEnsemble):
         return f"target_l0_{cfg.target_l0:g}" if cfg.target_l0 else super().sparsity_label(cfg)
 
     def aux_k(self, l0):
-        """k_aux, else the target L0, else the batch's mean L0 over the seeds (rounded, at least 1)."""
+        """k_aux, else the target L0, else each seed's own batch L0 (rounded, at least 1)."""
         if self.cfg.k_aux or self.cfg.target_l0:
-            return self.cfg.k_aux or max(1, round(self.cfg.target_l0))
-        return max(1, round(float(l0.mean())))
+            return [self.cfg.k_aux or max(1, round(self.cfg.target_l0))] * len(self.seeds)
+        return [max(1, round(value)) for value in l0.tolist()]
 
 
 class ReLUSAE(PenaltySAE):
@@ -1661,7 +1661,8 @@ class JumpReLUSAE(PenaltySAE):
     settings = {
         "l0": setting(0.05, "coefficient of the L0 norm (the number of active latents)", NON_NEGATIVE),
         "threshold_init": setting(0.5, "initial per-latent threshold (normalised units)", POSITIVE),
-        "bandwidth": setting(0.1, "width of the straight-through estimator's rectangle kernel", POSITIVE),
+        "bandwidth": setting(1.0, "width of the straight-through estimator's rectangle kernel (normalised units)",
+                             POSITIVE),
         **AUXK, **PENALTY_TARGET,
     }
     sparsity = "l0"
@@ -1695,7 +1696,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     name = "matryoshka"
     settings = {**BatchTopKSAE.settings, "prefixes": setting(
         (0.0625, 0.125, 0.25, 0.5, 1.0), "matryoshka: nested prefix sizes as fractions of the width, increasing, "
-        "the last 1 (halvings down to 1/16: lower FVU and dead fraction on the grokked model than down to 1/4 or 1/2)")}
+        "the last 1 (halvings down to 1/16: lower FVU and dead fraction on the grokked model than down to 1/4 or 1/2)"),
+        "prefix_weights": setting("size", "matryoshka: how the prefixes' losses are averaged: size (each weighted by the "
+                                          "latents it adds, the expected loss at a cut drawn uniformly over the "
+                                          "latents) or equal (the plain mean)", choices=("size", "equal"))}
 
     @classmethod
     def check(cls, cfg):
@@ -1713,14 +1717,23 @@ class MatryoshkaSAE(BatchTopKSAE):
         """The number of latents in each prefix, round(fraction * width); the last is the width."""
         return [round(fraction * cfg.width) for fraction in cfg.prefixes]
 
+    @staticmethod
+    def prefix_weights(cfg: SAEConfig) -> list[float]:
+        """The weight of each prefix's loss, summing to 1: equal, or (m_j - m_{j-1}) / m."""
+        sizes = MatryoshkaSAE.prefix_sizes(cfg)
+        if cfg.prefix_weights == "equal":
+            return [1 / len(sizes)] * len(sizes)
+        return [(b - a) / cfg.width for a, b in zip([0] + sizes[:-1], sizes)]
+
     def reconstruction_loss(self, x, codes, error):
-        """Mean over prefixes of ||x - x_hat_j||^2 [S]; the whole width's error is given, the shorter
-        prefixes' are computed here from their latents and decoder rows."""
-        errors = [error]
+        """Weighted mean over prefixes of ||x - x_hat_j||^2 [S] (prefix_weights); the whole width's error
+        is given, the shorter prefixes' are computed here from their latents and decoder rows."""
+        errors = []
         for size in self.prefix_sizes(self.cfg)[:-1]:
             x_hat = SeedwiseLinear.apply(codes.latents[..., :size], self.W_dec[:, :size], self.b_dec)
             errors.append((x_hat - x).pow(2).sum(-1).mean(-1))
-        return torch.stack(errors).mean(dim=0)
+        weights = self.prefix_weights(self.cfg)
+        return sum(w * e for w, e in zip(weights, errors + [error]))
 
 
 SHARED_CENTROIDS_SEED = 0        # the k-means seed of archetypal's --centroids shared
@@ -1816,7 +1829,8 @@ class CoreSettings:
     arch: str = setting("topk", "architecture", choices=tuple(ARCHITECTURES))
     d_in: int = setting(128, "activation dimension d (read from the data)", AT_LEAST_ONE, flag="")
     width: int = setting(512, "latents m", AT_LEAST_ONE, flag="")
-    dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead", AT_LEAST_ONE)
+    dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead (and AuxK "
+                                       "trains it)", AT_LEAST_ONE)
     unit_norm_decoder: bool = setting(True, "unit-norm decoder rows: project W_dec's gradient tangent to the rows "
                                             "and renormalise after each step (an architecture that builds its rows "
                                             "has its own constraint instead)", flag="unit-norm")
