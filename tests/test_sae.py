@@ -87,8 +87,11 @@ def test_decoder_rows_stay_unit_norm_and_the_gradient_projection_leaves_no_paral
         torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(2, 40))
 
 
-def test_matryoshka_loss_is_the_mean_of_its_prefixes_reconstruction_errors():
-    cfg = SAEConfig(arch="matryoshka", d_in=8, width=16, k=3, prefixes=(0.25, 0.5, 1.0), auxk=False)
+@pytest.mark.parametrize("weighting,weights", [("equal", (1 / 3, 1 / 3, 1 / 3)), ("size", (0.25, 0.25, 0.5))])
+def test_matryoshka_loss_is_the_weighted_mean_of_its_prefixes_reconstruction_errors(weighting, weights):
+    """Prefixes of 4, 8 and 16 latents: equal weights, or each prefix's share of the latents it adds (4, 4, 8)."""
+    cfg = SAEConfig(arch="matryoshka", d_in=8, width=16, k=3, prefixes=(0.25, 0.5, 1.0), prefix_weights=weighting,
+                    auxk=False)
     x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
     sae = build_sae(cfg, [0, 1])
     sae.init_from_data(x)
@@ -96,7 +99,7 @@ def test_matryoshka_loss_is_the_mean_of_its_prefixes_reconstruction_errors():
     f = batchtopk_latents((x * sae.input_scale - sae.b_dec[:, None]) @ sae.W_enc + sae.b_enc[:, None], 3)
     errors = [((f[..., :m] @ sae.W_dec[:, :m] + sae.b_dec[:, None]) - x * sae.input_scale).pow(2).sum(-1).mean(-1)
               for m in (4, 8, 16)]
-    torch.testing.assert_close(loss, torch.stack(errors).mean(dim=0))
+    torch.testing.assert_close(loss, sum(w * e for w, e in zip(weights, errors)))
     assert (errors[0] > errors[2]).all(), "a short prefix reconstructs worse than the whole width"
     variance = (x * sae.input_scale - (x * sae.input_scale).mean(0)).pow(2).sum(-1).mean()
     torch.testing.assert_close(metrics["fvu"], errors[2] / variance, msg="FVU is the whole width's")
