@@ -53,7 +53,7 @@ from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, MAX_SETTING, SAE_FORMAT, S
                       SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
                       gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
                       sae_file_name, sae_reconstruct, save_tensors, shuffled_batches, snapshot_file_name,
-                      start_ranks, stop_ranks, default_lr, width_scaled_lr)
+                      start_ranks, stop_ranks, default_lr)
 from train_transformer import activations_from, run_with_replacement
 
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
