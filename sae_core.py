@@ -939,7 +939,7 @@ class DataParallel:
     by N, so every process takes the same Adam step: the one for the mean loss over the whole batch. After
     the step the dead-latent counters and BatchTopK's running threshold are made the whole batch's (a
     latent fired if it fired in any part; the threshold is the smallest of the parts'), and the batch
-    metrics are averaged over the parts.
+    metrics are averaged over the parts, and a steered penalty coefficient is the geometric mean of the parts'.
 
     Deterministic for a fixed N: an all-reduce adds in an order fixed by N, so runs with the same N are
     bit-identical, and runs with different N (or one process) agree only up to rounding. Two things are
@@ -997,6 +997,10 @@ class DataParallel:
         threshold = getattr(trainer.sae, "batch_threshold", None)
         if threshold is not None:
             dist.all_reduce(threshold, op=dist.ReduceOp.MIN)    # the EMA is monotone in the part's minimum
+        if trainer.penalty_coeff is not None:                  # steered from each part's L0: the geometric mean
+            log_coeff = trainer.penalty_coeff.log()
+            dist.all_reduce(log_coeff)
+            trainer.penalty_coeff.copy_((log_coeff / self.ranks.world).exp())
         values = torch.stack(list(metrics.values()))
         dist.all_reduce(values)
         return dict(zip(metrics, values / self.ranks.world))
@@ -1188,8 +1192,13 @@ def setting(default, help: str, rule: Rule | None = None, choices: tuple | None 
 
 
 def width_scaled_lr(width: int) -> float:
-    """The TopK anchors' default: 2e-4 * (m / 2^14)^-0.5 (Gao et al. 2024)."""
+    """The TopK anchors' learning rate: 2e-4 * (m / 2^14)^-0.5 (Gao et al. 2024)."""
     return 2e-4 * (width / 2**14) ** -0.5
+
+
+def default_lr(cfg: SAEConfig) -> float:
+    """The learning rate train_sae.py uses unless told: the architecture's lr_scale times width_scaled_lr."""
+    return ARCHITECTURES[cfg.arch].lr_scale * width_scaled_lr(cfg.width)
 
 
 class SeedwiseLinear(torch.autograd.Function):
@@ -1377,6 +1386,10 @@ class SAEEnsemble(torch.nn.Module):
     saelens: ClassVar[str]                   # the SAELens architecture that computes its inference (cfg.json)
     uses_auxk: ClassVar[bool] = False
     variant_settings: ClassVar[tuple[str, ...]] = ()      # settings that make another kind of SAE: in folder names
+    penalty_coefficient: ClassVar[str | None] = None      # the setting its penalty multiplies; target_l0 steers it
+    # The default learning rate as a multiple of width_scaled_lr. 8: with gradient clipping and Adam beta2 0.99
+    # (CoreSettings), TopK on the grokked model reaches FVU 0.0007 in 1000 steps, where 1x left it at 0.0017.
+    lr_scale: ClassVar[float] = 8.0
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
         super().__init__()
@@ -1441,6 +1454,11 @@ class SAEEnsemble(torch.nn.Module):
         itself, unless an architecture builds its rows from other parameters."""
         return self.W_dec
 
+    def aux_k(self, l0: torch.Tensor) -> list[int]:
+        """AuxK's number of dead latents per input, per seed: the k_aux setting, or when it is 0 the SAE's
+        own L0 (k for the TopK family; see PenaltySAE). l0 [S] is each seed's batch L0."""
+        return [self.cfg.k_aux or self.cfg.k] * len(self.seeds)
+
     def reconstruction_loss(self, x: torch.Tensor, codes: Codes, error: torch.Tensor) -> torch.Tensor:
         """The reconstruction term of each seed's loss [S]. `error` [S] is the full reconstruction's
         ||x - x_hat||^2 averaged over the batch (x [S, B, d] normalised); by default that is the term."""
@@ -1462,8 +1480,9 @@ class SAEEnsemble(torch.nn.Module):
         """Training latents f [S, B, m] from pre-activations z [S, B, m]."""
         raise NotImplementedError
 
-    def penalty(self, codes: Codes, step: int) -> torch.Tensor | None:
-        """The sparsity penalty per seed [S] at this step, added to the reconstruction loss (None: none)."""
+    def penalty(self, codes: Codes, step: int, coefficient: torch.Tensor | None) -> torch.Tensor | None:
+        """The sparsity penalty per seed [S] at this step, added to the reconstruction loss (None: none);
+        `coefficient` [S] is the trainer's value of the penalty_coefficient setting, per seed."""
         return None
 
     def observe(self, codes: Codes) -> None:
@@ -1478,11 +1497,18 @@ class SAEEnsemble(torch.nn.Module):
         """What a saved SAE computes at inference: latents f [N, m] from pre-activations z [N, m]."""
         raise NotImplementedError
 
-    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al.): the top k_aux dead latents reconstruct the residual e = x - x_hat (without
-        b_dec); loss = ||e - e_hat||^2 / ||e - mean(e)||^2 per seed [S]. Its gradient reaches the dead
-        latents' encoder columns and decoder rows, which is what revives them. x [S, B, d] is already
-        normalised; each seed computes the pre-activations of its own dead latents only (n << m)."""
+    def auxk_loss(self, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: list[int]) -> torch.Tensor:
+        """AuxK (Gao et al.): for each seed s, the k_aux[s] largest pre-activations of its dead latents
+        reconstruct the residual e = x - x_hat (without b_dec); loss = ||e - e_hat||^2 / ||e - mean(e)||^2
+        per seed [S]. Its gradient reaches the dead latents' encoder columns and decoder rows, which is what revives them. x [S, B, d]
+        is already normalised; each seed computes the pre-activations of its own dead latents only (n << m).
+
+        The kept pre-activations are used signed, with no ReLU: a latent dies when its pre-activation is
+        below zero on every input, and a ReLU here would give it no gradient either (on the grokked model,
+        TopK with clipping left 23% of its latents dead that way, their largest pre-activation a median
+        -0.01). k_aux is the SAE's own L0 by default: with more than that (64 with 3 true atoms per input),
+        AuxK fits the dead latents densely and they do not become features (planted TopK 83-89%, against
+        94-95% with k_aux = k, on the trainer before the registry)."""
         residual = (x - x_hat).detach()
         # unbound once: indexing a parameter per seed would make autograd allocate a full-size gradient per seed
         W_enc, W_dec, b_enc, b_dec = self.W_enc.unbind(), self.decoder().unbind(), self.b_enc.unbind(), self.b_dec.unbind()
@@ -1493,7 +1519,8 @@ class SAEEnsemble(torch.nn.Module):
                 losses.append(x.new_zeros(()))
                 continue
             z = (x[s] - b_dec[s]) @ W_enc[s][:, latent] + b_enc[s][latent]     # [B, n]
-            e, e_hat = residual[s], topk_latents(z, min(self.cfg.k_aux, len(latent))) @ W_dec[s][latent]
+            values, indices = z.topk(min(k_aux[s], len(latent)), dim=-1, sorted=False)
+            e, e_hat = residual[s], scatter_latents(values, indices, z) @ W_dec[s][latent]
             losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
         return torch.stack(losses)
 
@@ -1512,7 +1539,13 @@ K = setting(32, "topk: latents kept per input; batchtopk: kept per input on aver
 AUXK = {
     "auxk": setting(True, "AuxK loss that revives dead latents (Gao et al.)"),
     "auxk_coeff": setting(1 / 32, "AuxK: weight of its loss", NON_NEGATIVE),
-    "k_aux": setting(64, "AuxK: dead latents used to reconstruct the residual", AT_LEAST_ONE),
+    "k_aux": setting(0, "AuxK: dead latents used to reconstruct the residual (0: the SAE's own L0: k, or the "
+                        "target L0, or the batch's L0)", NON_NEGATIVE),
+}
+PENALTY_TARGET = {
+    "target_l0": setting(0.0, "relu, jumprelu: steer the penalty coefficient during training (from its setting) so "
+                              "that L0 ends at this (0: the coefficient stays fixed)", NON_NEGATIVE),
+    "target_gain": setting(0.01, "target_l0: the controller's per-step gain on log(coefficient)", POSITIVE),
 }
 
 
@@ -1521,23 +1554,47 @@ def check_k(cfg: SAEConfig) -> None:
         raise HusaiError(f"k {cfg.k}: must lie between 1 and the width ({cfg.width})")
 
 
-class ReLUSAE(SAEEnsemble):
-    """ReLU SAE: f = ReLU(z); penalty lambda * sum_i f_i ||W_dec[i]||, lambda ramped up from 0."""
+class PenaltySAE(SAEEnsemble):
+    """What the architectures whose sparsity follows a penalty coefficient share: target_l0, under which
+    the trainer steers the coefficient (SAETrainer.steer_penalty) and the folder is named by the target."""
+    uses_auxk = True
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.target_l0 > cfg.width:
+            raise HusaiError(f"target_l0 {cfg.target_l0:g}: must be at most the width ({cfg.width})")
+
+    @classmethod
+    def sparsity_label(cls, cfg):
+        return f"target_l0_{cfg.target_l0:g}" if cfg.target_l0 else super().sparsity_label(cfg)
+
+    def aux_k(self, l0):
+        """k_aux, else the target L0, else each seed's own batch L0 (rounded, at least 1)."""
+        if self.cfg.k_aux or self.cfg.target_l0:
+            return [self.cfg.k_aux or max(1, round(self.cfg.target_l0))] * len(self.seeds)
+        return [max(1, round(value)) for value in l0.tolist()]
+
+
+class ReLUSAE(PenaltySAE):
+    """ReLU SAE: f = ReLU(z); penalty lambda * sum_i f_i ||W_dec[i]||, lambda ramped up from 0 (or steered)."""
     name = "relu"
     saelens = "standard"
     settings = {
-        "l1": setting(0.7, "L1 coefficient, decoder-norm weighted, in normalised units (0.7: L0 33.5 on the "
+        "l1": setting(0.2, "L1 coefficient, decoder-norm weighted, in normalised units (0.2: L0 ~30 on the "
                            "grokked model's residual stream, next to TopK's k = 32)", NON_NEGATIVE),
-        "l1_warmup_steps": setting(500, "the L1 coefficient ramps up linearly from 0 over these steps", NON_NEGATIVE),
+        "l1_warmup_steps": setting(500, "the L1 coefficient ramps up linearly from 0 over these steps (not under "
+                                        "target_l0, whose controller starts low and rises)", NON_NEGATIVE),
+        **AUXK, **PENALTY_TARGET,
     }
     sparsity = "l1"
+    penalty_coefficient = "l1"
 
     def activate(self, z):
         return torch.relu(z)
 
-    def penalty(self, codes, step):
-        ramp = min(1.0, (step + 1) / max(1, self.cfg.l1_warmup_steps))
-        return self.cfg.l1 * ramp * (codes.latents * self.W_dec.norm(dim=-1)[:, None]).sum(-1).mean(-1)
+    def penalty(self, codes, step, coefficient):
+        ramp = 1.0 if self.cfg.target_l0 else min(1.0, (step + 1) / max(1, self.cfg.l1_warmup_steps))
+        return coefficient * ramp * (codes.latents * self.W_dec.norm(dim=-1)[:, None]).sum(-1).mean(-1)
 
     @staticmethod
     def infer(z, tensors, config):
@@ -1634,7 +1691,7 @@ def smallest_kept(latents: torch.Tensor) -> torch.Tensor:
     return torch.where(latents > 0, latents, float("inf")).flatten(1).min(dim=1).values
 
 
-class JumpReLUSAE(SAEEnsemble):
+class JumpReLUSAE(PenaltySAE):
     """JumpReLU (Rajamanoharan et al. 2024): f = z * H(z - theta) with learned per-latent thresholds;
     penalty lambda * L0, trained through straight-through estimators."""
     name = "jumprelu"
@@ -1642,9 +1699,12 @@ class JumpReLUSAE(SAEEnsemble):
     settings = {
         "l0": setting(0.05, "coefficient of the L0 norm (the number of active latents)", NON_NEGATIVE),
         "threshold_init": setting(0.5, "initial per-latent threshold (normalised units)", POSITIVE),
-        "bandwidth": setting(0.1, "width of the straight-through estimator's rectangle kernel", POSITIVE),
+        "bandwidth": setting(1.0, "width of the straight-through estimator's rectangle kernel (normalised units)",
+                             POSITIVE),
+        **AUXK, **PENALTY_TARGET,
     }
     sparsity = "l0"
+    penalty_coefficient = "l0"
     extra_tensors = ("threshold",)
 
     def __init__(self, cfg, seeds):
@@ -1654,9 +1714,9 @@ class JumpReLUSAE(SAEEnsemble):
     def activate(self, z):
         return JumpReLU.apply(z, self.log_threshold.exp()[:, None], self.cfg.bandwidth)
 
-    def penalty(self, codes, step):
+    def penalty(self, codes, step, coefficient):
         l0 = StraightThroughStep.apply(codes.pre, self.log_threshold.exp()[:, None], self.cfg.bandwidth)
-        return self.cfg.l0 * l0.sum(-1).mean(-1)
+        return coefficient * l0.sum(-1).mean(-1)
 
     def extra_exports(self, s):
         return {"threshold": self.log_threshold[s].exp() / self.input_scale}
@@ -1674,7 +1734,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     name = "matryoshka"
     settings = {**BatchTopKSAE.settings, "prefixes": setting(
         (0.0625, 0.125, 0.25, 0.5, 1.0), "matryoshka: nested prefix sizes as fractions of the width, increasing, "
-        "the last 1 (halvings down to 1/16: lower FVU and dead fraction on the grokked model than down to 1/4 or 1/2)")}
+        "the last 1 (halvings down to 1/16: lower FVU and dead fraction on the grokked model than down to 1/4 or 1/2)"),
+        "prefix_weights": setting("size", "matryoshka: how the prefixes' losses are averaged: size (each weighted "
+                                          "by the latents it adds, the expected loss at a cut drawn uniformly over the "
+                                          "latents) or equal (the plain mean)", choices=("size", "equal"))}
 
     @classmethod
     def check(cls, cfg):
@@ -1692,14 +1755,23 @@ class MatryoshkaSAE(BatchTopKSAE):
         """The number of latents in each prefix, round(fraction * width); the last is the width."""
         return [round(fraction * cfg.width) for fraction in cfg.prefixes]
 
+    @staticmethod
+    def prefix_weights(cfg: SAEConfig) -> list[float]:
+        """The weight of each prefix's loss, summing to 1: equal, or (m_j - m_{j-1}) / m."""
+        sizes = MatryoshkaSAE.prefix_sizes(cfg)
+        if cfg.prefix_weights == "equal":
+            return [1 / len(sizes)] * len(sizes)
+        return [(b - a) / cfg.width for a, b in zip([0] + sizes[:-1], sizes)]
+
     def reconstruction_loss(self, x, codes, error):
-        """Mean over prefixes of ||x - x_hat_j||^2 [S]; the whole width's error is given, the shorter
-        prefixes' are computed here from their latents and decoder rows."""
-        errors = [error]
+        """Weighted mean over prefixes of ||x - x_hat_j||^2 [S] (prefix_weights); the whole width's error
+        is given, the shorter prefixes' are computed here from their latents and decoder rows."""
+        errors = []
         for size in self.prefix_sizes(self.cfg)[:-1]:
             x_hat = SeedwiseLinear.apply(codes.latents[..., :size], self.W_dec[:, :size], self.b_dec)
             errors.append((x_hat - x).pow(2).sum(-1).mean(-1))
-        return torch.stack(errors).mean(dim=0)
+        weights = self.prefix_weights(self.cfg)
+        return sum(w * e for w, e in zip(weights, errors + [error]))
 
 
 SHARED_CENTROIDS_SEED = 0        # the k-means seed of archetypal's --centroids shared
@@ -1795,7 +1867,8 @@ class CoreSettings:
     arch: str = setting("topk", "architecture", choices=tuple(ARCHITECTURES))
     d_in: int = setting(128, "activation dimension d (read from the data)", AT_LEAST_ONE, flag="")
     width: int = setting(512, "latents m", AT_LEAST_ONE, flag="")
-    dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead", AT_LEAST_ONE)
+    dead_window: int = setting(50_000, "a latent that has not fired on this many training inputs is dead (and AuxK "
+                                       "trains it)", AT_LEAST_ONE)
     unit_norm_decoder: bool = setting(True, "unit-norm decoder rows: project W_dec's gradient tangent to the rows "
                                             "and renormalise after each step (an architecture that builds its rows "
                                             "has its own constraint instead)", flag="unit-norm")
@@ -1803,6 +1876,11 @@ class CoreSettings:
     b_dec_init: str = setting("median", "b_dec's start, from a sample of the data (median: geometric, by Weiszfeld)",
                               choices=("median", "mean", "zero"))
     normalize: bool = setting(True, "train on x * c with E||c x|| = sqrt(d); c is folded back into the saved weights")
+    grad_clip: float = setting(1.0, "clip each seed's gradient norm (normalised units) to this before the step; "
+                                    "0: no clipping", NON_NEGATIVE)
+    adam_beta2: float = setting(0.99, "Adam's second-moment decay (0.999 remembers step 0's gradient, norm ~90 on "
+                                      "the grokked model, through the whole run)",
+                                Rule(lambda v: 0 < v < 1, "must lie in (0, 1)"))
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -1970,16 +2048,33 @@ def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts:
                 "dead_frac": float((~fires.any(dim=0)).float().mean())}
 
 
+def clip_grad_norm_per_seed_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Gradient-norm clipping, one seed at a time: norm[s] = sqrt(sum over parameters of ||p.grad[s]||^2)
+    and, when max_norm > 0, every gradient of seed s is multiplied by min(1, max_norm / (norm[s] + 1e-6)).
+    Each norm is summed from that seed's own slices, one reduction per slice, so a seed's step never
+    depends on the seeds beside it (torch.nn.utils.clip_grad_norm_ would couple them). Every parameter
+    has a leading seed dimension. Returns the norms before clipping [S]."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([torch.stack([g[s].pow(2).sum() for g in grads]).sum().sqrt()
+                         for s in range(grads[0].shape[0])])
+    if max_norm > 0:
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *[1] * (g.ndim - 1)))
+    return norms
+
+
 class SAETrainer:
-    """One optimiser step at a time for an SAEEnsemble: losses, the decoder constraint, Adam with
-    warm-up and linear decay, and dead-latent tracking. Whether the Triton kernels run is decided once,
+    """One optimiser step at a time for an SAEEnsemble: losses, the decoder constraint, per-seed
+    gradient-norm clipping, Adam with warm-up and linear decay, dead-latent tracking, and the penalty
+    coefficient (fixed, or steered towards target_l0). Whether the Triton kernels run is decided once,
     here, from the device and `use_kernels` (`--no-kernels`)."""
 
     def __init__(self, sae: SAEEnsemble, lr: float, steps: int, warmup_steps: int, decay_steps: int,
                  use_kernels: bool = True):
         self.sae, self.steps = sae, steps
         self.triton = kernels.use_triton(sae.b_dec.device, use_kernels)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, sae.cfg.adam_beta2))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
         self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.b_dec.device)
@@ -1990,6 +2085,10 @@ class SAETrainer:
         self.good_steps = 0                 # optimiser steps that produced the last good state
         self.fvu_reference: torch.Tensor | None = None   # [S] max(1, the first batch's FVU)
         self.whole_batch: Callable | None = None   # data parallel: (loss, FVU) of a part -> the whole batch's
+        # the penalty coefficient per seed [S]: the architecture's setting, steered when target_l0 is set
+        name = sae.penalty_coefficient
+        self.penalty_coeff = (torch.full((len(sae.seeds),), float(getattr(sae.cfg, name)), device=sae.b_dec.device)
+                              if name else None)
 
     def losses(self, acts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
@@ -2006,16 +2105,18 @@ class SAETrainer:
                                                                           kept.flatten(1).float())
             l0, fired = kept.sum(-1).float().mean(-1), hits > 0   # integer counts: exact in any order
         loss = sae.reconstruction_loss(x, codes, error)
-        penalty = sae.penalty(codes, self.step_count)
+        penalty = sae.penalty(codes, self.step_count, self.penalty_coeff)
         if penalty is not None:
             loss = loss + penalty
         dead = self.inputs_since_fired >= cfg.dead_window
         if sae.uses_auxk and cfg.auxk:
-            loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead)
+            loss = loss + cfg.auxk_coeff * sae.auxk_loss(x, x_hat, dead, sae.aux_k(l0))
         variance = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(-1).mean(-1)
         fvu = torch.where(variance > 0, error / variance, float("nan"))   # a constant batch has no FVU
         metrics = {"loss": loss.detach(), "fvu": fvu.detach(),
-                   "l0": l0, "dead": dead.float().mean(-1)}
+                   "l0": l0.detach(), "dead": dead.float().mean(-1)}
+        if self.penalty_coeff is not None:
+            metrics["penalty_coeff"] = self.penalty_coeff.clone()
         self.inputs_since_fired = torch.where(fired, 0, self.inputs_since_fired + x.shape[1])
         sae.observe(codes)
         return loss, metrics
@@ -2033,12 +2134,24 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
         self.sae.constrain_gradients(self.triton)
+        metrics["grad_norm"] = clip_grad_norm_per_seed_(list(self.sae.parameters()), self.sae.cfg.grad_clip)
         self.optimizer.step()
         self.schedule.step()
         self.sae.constrain_parameters(self.triton)
         self.check_step(loss.detach(), metrics["fvu"])
+        if self.sae.cfg.target_l0:
+            self.steer_penalty(metrics["l0"])
         self.step_count += 1
         return metrics
+
+    @torch.no_grad()
+    def steer_penalty(self, l0: torch.Tensor) -> None:
+        """The target-L0 controller, multiplicative and integrating, from each seed's own batch L0 [S]:
+        log c <- log c + gain * clamp(log(L0 / target), -1, 1). Too many active latents raise the
+        coefficient, too few lower it, by at most a factor e^gain per step (gain 0.01: e per 100 steps);
+        it runs to the last step, where the decayed learning rate no longer lets L0 move."""
+        error = (l0.clamp_min(1e-3) / self.sae.cfg.target_l0).log().clamp(-1.0, 1.0)
+        self.penalty_coeff.mul_(torch.exp(self.sae.cfg.target_gain * error))
 
     def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
         """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started

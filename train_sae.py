@@ -68,7 +68,7 @@ from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, LOG_FILE, MAX_SETTING, SAE
                       RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
                       gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
                       sae_file_name, sae_reconstruct, save_tensors, seed_folder_name, shuffled_batches,
-                      snapshot_file_name, start_ranks, stop_ranks, width_scaled_lr, write_sae_folder)
+                      snapshot_file_name, start_ranks, stop_ranks, default_lr, write_sae_folder)
 from train_transformer import activations_from, run_with_replacement
 
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
@@ -185,9 +185,9 @@ def build_parser() -> CliParser:
     # optimisation
     add("--steps", type=int, default=1000, help="optimiser steps (chosen where FVU has plateaued; see README)")
     add("--batch-size", type=int, default=1024, help="activations per step")
-    add("--lr", type=float, default=None, help="Adam learning rate (default: 2e-4 * (m / 2^14)^-0.5)")
+    add("--lr", type=float, default=None, help="Adam learning rate (default: 8 * 2e-4 * (m / 2^14)^-0.5)")
     add("--warmup-steps", type=int, default=100, help="linear learning-rate warm-up")
-    add("--decay-frac", type=float, default=0.2, help="final fraction of steps with linear decay to 0")
+    add("--decay-frac", type=float, default=0.5, help="final fraction of steps with linear decay to 0")
     add("--snapshots", type=int, default=12, help="log-spaced weight snapshots, step 0 included (at most steps + 1)")
     add("--log-every", type=int, default=25, help="write training metrics every N steps")
     # where and how
@@ -737,7 +737,7 @@ def prepare_cell(args, cfg: SAEConfig, data: TrainingData, ranks: Ranks, device:
                                  eval_rows if data.eval_chunk is None else min(eval_rows, data.eval_chunk)), device,
                  f"--width {width} (d = {d}, N = {n}) with {len(seeds)} seed(s), --batch-size {args.batch_size} "
                  f"and {n_snapshots} snapshots", "choose a smaller --width, --batch-size, --snapshots or fewer seeds")
-    lr = args.lr if args.lr is not None else width_scaled_lr(width)
+    lr = args.lr if args.lr is not None else default_lr(cfg)
     config = dict(asdict(cfg), seed=None, data_seed=args.data_seed, vary_data_order=args.vary_data_order,
                   steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=args.warmup_steps,
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),

@@ -223,7 +223,7 @@ def test_a_small_folder_trains_the_same_sae_as_one_file_of_its_rows_and_as_the_p
     try:
         sae = build_sae(SAEConfig(arch="topk", d_in=12, width=32, k=3), [0, 1])
         sae.init_from_data(acts)
-        trainer = SAETrainer(sae, lr=train_sae.width_scaled_lr(32), steps=40, warmup_steps=100, decay_steps=8,
+        trainer = SAETrainer(sae, lr=train_sae.default_lr(sae.cfg), steps=40, warmup_steps=100, decay_steps=20,
                              use_kernels=False)
         order = train_sae.batch_order(2000, 128, torch.Generator().manual_seed(0))
         for _ in range(40):
