@@ -92,22 +92,14 @@ GRIDS = {
         "--arch relu --width 16 64 --l1 0.3 3 --l1-warmup-steps 150 --seeds 0 1 2 3 4 --steps 300 --snapshots 5",
     ),
     # study: the question's map, 5 seeds per cell. TopK over widths 8-1024 and k 1-64 (k > width skipped);
-    # the other kinds over widths 16-256 at k 4 and 16; the penalty architectures at the coefficients whose
-    # L0 (measured: one seed, 400 steps, penalty ramp 200) lies nearest TopK's k 4 and 16 at each width, as there is no
-    # --target-l0 yet (relu w16: l1 3 -> L0 3.9, l1 0.3 -> 8.2, no coefficient reaches 16; w64: 7 -> 6.1,
-    # 1 -> 14.8; w256: 3 -> 12.9, 1 -> 31; jumprelu w16: l0 5 -> 3.9, 0.01 -> 8.6; w64: 2 -> 6.4,
-    # 0.01 -> 19.9; w256: 2 -> 12.5, 0.05 -> 25); and two TopK cells again with every seed's own data order.
+    # the other kinds over widths 16-256 at k 4 and 16; the penalty architectures steered to L0 4 and 16
+    # (--target-l0, so that they sit at TopK's k); and two TopK cells again with every seed's own data order.
     "study": (
         "--arch topk --width 8 32 128 512 --k 1 4 16 64 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
         "--arch topk --width 1024 --k 4 32 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
         "--arch batchtopk matryoshka archetypal --centroids shared per-seed --width 16 64 256 --k 4 16 "
         "--seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch relu --width 16 --l1 3 0.3 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch relu --width 64 --l1 7 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch relu --width 256 --l1 3 1 --l1-warmup-steps 250 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch jumprelu --width 16 --l0 5 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch jumprelu --width 64 --l0 2 0.01 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
-        "--arch jumprelu --width 256 --l0 2 0.05 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
+        "--arch relu jumprelu --width 16 64 256 --target-l0 4 16 --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
         "--arch topk --width 32 128 --k 4 16 --vary-data-order --seeds 0 1 2 3 4 --steps 500 --snapshots 5",
     ),
 }
