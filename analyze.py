@@ -1515,8 +1515,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     result["match_vs_purity"] = match_vs_purity(trained, plots) if space.grid and details else None
     result["reruns"] = [rerun_similarity(a, b, acts, space, device, tau) for a, b in group.reruns]
     result["latents"] = latent_table(group.files, trained, plots)
-    result["dynamics"] = (dynamics(snapshots, initial, trained, [f.tensors for f in group.files], config, acts, space,
-                                   device, tau)
+    result["dynamics"] = (dynamics(snapshots, [f.tensors for f in group.files], details, config, acts, space, device,
+                                   tau)
                           if snapshots is not None and len(group.files) > 1 else None)
     plots["purity"] = purity_plot_data(trained, initial, random) if space.grid else None
     return result, plots
@@ -1610,14 +1610,14 @@ def analyse_stability(trained: list[SAEData], initial: list[SAEData] | None, ran
                       tau: float) -> tuple[dict, dict, dict]:
     """The trained seeds' scores and every null's, the trained scores normalised against the
     initialisation, and whether each is above each of its nulls. Returns (numbers for report.json, data
-    for the figures, the pair matrices of the details {"trained": ..., "init": ..., "random": ...})."""
+    for the figures, the primary variant's pair matrices of every score and detail {"trained": [S, S] per
+    name, "init": [S, S] per name, "random": [value per pair] per name})."""
     matrices, matches = all_scores(trained, grid, device, tau, phase=True)
     numbers = {"stability": {variant: summarise(m, variant_names(variant)) for variant, m in matrices.items()},
                "pair_matrices": {variant: {name: matrices[variant][name].tolist()
                                            for name, _, _ in score_names("all") if name in matrices[variant]}
                                  for variant in matrices}}
-    details = {"trained": {name: m for name, m in matrices[PRIMARY_VARIANT].items() if "." in name
-                           and name.split(".")[0] in ("plane", "type", "phase")}}
+    details = {"trained": matrices[PRIMARY_VARIANT]}
     nulls = {}
     heatmaps = {"trained": heatmap_matrix(trained[0].dictionary, trained[1].dictionary, matches["first_pair"])}
     if initial is not None:
@@ -1775,37 +1775,50 @@ def latent_table(files: list[SAEFile], saes: list[SAEData], plots: dict) -> list
     return rows
 
 
-def dynamics(snapshots: dict, initial: list[SAEData], trained: list[SAEData], final: list[dict], config: dict,
-             acts: torch.Tensor, space: DataSpace, device: torch.device, tau: float) -> dict:
+def dynamics(snapshots: dict, final: list[dict], known: dict[str, dict], config: dict, acts: torch.Tensor,
+             space: DataSpace, device: torch.device, tau: float) -> dict:
     """Stability across seeds at each snapshot step (the scores of the "dynamics" section, signed, all
     latents, without matching: no m x m assignment) beside the full-dataset FVU at that step. Functional
     scores need every seed's latents at every step, so they are computed up to DYNAMICS_LATENT_LIMIT
     latents; direction scores at every width. Step 0 is the initialisation and a step whose weights are
-    the trained files' (final [per seed]) is the trained SAEs: neither is read again."""
-    width = len(initial[0].profile.firing)
+    the trained files' (final [per seed]) is the trained SAEs: neither is read or compared again, their
+    pair matrices are the ones already computed (known["init"], known["trained"]: analyse_stability's
+    primary variant, whose max-based scores are the same with or without matching)."""
+    width = int(config["width"])
     functional = width <= DYNAMICS_LATENT_LIMIT
     names = [n for n in score_names("dynamics") if functional or n.score.level != "function"]
     variant = {PRIMARY_VARIANT: VARIANTS[PRIMARY_VARIANT]._replace(hungarian=False)}
     rows = []
     for step, weights in snapshots["weights"].items():
         if step == 0:
-            saes = initial
+            matrices = known["init"]
         elif all(same_weights(w, f) for w, f in zip(weights, final)):
-            saes = trained
-        elif functional:
-            saes = [sae for sae, _ in read_saes(weights, config, acts, space)]
+            matrices = known["trained"]
         else:
-            saes = [SAEData(make_dictionary(w["W_dec"], w["W_enc"], torch.ones(width, dtype=torch.bool), space.bases),
-                            None) for w in weights]
-        matrices = direction_stability([sae.dictionary for sae in saes], device, tau, variant)["scores"][PRIMARY_VARIANT]
-        if functional:
-            matrices = matrices | function_stability(saes, space.grid, tau, matched=False)["matrices"]
+            matrices = snapshot_stability(weights, config, acts, space, device, tau, variant, functional)
         rows.append({"step": step, **{name: mean_and_ci(matrices.get(name)) for name, _, _ in names},
                      "fvu": mean_and_ci(snapshots["fvu"][step])})
     shown = " and ".join(dict.fromkeys(n.score.short for n in names))
     return {"what": f"{shown} ({PRIMARY_VARIANT}) and FVU at each snapshot step; step 0 is the initialisation"
                     + ("" if functional else f"; functional scores only up to width {DYNAMICS_LATENT_LIMIT}"),
             "names": [name for name, _, _ in names], "steps": rows}
+
+
+def snapshot_stability(weights: list[dict], config: dict, acts: torch.Tensor, space: DataSpace, device: torch.device,
+                       tau: float, variant: dict[str, Variant], functional: bool) -> dict[str, np.ndarray]:
+    """The seeds' pair matrices at one snapshot step (weights: one SAE per seed): direction scores under
+    `variant`, and with `functional` the functional scores without matching. Without `functional` no
+    latents are computed (every latent counts as alive: the signed all-latents scores do not read it)."""
+    width = int(config["width"])
+    if functional:
+        saes = [sae for sae, _ in read_saes(weights, config, acts, space)]
+    else:
+        saes = [SAEData(make_dictionary(w["W_dec"], w["W_enc"], torch.ones(width, dtype=torch.bool), space.bases), None)
+                for w in weights]
+    matrices = direction_stability([sae.dictionary for sae in saes], device, tau, variant)["scores"][PRIMARY_VARIANT]
+    if functional:
+        matrices = matrices | function_stability(saes, space.grid, tau, matched=False)["matrices"]
+    return matrices
 
 
 def same_weights(a: dict, b: dict) -> bool:
