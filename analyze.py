@@ -874,11 +874,22 @@ def plane_similarity(P: torch.Tensor | None, Q: torch.Tensor | None) -> float:
 
 
 def centred_gram(f: scipy.sparse.spmatrix, latents: torch.Tensor) -> torch.Tensor:
-    """X^T X [k, k] float64 for X the chosen latents' centred activations: a sparse product, centred
-    afterwards (F^T F - N mu mu^T)."""
+    """X^T X [k, k] float64 for X the chosen latents' centred activations: F^T F - N mu mu^T, with F^T F a
+    sparse product when the chosen columns are sparse (density < SPARSE_DENSITY), else dense float64 products
+    over blocks of at most CHUNK_ELEMENTS numbers of F (plane carriers are often denser than that, and a
+    dense product is several times faster there; the two differ by summation order only)."""
     X = f[:, latents.numpy()]
+    n, k = X.shape
     mean = np.asarray(X.mean(axis=0), dtype=float).ravel()
-    return torch.from_numpy(np.asarray((X.T @ X).todense(), dtype=float) - X.shape[0] * np.outer(mean, mean))
+    if X.nnz < SPARSE_DENSITY * n * k:
+        product = torch.from_numpy(np.asarray((X.T @ X).todense(), dtype=float))
+    else:
+        product = torch.zeros(k, k, dtype=torch.float64)
+        rows = max(1, CHUNK_ELEMENTS // max(1, k))
+        for start in range(0, n, rows):
+            block = torch.from_numpy(X[start:start + rows].toarray())
+            product += block.T @ block
+    return product - n * torch.from_numpy(np.outer(mean, mean))
 
 
 def frequency_r2(f: scipy.sparse.spmatrix, fourier: GridFourier, latents: torch.Tensor,
@@ -1398,9 +1409,16 @@ def subspace_null(space: DataSpace, width: int) -> list[Dictionary]:
     return dictionaries
 
 
-class NullCache(dict):
-    """Random nulls depend only on the activations and the shape, so groups that share both share them:
-    key (id of the activations, width, k) or (id, width) -> the null."""
+class SourceCache(dict):
+    """What depends only on a group's activations (and shape) is computed once for all the groups that
+    share them: the data space (key ("space", id of the activations)) and the random nulls (key (id, width,
+    k) or (id, width))."""
+
+    def once(self, key: tuple, make: Callable[[], object]):
+        """self[key], made by make() the first time."""
+        if key not in self:
+            self[key] = make()
+        return self[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1471,11 +1489,11 @@ def function_null(saes: list[SAEData], grid: Grid | None, tau: float) -> dict[st
 
 
 def analyse_group(group: Group, source: Source, device: torch.device, tau: float,
-                  cache: NullCache) -> tuple[dict, dict]:
+                  cache: SourceCache) -> tuple[dict, dict]:
     """Everything about one configuration. Returns (numbers for report.json, data for the figures)."""
     result = describe_group(group)
     config = group.first.config
-    space = data_space(source)
+    space = cache.once(("space", id(source.acts)), lambda: data_space(source))
     acts = source.acts.to(device)
     trained, result["per_seed"] = analyse_seeds(group.files, acts, space)
     result["reconstruction"] = summarise_reconstruction(result["per_seed"])
@@ -1485,10 +1503,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
         result["notes"].append(f"{snapshot_problem}; no initialisation null and no dynamics")
     initial = [sae for sae, _ in read_saes(snapshots["weights"][0], config, acts, space)] if snapshots else None
     k = null_k(config, result["per_seed"])
-    random_key = (id(source.acts), group.key.width, k)
-    if random_key not in cache:
-        cache[random_key] = random_topk_null(acts, space, group.key.width, k)
-    random = cache[random_key]
+    random = cache.once((id(source.acts), group.key.width, k),
+                        lambda: random_topk_null(acts, space, group.key.width, k))
     result["null_k"] = k
     if space.grid is None:
         result["notes"].append("activations from a file, or a transformer whose answer has no Fourier planes (mul): "
@@ -1501,10 +1517,7 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                                "configuration")
     else:
         result["notes"] += stability_notes(group)
-        subspace_key = (id(source.acts), group.key.width)
-        if subspace_key not in cache:
-            cache[subspace_key] = subspace_null(space, group.key.width)
-        subspace = cache[subspace_key]
+        subspace = cache.once((id(source.acts), group.key.width), lambda: subspace_null(space, group.key.width))
         numbers, plots, details = analyse_stability(trained, initial, random, subspace, space.grid, device, tau)
         result |= numbers
     result["planes"] = plane_summary(trained, initial, random, space, details)
@@ -1831,7 +1844,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
     """Every group that could be loaded, the comparison across them, and each transformer's spectrum."""
-    results, plots, cache = [], [], NullCache()
+    results, plots, cache = [], [], SourceCache()
     for group, source in inputs.groups:
         print(f"group {group.name}: {len(group.files)} seed(s)")
         result, group_plots = analyse_group(group, source, device, tau, cache)
