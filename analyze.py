@@ -750,10 +750,11 @@ def grid_fourier(x: scipy.sparse.spmatrix | torch.Tensor, p: int, op: str = "add
     if x.shape[0] != p * p:
         raise HusaiError(f"{x.shape[0]} rows: expected p^2 = {p * p}, one per input (a, b)")
     k, n_freq = x.shape[1], (p - 1) // 2
-    F = fourier_basis(p)[0].double()[1:].numpy()                            # [p - 1, p]: cos_1, sin_1, cos_2, ...
-    coefficients = np.stack([p**-0.5 * F @ sums for sums in class_sums(x, grid_variables(p, op).numpy(), p)])
+    F = fourier_basis(p)[0].double()[1:]                                    # [p - 1, p]: cos_1, sin_1, cos_2, ...
+    coefficients = torch.stack([p**-0.5 * F @ torch.from_numpy(sums)
+                                for sums in class_sums(x, grid_variables(p, op).numpy(), p)])
     _, norm = column_moments(x)
-    return GridFourier(torch.from_numpy(coefficients).view(4, n_freq, 2, k), norm.pow(2))
+    return GridFourier(coefficients.view(4, n_freq, 2, k), norm.pow(2))
 
 
 # --------------------------------------------------------------------------------------------------
