@@ -750,10 +750,11 @@ def grid_fourier(x: scipy.sparse.spmatrix | torch.Tensor, p: int, op: str = "add
     if x.shape[0] != p * p:
         raise HusaiError(f"{x.shape[0]} rows: expected p^2 = {p * p}, one per input (a, b)")
     k, n_freq = x.shape[1], (p - 1) // 2
-    F = fourier_basis(p)[0].double()[1:].numpy()                            # [p - 1, p]: cos_1, sin_1, cos_2, ...
-    coefficients = np.stack([p**-0.5 * F @ sums for sums in class_sums(x, grid_variables(p, op).numpy(), p)])
+    F = fourier_basis(p)[0].double()[1:]                                    # [p - 1, p]: cos_1, sin_1, cos_2, ...
+    coefficients = torch.stack([p**-0.5 * F @ torch.from_numpy(sums)
+                                for sums in class_sums(x, grid_variables(p, op).numpy(), p)])
     _, norm = column_moments(x)
-    return GridFourier(torch.from_numpy(coefficients).view(4, n_freq, 2, k), norm.pow(2))
+    return GridFourier(coefficients.view(4, n_freq, 2, k), norm.pow(2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -874,11 +875,22 @@ def plane_similarity(P: torch.Tensor | None, Q: torch.Tensor | None) -> float:
 
 
 def centred_gram(f: scipy.sparse.spmatrix, latents: torch.Tensor) -> torch.Tensor:
-    """X^T X [k, k] float64 for X the chosen latents' centred activations: a sparse product, centred
-    afterwards (F^T F - N mu mu^T)."""
+    """X^T X [k, k] float64 for X the chosen latents' centred activations: F^T F - N mu mu^T, with F^T F a
+    sparse product when the chosen columns are sparse (density < SPARSE_DENSITY), else dense float64 products
+    over blocks of at most CHUNK_ELEMENTS numbers of F (plane carriers are often denser than that, and a
+    dense product is several times faster there; the two differ by summation order only)."""
     X = f[:, latents.numpy()]
+    n, k = X.shape
     mean = np.asarray(X.mean(axis=0), dtype=float).ravel()
-    return torch.from_numpy(np.asarray((X.T @ X).todense(), dtype=float) - X.shape[0] * np.outer(mean, mean))
+    if X.nnz < SPARSE_DENSITY * n * k:
+        product = torch.from_numpy(np.asarray((X.T @ X).todense(), dtype=float))
+    else:
+        product = torch.zeros(k, k, dtype=torch.float64)
+        rows = max(1, CHUNK_ELEMENTS // max(1, k))
+        for start in range(0, n, rows):
+            block = torch.from_numpy(X[start:start + rows].toarray())
+            product += block.T @ block
+    return product - n * torch.from_numpy(np.outer(mean, mean))
 
 
 def frequency_r2(f: scipy.sparse.spmatrix, fourier: GridFourier, latents: torch.Tensor,
@@ -1398,9 +1410,16 @@ def subspace_null(space: DataSpace, width: int) -> list[Dictionary]:
     return dictionaries
 
 
-class NullCache(dict):
-    """Random nulls depend only on the activations and the shape, so groups that share both share them:
-    key (id of the activations, width, k) or (id, width) -> the null."""
+class SourceCache(dict):
+    """What depends only on a group's activations (and shape) is computed once for all the groups that
+    share them: the data space (key ("space", id of the activations)) and the random nulls (key (id, width,
+    k) or (id, width))."""
+
+    def once(self, key: tuple, make: Callable[[], object]):
+        """self[key], made by make() the first time."""
+        if key not in self:
+            self[key] = make()
+        return self[key]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1471,11 +1490,11 @@ def function_null(saes: list[SAEData], grid: Grid | None, tau: float) -> dict[st
 
 
 def analyse_group(group: Group, source: Source, device: torch.device, tau: float,
-                  cache: NullCache) -> tuple[dict, dict]:
+                  cache: SourceCache) -> tuple[dict, dict]:
     """Everything about one configuration. Returns (numbers for report.json, data for the figures)."""
     result = describe_group(group)
     config = group.first.config
-    space = data_space(source)
+    space = cache.once(("space", id(source.acts)), lambda: data_space(source))
     acts = source.acts.to(device)
     trained, result["per_seed"] = analyse_seeds(group.files, acts, space)
     result["reconstruction"] = summarise_reconstruction(result["per_seed"])
@@ -1485,10 +1504,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
         result["notes"].append(f"{snapshot_problem}; no initialisation null and no dynamics")
     initial = [sae for sae, _ in read_saes(snapshots["weights"][0], config, acts, space)] if snapshots else None
     k = null_k(config, result["per_seed"])
-    random_key = (id(source.acts), group.key.width, k)
-    if random_key not in cache:
-        cache[random_key] = random_topk_null(acts, space, group.key.width, k)
-    random = cache[random_key]
+    random = cache.once((id(source.acts), group.key.width, k),
+                        lambda: random_topk_null(acts, space, group.key.width, k))
     result["null_k"] = k
     if space.grid is None:
         result["notes"].append("activations from a file, or a transformer whose answer has no Fourier planes (mul): "
@@ -1501,10 +1518,7 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
                                "configuration")
     else:
         result["notes"] += stability_notes(group)
-        subspace_key = (id(source.acts), group.key.width)
-        if subspace_key not in cache:
-            cache[subspace_key] = subspace_null(space, group.key.width)
-        subspace = cache[subspace_key]
+        subspace = cache.once((id(source.acts), group.key.width), lambda: subspace_null(space, group.key.width))
         numbers, plots, details = analyse_stability(trained, initial, random, subspace, space.grid, device, tau)
         result |= numbers
     result["planes"] = plane_summary(trained, initial, random, space, details)
@@ -1515,8 +1529,8 @@ def analyse_group(group: Group, source: Source, device: torch.device, tau: float
     result["match_vs_purity"] = match_vs_purity(trained, plots) if space.grid and details else None
     result["reruns"] = [rerun_similarity(a, b, acts, space, device, tau) for a, b in group.reruns]
     result["latents"] = latent_table(group.files, trained, plots)
-    result["dynamics"] = (dynamics(snapshots, initial, trained, [f.tensors for f in group.files], config, acts, space,
-                                   device, tau)
+    result["dynamics"] = (dynamics(snapshots, [f.tensors for f in group.files], details, config, acts, space, device,
+                                   tau)
                           if snapshots is not None and len(group.files) > 1 else None)
     plots["purity"] = purity_plot_data(trained, initial, random) if space.grid else None
     return result, plots
@@ -1610,14 +1624,14 @@ def analyse_stability(trained: list[SAEData], initial: list[SAEData] | None, ran
                       tau: float) -> tuple[dict, dict, dict]:
     """The trained seeds' scores and every null's, the trained scores normalised against the
     initialisation, and whether each is above each of its nulls. Returns (numbers for report.json, data
-    for the figures, the pair matrices of the details {"trained": ..., "init": ..., "random": ...})."""
+    for the figures, the primary variant's pair matrices of every score and detail {"trained": [S, S] per
+    name, "init": [S, S] per name, "random": [value per pair] per name})."""
     matrices, matches = all_scores(trained, grid, device, tau, phase=True)
     numbers = {"stability": {variant: summarise(m, variant_names(variant)) for variant, m in matrices.items()},
                "pair_matrices": {variant: {name: matrices[variant][name].tolist()
                                            for name, _, _ in score_names("all") if name in matrices[variant]}
                                  for variant in matrices}}
-    details = {"trained": {name: m for name, m in matrices[PRIMARY_VARIANT].items() if "." in name
-                           and name.split(".")[0] in ("plane", "type", "phase")}}
+    details = {"trained": matrices[PRIMARY_VARIANT]}
     nulls = {}
     heatmaps = {"trained": heatmap_matrix(trained[0].dictionary, trained[1].dictionary, matches["first_pair"])}
     if initial is not None:
@@ -1775,37 +1789,50 @@ def latent_table(files: list[SAEFile], saes: list[SAEData], plots: dict) -> list
     return rows
 
 
-def dynamics(snapshots: dict, initial: list[SAEData], trained: list[SAEData], final: list[dict], config: dict,
-             acts: torch.Tensor, space: DataSpace, device: torch.device, tau: float) -> dict:
+def dynamics(snapshots: dict, final: list[dict], known: dict[str, dict], config: dict, acts: torch.Tensor,
+             space: DataSpace, device: torch.device, tau: float) -> dict:
     """Stability across seeds at each snapshot step (the scores of the "dynamics" section, signed, all
     latents, without matching: no m x m assignment) beside the full-dataset FVU at that step. Functional
     scores need every seed's latents at every step, so they are computed up to DYNAMICS_LATENT_LIMIT
     latents; direction scores at every width. Step 0 is the initialisation and a step whose weights are
-    the trained files' (final [per seed]) is the trained SAEs: neither is read again."""
-    width = len(initial[0].profile.firing)
+    the trained files' (final [per seed]) is the trained SAEs: neither is read or compared again, their
+    pair matrices are the ones already computed (known["init"], known["trained"]: analyse_stability's
+    primary variant, whose max-based scores are the same with or without matching)."""
+    width = int(config["width"])
     functional = width <= DYNAMICS_LATENT_LIMIT
     names = [n for n in score_names("dynamics") if functional or n.score.level != "function"]
     variant = {PRIMARY_VARIANT: VARIANTS[PRIMARY_VARIANT]._replace(hungarian=False)}
     rows = []
     for step, weights in snapshots["weights"].items():
         if step == 0:
-            saes = initial
+            matrices = known["init"]
         elif all(same_weights(w, f) for w, f in zip(weights, final)):
-            saes = trained
-        elif functional:
-            saes = [sae for sae, _ in read_saes(weights, config, acts, space)]
+            matrices = known["trained"]
         else:
-            saes = [SAEData(make_dictionary(w["W_dec"], w["W_enc"], torch.ones(width, dtype=torch.bool), space.bases),
-                            None) for w in weights]
-        matrices = direction_stability([sae.dictionary for sae in saes], device, tau, variant)["scores"][PRIMARY_VARIANT]
-        if functional:
-            matrices = matrices | function_stability(saes, space.grid, tau, matched=False)["matrices"]
+            matrices = snapshot_stability(weights, config, acts, space, device, tau, variant, functional)
         rows.append({"step": step, **{name: mean_and_ci(matrices.get(name)) for name, _, _ in names},
                      "fvu": mean_and_ci(snapshots["fvu"][step])})
     shown = " and ".join(dict.fromkeys(n.score.short for n in names))
     return {"what": f"{shown} ({PRIMARY_VARIANT}) and FVU at each snapshot step; step 0 is the initialisation"
                     + ("" if functional else f"; functional scores only up to width {DYNAMICS_LATENT_LIMIT}"),
             "names": [name for name, _, _ in names], "steps": rows}
+
+
+def snapshot_stability(weights: list[dict], config: dict, acts: torch.Tensor, space: DataSpace, device: torch.device,
+                       tau: float, variant: dict[str, Variant], functional: bool) -> dict[str, np.ndarray]:
+    """The seeds' pair matrices at one snapshot step (weights: one SAE per seed): direction scores under
+    `variant`, and with `functional` the functional scores without matching. Without `functional` no
+    latents are computed (every latent counts as alive: the signed all-latents scores do not read it)."""
+    width = int(config["width"])
+    if functional:
+        saes = [sae for sae, _ in read_saes(weights, config, acts, space)]
+    else:
+        saes = [SAEData(make_dictionary(w["W_dec"], w["W_enc"], torch.ones(width, dtype=torch.bool), space.bases), None)
+                for w in weights]
+    matrices = direction_stability([sae.dictionary for sae in saes], device, tau, variant)["scores"][PRIMARY_VARIANT]
+    if functional:
+        matrices = matrices | function_stability(saes, space.grid, tau, matched=False)["matrices"]
+    return matrices
 
 
 def same_weights(a: dict, b: dict) -> bool:
@@ -1818,7 +1845,7 @@ def same_weights(a: dict, b: dict) -> bool:
 
 def analyse(inputs: Inputs, device: torch.device, tau: float) -> Analysis:
     """Every group that could be loaded, the comparison across them, and each transformer's spectrum."""
-    results, plots, cache = [], [], NullCache()
+    results, plots, cache = [], [], SourceCache()
     for group, source in inputs.groups:
         print(f"group {group.name}: {len(group.files)} seed(s)")
         result, group_plots = analyse_group(group, source, device, tau, cache)
