@@ -959,13 +959,14 @@ class DataParallel:
             parameter.register_post_accumulate_grad_hook(self.gradient_ready)
         trainer.whole_batch = self.whole_batch
 
-    def whole_batch(self, loss: torch.Tensor, fvu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def whole_batch(self, loss: torch.Tensor, fvu: torch.Tensor,
+                    params_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A step's loss [S] and batch FVU [S] averaged over the processes' parts (the mean of a part's NaN
-        or infinity is one too, on every process)."""
+        or infinity is one too, on every process); the parameters, the same in every process, as they are."""
         both = torch.stack([loss, fvu])
         dist.all_reduce(both)
         both /= self.ranks.world
-        return both[0], both[1]
+        return both[0], both[1], params_sum
 
     def part(self, batch: torch.Tensor) -> torch.Tensor:
         """This process's rows of a batch [..., B, d]."""
@@ -1015,6 +1016,113 @@ class DataParallel:
         dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
         if not torch.equal(highest, lowest):
             raise RuntimeError("data parallel: the processes' copies of the SAEs differ after training")
+
+
+class SummedAcrossRanks(torch.autograd.Function):
+    """Forward: the sum over the processes of each one's part [..] (all_reduce; the same bits in every
+    process, added in an order fixed by N). Backward: the gradient unchanged, since d(sum)/d(part) = 1 and
+    the loss, computed from the sum, is the same in every process."""
+
+    @staticmethod
+    def forward(ctx, part):
+        total = part.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class GradientSummedAcrossRanks(torch.autograd.Function):
+    """Forward: the input unchanged (an input every process holds the same copy of). Backward: the sum
+    over the processes of the gradients their own latents send back to it, which is the gradient the
+    whole SAE would send."""
+
+    @staticmethod
+    def forward(ctx, shared):
+        return shared.view_as(shared)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
+def merged_topk(values: torch.Tensor, latents: torch.Tensor, k: int, ranks: Ranks) -> tuple[torch.Tensor, ...]:
+    """The global top k of each row from every process's candidates: values [..., c] (this process's,
+    as pre-activations) at global latent indices latents [..., c] in increasing order, c the same in
+    every process. All candidates are all-gathered ([..., N c], in increasing latent index, since process
+    r holds the r-th block of latents) and sorted by value, stably, so a tie goes to the lower latent.
+    Returns the k kept values [..., k] and their latents [..., k] (the same in every process), and which of
+    this process's candidates are kept [..., c] (bool)."""
+    gathered_values = [torch.empty_like(values) for _ in range(ranks.world)]
+    gathered_latents = [torch.empty_like(latents) for _ in range(ranks.world)]
+    dist.all_gather(gathered_values, values.detach().contiguous())
+    dist.all_gather(gathered_latents, latents.contiguous())
+    all_values, all_latents = torch.cat(gathered_values, dim=-1), torch.cat(gathered_latents, dim=-1)
+    order = all_values.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    selected = torch.zeros_like(all_values, dtype=torch.bool).scatter_(-1, order, True)
+    c = values.shape[-1]
+    return (all_values.gather(-1, order), all_latents.gather(-1, order),
+            selected[..., ranks.rank * c:(ranks.rank + 1) * c])
+
+
+def by_latent(values: torch.Tensor, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (values, local latent indices) [..., c] reordered by increasing latent."""
+    local, order = local.sort(dim=-1)
+    return values.gather(-1, order), local
+
+
+class LatentShards:
+    """Latent-sharded training of one TopK ensemble (ShardedTopKSAE holds the shards and computes the
+    forward): the trainer's per-step decisions made for the whole SAE. Every process trains every seed on
+    the whole batch. The step check sees every shard's parameters (a non-finite one anywhere stops every
+    process at the same step); gradient clipping uses each seed's norm over every shard; the batch's dead
+    fraction is the whole SAE's. Loss, FVU, L0 and the gradient norm are the same in every process."""
+
+    def __init__(self, trainer, ranks: Ranks):
+        self.trainer, self.ranks = trainer, ranks
+        self.parameters = list(trainer.sae.parameters())
+        self.replicated = [i for i, p in enumerate(self.parameters) if p is trainer.sae.b_dec]
+        trainer.whole_batch = self.whole_batch
+        trainer.summed_squares = self.summed_squares
+
+    def whole_batch(self, loss: torch.Tensor, fvu: torch.Tensor,
+                    params_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss and FVU as they are (the same everywhere); the parameter sum over every shard."""
+        total = params_sum.clone()
+        dist.all_reduce(total)
+        return loss, fvu, total
+
+    def summed_squares(self, squares: torch.Tensor) -> torch.Tensor:
+        """Squared gradient norms [S, P] of this process's parameters -> the whole SAE's: the sharded
+        parameters' summed over the processes, b_dec's (the same everywhere) counted once."""
+        if squares.shape[1] != len(self.parameters):
+            raise RuntimeError("latent sharding: a parameter got no gradient this step")
+        total = squares.clone()
+        dist.all_reduce(total)
+        total[:, self.replicated] = squares[:, self.replicated]
+        return total
+
+    def step(self, batch: torch.Tensor) -> dict:
+        """SAETrainer.step on the whole batch, with the dead fraction [S] made the whole SAE's (each process
+        holds the same number of latents)."""
+        metrics = self.trainer.step(batch)
+        dead = metrics["dead"].clone()
+        dist.all_reduce(dead)
+        metrics["dead"] = dead / self.ranks.world
+        return metrics
+
+    def check_replicas(self) -> None:
+        """Raise unless b_dec, the one parameter every process holds, is the same in all of them."""
+        b_dec = self.trainer.sae.b_dec.detach().nan_to_num(nan=0.0)
+        highest, lowest = b_dec.clone(), b_dec.clone()
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+        if not torch.equal(highest, lowest):
+            raise RuntimeError("latent sharding: the processes' copies of b_dec differ after training")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1390,6 +1498,7 @@ class SAEEnsemble(torch.nn.Module):
     # The default learning rate as a multiple of width_scaled_lr. 8: with gradient clipping and Adam beta2 0.99
     # (CoreSettings), TopK on the grokked model reaches FVU 0.0007 in 1000 steps, where 1x left it at 0.0017.
     lr_scale: ClassVar[float] = 8.0
+    own_latents: slice = slice(None)         # the latents this process holds: all, unless they are sharded
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
         super().__init__()
@@ -1861,6 +1970,99 @@ ARCHITECTURES: dict[str, type[SAEEnsemble]] = {
     cls.name: cls for cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ArchetypalSAE)}
 
 
+class ShardedTopKSAE(TopKSAE):
+    """A TopK ensemble with its latents shared out over N processes (`--latent-parallel`, with
+    LatentShards): process r holds latents [r m/N, (r+1) m/N), that is its columns of W_enc [S, d, m/N]
+    and b_enc [S, m/N], its rows of W_dec [S, m/N, d] and, through the optimiser, their Adam moments;
+    b_dec [S, d] is in every process. It starts as the whole SAE would (same seeds, same draws) and keeps
+    its block.
+
+    Forward, for each seed: z_r = (x - b_dec) W_enc_r + b_enc_r [B, m/N]; the top k of each row of z_r are
+    this process's candidates; every process's candidates are all-gathered [B, N k] and merged into the
+    row's top k (merged_topk; a tie goes to the lower latent, where one process's torch.topk picks in no
+    stated order); each process keeps the selected latents it holds, decodes them, and the partial
+    reconstructions are summed over the processes (SummedAcrossRanks), + b_dec. Backward: each process's
+    latents get their own gradient; the encoder's part of b_dec's gradient is summed over the processes
+    (GradientSummedAcrossRanks), so b_dec's gradient, and step, is the same everywhere. AuxK is merged the
+    same way over the dead latents of every process. Up to rounding (the sums are grouped differently),
+    this is what one process computes with the whole SAE. The plain-torch path only: the fused encoder
+    would compute the candidates of a block, not yet wired in."""
+
+    def __init__(self, cfg, seeds, ranks: Ranks):
+        super().__init__(cfg, seeds)
+        if cfg.width % ranks.world:
+            raise HusaiError(f"width {cfg.width}: --latent-parallel needs a multiple of the {ranks.world} processes")
+        self.ranks = ranks
+        block = cfg.width // ranks.world
+        self.own_latents = slice(ranks.rank * block, (ranks.rank + 1) * block)
+        self.W_enc = torch.nn.Parameter(self.W_enc.data[:, :, self.own_latents].clone())
+        self.W_dec = torch.nn.Parameter(self.W_dec.data[:, self.own_latents].clone())
+        self.b_enc = torch.nn.Parameter(self.b_enc.data[:, self.own_latents].clone())
+
+    def global_latents(self, local: torch.Tensor) -> torch.Tensor:
+        return local + self.own_latents.start
+
+    def decoded(self, f_local: torch.Tensor) -> torch.Tensor:
+        """sum over the processes of f_r W_dec_r: f_local [S, B, m/N] -> [S, B, d], without b_dec."""
+        return SummedAcrossRanks.apply(SeedwiseLinear.apply(f_local, self.W_dec, torch.zeros_like(self.b_dec)))
+
+    def forward(self, acts, triton=False):
+        x = acts * self.input_scale
+        centred = GradientSummedAcrossRanks.apply(x - self.b_dec[:, None])
+        z = SeedwiseLinear.apply(centred, self.W_enc, self.b_enc)                  # [S, B, m/N]
+        candidates, local = by_latent(*z.topk(min(self.cfg.k, z.shape[-1]), dim=-1, sorted=False))
+        values, latents, mine = merged_topk(candidates, self.global_latents(local), self.cfg.k, self.ranks)
+        f_local = scatter_latents(torch.relu(candidates) * mine, local, z)
+        x_hat = self.decoded(f_local) + self.b_dec[:, None]
+        return x, x_hat, Codes(values=torch.relu(values), indices=latents)
+
+    def auxk_loss(self, x, x_hat, dead, k_aux):
+        """SAEEnsemble.auxk_loss over every process's dead latents: each seed's k_aux largest dead
+        pre-activations over the whole SAE (candidates padded with -inf to the same count everywhere),
+        each process decoding the ones it holds, the residual's reconstruction summed over the processes."""
+        residual = (x - x_hat).detach()
+        n_dead = dead.sum(-1)
+        dist.all_reduce(n_dead)                                        # every process's dead latents, per seed
+        if not n_dead.any():
+            return x.new_zeros(len(self.seeds))
+        centred = GradientSummedAcrossRanks.apply(x - self.b_dec[:, None])
+        W_enc, W_dec, b_enc = self.W_enc.unbind(), self.W_dec.unbind(), self.b_enc.unbind()
+        losses = []
+        for s in range(len(self.seeds)):
+            if n_dead[s] == 0:
+                losses.append(x.new_zeros(()))
+                continue
+            latent = dead[s].nonzero().squeeze(1)                      # this process's dead latents, increasing
+            k = min(k_aux[s], int(n_dead[s]))
+            z = centred[s] @ W_enc[s][:, latent] + b_enc[s][latent]     # [B, n]
+            own = min(k, len(latent))
+            candidates, local = by_latent(*z.topk(own, dim=-1, sorted=False))
+            padded = torch.cat([candidates.detach(), z.new_full((len(z), k - own), -float("inf"))], dim=-1)
+            latents = torch.cat([self.global_latents(latent[local]),
+                                 local.new_full((len(z), k - own), self.cfg.width)], dim=-1)
+            mine = merged_topk(padded, latents, k, self.ranks)[2][:, :own]
+            e, e_hat = residual[s], SummedAcrossRanks.apply(scatter_latents(candidates * mine, local, z) @ W_dec[s][latent])
+            losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
+        return torch.stack(losses)
+
+    def gathered(self, shard: torch.Tensor, dim: int) -> torch.Tensor | None:
+        """The whole tensor from every process's block along dim, on the first process (None elsewhere)."""
+        blocks = [torch.empty_like(shard) for _ in range(self.ranks.world)] if self.ranks.rank == 0 else None
+        dist.gather(shard.contiguous(), blocks, dst=0)
+        return torch.cat(blocks, dim=dim) if blocks is not None else None
+
+    @torch.no_grad()
+    def export(self, s):
+        """SAEEnsemble.export of the whole SAE, gathered on the first process; None on the others (every
+        process must call it)."""
+        W_enc, W_dec, b_enc = self.gathered(self.W_enc[s], 1), self.gathered(self.W_dec[s], 0), self.gathered(self.b_enc[s], 0)
+        if self.ranks.rank != 0:
+            return None
+        c = self.input_scale
+        tensors = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc / c, "b_dec": self.b_dec[s] / c}
+        return {name: t.detach().float().cpu().clone() for name, t in tensors.items()}
+
+
 @dataclass
 class CoreSettings:
     """The settings every architecture has. SAEConfig is these plus every architecture's own settings."""
@@ -2048,15 +2250,20 @@ def reconstruction_metrics(tensors: dict[str, torch.Tensor], config: dict, acts:
                 "dead_frac": float((~fires.any(dim=0)).float().mean())}
 
 
-def clip_grad_norm_per_seed_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm_per_seed_(params: list[torch.Tensor], max_norm: float,
+                             summed_squares: Callable | None = None) -> torch.Tensor:
     """Gradient-norm clipping, one seed at a time: norm[s] = sqrt(sum over parameters of ||p.grad[s]||^2)
     and, when max_norm > 0, every gradient of seed s is multiplied by min(1, max_norm / (norm[s] + 1e-6)).
     Each norm is summed from that seed's own slices, one reduction per slice, so a seed's step never
     depends on the seeds beside it (torch.nn.utils.clip_grad_norm_ would couple them). Every parameter
-    has a leading seed dimension. Returns the norms before clipping [S]."""
+    has a leading seed dimension. With latents sharded, `summed_squares` turns this process's squared norms
+    [S, P] (seed, parameter) into the whole SAE's (LatentShards.summed_squares). Returns the norms before
+    clipping [S]."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([torch.stack([g[s].pow(2).sum() for g in grads]).sum().sqrt()
-                         for s in range(grads[0].shape[0])])
+    squares = torch.stack([torch.stack([g[s].pow(2).sum() for g in grads]) for s in range(grads[0].shape[0])])
+    if summed_squares is not None:
+        squares = summed_squares(squares)
+    norms = squares.sum(-1).sqrt()
     if max_norm > 0:
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
@@ -2077,14 +2284,15 @@ class SAETrainer:
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, sae.cfg.adam_beta2))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
-        self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.cfg.width, device=sae.b_dec.device)
+        self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.b_enc.shape[-1], device=sae.b_dec.device)
         self.step_count = 0
         self.state = list(sae.state_dict().values())   # the ensemble's parameters and buffers, in place
         self.before: list[torch.Tensor] | None = None   # a copy of the state this step starts from
         self.last_good: list[torch.Tensor] | None = None   # a copy of the last state that passed the check
         self.good_steps = 0                 # optimiser steps that produced the last good state
         self.fvu_reference: torch.Tensor | None = None   # [S] max(1, the first batch's FVU)
-        self.whole_batch: Callable | None = None   # data parallel: (loss, FVU) of a part -> the whole batch's
+        self.whole_batch: Callable | None = None   # several processes: (loss, FVU, parameter sum) -> all of them
+        self.summed_squares: Callable | None = None   # latents sharded: gradient squares [S, P] -> over every shard
         # the penalty coefficient per seed [S]: the architecture's setting, steered when target_l0 is set
         name = sae.penalty_coefficient
         self.penalty_coeff = (torch.full((len(sae.seeds),), float(getattr(sae.cfg, name)), device=sae.b_dec.device)
@@ -2101,9 +2309,9 @@ class SAETrainer:
             l0, fired = active.sum(-1).float().mean(-1), active.any(dim=1)
         else:   # TopK: read firing from the kept indices, not from a dense [S, B, m] tensor
             kept = codes.values > 0
-            hits = torch.zeros_like(self.inputs_since_fired).scatter_add_(1, codes.indices.flatten(1),
-                                                                          kept.flatten(1).float())
-            l0, fired = kept.sum(-1).float().mean(-1), hits > 0   # integer counts: exact in any order
+            hits = self.inputs_since_fired.new_zeros(len(sae.seeds), cfg.width).scatter_add_(
+                1, codes.indices.flatten(1), kept.flatten(1).float())
+            l0, fired = kept.sum(-1).float().mean(-1), (hits > 0)[:, sae.own_latents]   # integer counts: exact
         loss = sae.reconstruction_loss(x, codes, error)
         penalty = sae.penalty(codes, self.step_count, self.penalty_coeff)
         if penalty is not None:
@@ -2134,7 +2342,8 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()          # a sum: each seed's gradient is that of its own loss
         self.sae.constrain_gradients(self.triton)
-        metrics["grad_norm"] = clip_grad_norm_per_seed_(list(self.sae.parameters()), self.sae.cfg.grad_clip)
+        metrics["grad_norm"] = clip_grad_norm_per_seed_(list(self.sae.parameters()), self.sae.cfg.grad_clip,
+                                                        self.summed_squares)
         self.optimizer.step()
         self.schedule.step()
         self.sae.constrain_parameters(self.triton)
@@ -2156,12 +2365,13 @@ class SAETrainer:
     def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
         """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started
         from, and the parameters after its update. In data parallel the loss and FVU checked are the
-        whole batch's (whole_batch), so that every process takes the same decision at the same step."""
+        whole batch's (whole_batch), and with latents sharded the parameters checked are every shard's, so that
+        every process takes the same decision at the same step."""
+        params_sum = torch.stack([p.detach().sum() for p in self.sae.parameters()]).sum()
         if self.whole_batch is not None:
-            loss, fvu = self.whole_batch(loss, fvu)
+            loss, fvu, params_sum = self.whole_batch(loss, fvu, params_sum)
         if self.fvu_reference is None:
             self.fvu_reference = torch.nan_to_num(fvu, nan=1.0).clamp_min(1.0)
-        params_sum = torch.stack([p.detach().sum() for p in self.sae.parameters()]).sum()
         loss_ok, fvu_ok = loss.isfinite(), ~(fvu > FVU_EXPLOSION * self.fvu_reference)   # NaN FVU: a constant batch
         checks = torch.cat([loss_ok, fvu_ok, params_sum.isfinite()[None]]).tolist()
         S = len(self.sae.seeds)

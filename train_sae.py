@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, LOG_FILE, MAX_SETTING, SAE_VERSION, SMALL_ACTS_ROWS,
-                      SNAPSHOT_FORMAT, SNAPSHOTS_FILE, ActivationShards, CliParser, DataParallel, HusaiError, Ranks,
+                      SNAPSHOT_FORMAT, SNAPSHOTS_FILE, ActivationShards, CliParser, DataParallel, HusaiError, LatentShards,
+                      Ranks, ShardedTopKSAE,
                       RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
                       gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
                       sae_file_name, sae_reconstruct, save_tensors, seed_folder_name, shuffled_batches,
@@ -192,6 +193,10 @@ def build_parser() -> CliParser:
     add("--data-parallel", action="store_true",
         help="under torchrun: every process trains every seed on its 1/N of each batch, gradients averaged "
              "(deterministic for a fixed N; not bit-identical to one process), instead of sharing out the seeds")
+    add("--latent-parallel", action="store_true",
+        help="under torchrun, --arch topk: each process holds 1/N of every seed's latents (the width a multiple of "
+             "N), top-k candidates merged across processes (deterministic for a fixed N; one process's result up "
+             "to rounding)")
     add("--dist-timeout", type=float, default=3600.0,
         help="under torchrun: seconds a process waits at a collective for the others (a dead process is "
              "noticed at once; this bounds the wait for a hung one, and for the slowest to finish its seeds)")
@@ -244,6 +249,8 @@ def validate(args) -> None:
                              f"would be ignored; give one or the other")
     elif args.eval_rows is not None:
         raise HusaiError("--eval-rows applies to --acts; with the transformer every input is evaluated")
+    if args.data_parallel and args.latent_parallel:
+        raise HusaiError("--data-parallel and --latent-parallel: choose one way to share the work out")
 
 
 def seeds_of(args) -> list[int]:
@@ -478,6 +485,8 @@ def train(sae, trainer: SAETrainer | DataParallel, data: TrainingData, seeds: li
     def take_snapshot(step: int) -> None:
         for s, seed in enumerate(seeds):
             tensors = sae.export(s)
+            if tensors is None:       # latents sharded: the whole SAE is gathered on the first process only
+                continue
             run.snapshots[seed].update({f"step{step}.{key}": value for key, value in tensors.items()})
             run.snapshot_fvu[seed].append(evaluation_metrics(tensors, config, eval_acts, data.eval_chunk)["fvu"])
 
@@ -518,10 +527,10 @@ class Part:
     training: Training
 
 
-def own_seeds(all_seeds: list[int], ranks: Ranks, data_parallel: bool) -> list[int]:
-    """This process's seeds: seeds[rank::N] (a seed trains the same in any ensemble), or every seed in
-    data parallel. Refuses more processes than seeds."""
-    if data_parallel:
+def own_seeds(all_seeds: list[int], ranks: Ranks, every_seed: bool) -> list[int]:
+    """This process's seeds: seeds[rank::N] (a seed trains the same in any ensemble), or every seed (data
+    parallel, latents sharded). Refuses more processes than seeds."""
+    if every_seed:
         return all_seeds
     if len(all_seeds) < ranks.world:
         raise HusaiError(f"{len(all_seeds)} seed(s) for {ranks.world} processes: give each at least one seed "
@@ -529,10 +538,11 @@ def own_seeds(all_seeds: list[int], ranks: Ranks, data_parallel: bool) -> list[i
     return all_seeds[ranks.rank::ranks.world]
 
 
-def gather_parts(part: Part, stepper, ranks: Ranks, data_parallel: bool) -> list[Part] | None:
+def gather_parts(part: Part, stepper, ranks: Ranks, every_seed: bool) -> list[Part] | None:
     """Every process's Part on the first process (None on the others). In data parallel every process
-    holds the same SAEs (checked here): the first one's are the result."""
-    if data_parallel:
+    holds the same SAEs (checked here): the first one's are the result; with latents sharded the first
+    process's Part already holds the whole SAEs, gathered (and b_dec, in every process, is checked)."""
+    if every_seed:
         if part.training.divergence is None:
             stepper.check_replicas()
         parts = [part] if ranks.rank == 0 else None
@@ -573,10 +583,11 @@ def downstream_metrics(references: dict, model, tokens, labels, hook: str, tenso
 
 
 def describe_run(args, data: TrainingData, cfg: SAEConfig, lr: float, seeds: list[int], ranks: Ranks,
-                 data_parallel: bool, device: torch.device) -> str:
+                 data_parallel: bool, latent_parallel: bool, device: torch.device) -> str:
     """The line a process prints before training: what it trains, on what, and where."""
     line = f"process {ranks.rank + 1} of {ranks.world}: " if ranks.world > 1 else ""
     line += f"data parallel, {args.batch_size // ranks.world} rows of each batch; " if data_parallel else ""
+    line += f"latents sharded, {cfg.width // ranks.world} of each SAE's; " if latent_parallel else ""
     held_out = f", {len(data.eval_acts)} held out for evaluation" if data.train_rows < data.rows else ""
     stream = f", streamed through a {args.shuffle_buffer}-row shuffle buffer" if data.streamed else ""
     return (f"{line}{len(seeds)} x {cfg.arch} SAE, d={data.d} -> m={cfg.width}, {cfg.sparsity_name}, lr {lr:.2e}, "
@@ -691,6 +702,7 @@ class Cell:
     all_seeds: list[int]
     seeds: list[int]
     data_parallel: bool
+    latent_parallel: bool
     lr: float
     n_snapshots: int
     config: dict
@@ -712,10 +724,16 @@ def prepare_cell(args, cfg: SAEConfig, data: TrainingData, ranks: Ranks, device:
     """A cell's checks against the data (batch size, memory), its learning rate, config and folder."""
     all_seeds = seeds_of(args)
     data_parallel = args.data_parallel and ranks.world > 1
+    latent_parallel = args.latent_parallel and ranks.world > 1
+    if latent_parallel and cfg.arch != "topk":
+        raise HusaiError(f"--latent-parallel trains --arch topk only (asked: {cfg.arch}); share the seeds out, "
+                         f"or use --data-parallel")
+    if latent_parallel and cfg.width % ranks.world:
+        raise HusaiError(f"--width {cfg.width}: --latent-parallel needs a multiple of the {ranks.world} processes")
     if data_parallel and args.batch_size % ranks.world:
         raise HusaiError(f"--batch-size {args.batch_size}: --data-parallel needs a multiple of the "
                          f"{ranks.world} processes")
-    seeds = own_seeds(all_seeds, ranks, data_parallel)
+    seeds = own_seeds(all_seeds, ranks, data_parallel or latent_parallel)
     n, d, eval_rows, width = data.rows, data.d, len(data.eval_acts), cfg.width
     if args.batch_size > data.train_rows:
         held_out = f" training activations ({eval_rows} of the {n} are held out: lower --eval-rows)"
@@ -735,8 +753,9 @@ def prepare_cell(args, cfg: SAEConfig, data: TrainingData, ranks: Ranks, device:
                   decay_frac=args.decay_frac, kernels=not args.no_kernels, device=str(device),
                   torch=torch.__version__, eval_rows=eval_rows,
                   shuffle_buffer=args.shuffle_buffer if data.streamed else None,
-                  data_parallel_processes=ranks.world if data_parallel else None)
-    return Cell(args, cfg, all_seeds, seeds, data_parallel, lr, n_snapshots, config,
+                  data_parallel_processes=ranks.world if data_parallel else None,
+                  latent_parallel_processes=ranks.world if latent_parallel else None)
+    return Cell(args, cfg, all_seeds, seeds, data_parallel, latent_parallel, lr, n_snapshots, config,
                 cell_folder(args, cfg, data.provenance))
 
 
@@ -765,16 +784,17 @@ def train_cell(cell: Cell, data: TrainingData, ranks: Ranks, device: torch.devic
                         advice=overlap_advice) if writer else contextlib.nullcontext())
     with output as run:
         torch.set_flush_denormal(True)   # tiny Adam moments as denormals slow a CPU step ~10x
-        sae = build_sae(cfg, seeds).to(device)
+        sae = (ShardedTopKSAE(cfg, seeds, ranks) if cell.latent_parallel else build_sae(cfg, seeds)).to(device)
         sae.init_from_data(data.eval_acts)
         trainer = SAETrainer(sae, cell.lr, args.steps, args.warmup_steps, round(args.decay_frac * args.steps),
                              use_kernels=not args.no_kernels)
-        stepper = DataParallel(trainer, ranks) if data_parallel else trainer
-        print(describe_run(args, data, cfg, cell.lr, seeds, ranks, data_parallel, device))
+        stepper = (DataParallel(trainer, ranks) if data_parallel else
+                   LatentShards(trainer, ranks) if cell.latent_parallel else trainer)
+        print(describe_run(args, data, cfg, cell.lr, seeds, ranks, data_parallel, cell.latent_parallel, device))
         training = train(sae, stepper, data, seeds, args, config, cell.n_snapshots, ranks,
                          snapshots=writer or not data_parallel, label=label)
         part = Part(seeds, {seed: sae.export(s) for s, seed in enumerate(seeds)}, training)
-        parts = gather_parts(part, stepper, ranks, data_parallel)
+        parts = gather_parts(part, stepper, ranks, data_parallel or cell.latent_parallel)
         if not writer:
             return training.seconds
 
