@@ -418,3 +418,86 @@ def test_data_parallel_keeps_every_processs_copy_the_same_and_repeats_bit_for_bi
     assert_same_tensors(tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b"))
     assert log_without_timing(tmp_path / "a" / "seed4" / "log.jsonl") == \
         log_without_timing(tmp_path / "b" / "seed4" / "log.jsonl")
+
+
+def shard_latents_beside_one_process(rank: int, world: int, folder: str) -> None:
+    """One of two processes holding half the latents of a TopK SAE (AuxK on: a third of the latents start
+    dead), trained beside the whole SAE in one process on the same batches. Saves what the process saw:
+    a tie merged across processes, the largest difference from the whole SAE after each step, and b_dec."""
+    import datetime
+    import torch.distributed as dist
+    from sae_core import LatentShards, Ranks, ShardedTopKSAE, merged_topk
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    torch.set_num_threads(1)
+    ranks = Ranks(rank, world)
+    # process 0 holds latents 0-1, process 1 latents 2-3; latents 1 and 2 tie at 2.0
+    values = torch.tensor([[1.0, 2.0]]) if rank == 0 else torch.tensor([[2.0, 0.5]])
+    tie = [merged_topk(values, torch.tensor([[0, 1]]) + 2 * rank, k, ranks) for k in (1, 2)]
+    acts, _ = planted_data(1500, 12, 24, active=2)
+    cfg = SAEConfig(arch="topk", d_in=12, width=256, k=3, dead_window=256)
+    whole, shard = build_sae(cfg, [1]), ShardedTopKSAE(cfg, [1], ranks)
+    whole.init_from_data(acts)
+    shard.init_from_data(acts)
+    trainers = [SAETrainer(whole, 3e-2, 30, 5, 10, use_kernels=False),
+                LatentShards(SAETrainer(shard, 3e-2, 30, 5, 10, use_kernels=False), ranks)]
+    trainers[0].inputs_since_fired[:, ::3] = 256                    # every third latent starts dead
+    trainers[1].trainer.inputs_since_fired[:, torch.arange(256)[shard.own_latents] % 3 == 0] = 256
+    generator, differences, metrics = torch.Generator().manual_seed(0), [], []
+    for step in range(30):
+        batch = acts[torch.randperm(len(acts), generator=generator)[:128]]
+        metrics.append([trainer.step(batch) for trainer in trainers])
+        gathered, expected = shard.export(0), whole.export(0)
+        if rank == 0:
+            differences.append(max((gathered[key] - expected[key]).abs().max().item() for key in expected))
+    torch.save({"tie": tie, "differences": differences, "metrics": metrics, "b_dec": shard.b_dec.detach()},
+               f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_latent_shards_train_what_one_process_trains_up_to_rounding(tmp_path):
+    torch.multiprocessing.spawn(shard_latents_beside_one_process, args=(2, str(tmp_path)), nprocs=2, join=True)
+    first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1))
+    (values1, latents1, mine1), (values2, latents2, mine2) = first["tie"]
+    assert latents1.tolist() == [[1]] and values1.tolist() == [[2.0]], "a tie goes to the lower latent"
+    assert sorted(latents2.tolist()[0]) == [1, 2] and mine2.tolist() == [[False, True]]
+    assert second["tie"][1][2].tolist() == [[True, False]], "each process keeps the selected latents it holds"
+    assert torch.equal(first["b_dec"], second["b_dec"]), "b_dec takes the same step in every process"
+    assert first["metrics"][0][0]["dead"].item() > 0.3, "AuxK is on from the first step"
+    for alone, sharded in first["metrics"]:
+        for key in ("loss", "fvu", "l0", "dead", "grad_norm"):
+            torch.testing.assert_close(sharded[key], alone[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert max(first["differences"]) < 1e-5, first["differences"]     # measured 8.6e-7
+
+
+def test_latent_parallel_runs_repeat_bit_for_bit_and_match_one_process(tmp_path):
+    acts, _ = planted_data(1500, 12, 24, active=2)
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    args = ["--acts", str(tmp_path / "acts.safetensors"), *SMALL_RUN, "--seeds", "0", "1"]
+    one = run_stage("train_sae.py", *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    for run in ("a", "b"):
+        result = run_stage("train_sae.py", *args, "--latent-parallel", "--out", str(tmp_path / run),
+                           launcher=torchrun(2))
+        assert result.returncode == 0, result.stderr
+        assert "latents sharded, 16 of each SAE's; 2 x topk" in result.stdout
+    assert_same_tensors(tensors_of(tmp_path / "a"), tensors_of(tmp_path / "b"))
+    alone, sharded = tensors_of(tmp_path / "one"), tensors_of(tmp_path / "a")
+    assert alone.keys() == sharded.keys()
+    for name in alone:
+        for key in alone[name]:
+            torch.testing.assert_close(sharded[name][key], alone[name][key], rtol=0, atol=1e-6, msg=f"{name} {key}")
+    _, meta = load_sae(tmp_path / "a" / "seed0")
+    assert meta["config"]["latent_parallel_processes"] == 2
+
+
+def test_latent_parallel_refuses_other_architectures_in_one_line(tmp_path):
+    acts, _ = planted_data(300, 12, 24, active=2)
+    save_file({"acts": acts}, str(tmp_path / "acts.safetensors"))
+    result = run_stage("train_sae.py", "--acts", str(tmp_path / "acts.safetensors"), *SMALL_RUN, "--arch", "relu",
+                       "--latent-parallel", "--out", str(tmp_path / "out"), launcher=torchrun(2))
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert ours and all("--latent-parallel trains --arch topk only (asked: relu)" in line for line in ours), result.stderr
+    assert 'train_sae.py", line' not in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("seed*"))
