@@ -862,7 +862,8 @@ def evaluation_metrics(tensors: dict[str, torch.Tensor], config: dict, acts: tor
 # `torchrun --nproc_per_node=N train_sae.py --seeds ...` starts N processes (ranks). Each trains its
 # share of the seeds (seeds[rank::N]); the results are gathered on rank 0, which writes every file
 # exactly as one process would. With --data-parallel every rank trains every seed on its part of each
-# batch instead (DataParallel). gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
+# batch instead (DataParallel); with --latent-parallel every seed on the whole batch, holding 1/N of
+# each SAE's latents (LatentShards, ShardedTopKSAE). gloo on the CPU, nccl on GPUs; a run outside torchrun (WORLD_SIZE unset
 # or 1) never starts a process group.
 
 
@@ -2041,8 +2042,10 @@ class ShardedTopKSAE(TopKSAE):
             latents = torch.cat([self.global_latents(latent[local]),
                                  local.new_full((len(z), k - own), self.cfg.width)], dim=-1)
             mine = merged_topk(padded, latents, k, self.ranks)[2][:, :own]
-            e, e_hat = residual[s], SummedAcrossRanks.apply(scatter_latents(candidates * mine, local, z) @ W_dec[s][latent])
-            losses.append((e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
+            e_hat = SummedAcrossRanks.apply(scatter_latents(candidates * mine, local, z) @ W_dec[s][latent])
+            e = residual[s]
+            losses.append((e_hat - e).pow(2).sum(-1).mean()
+                          / (e - e.mean(dim=0)).pow(2).sum(-1).mean().clamp_min(1e-12))
         return torch.stack(losses)
 
     def gathered(self, shard: torch.Tensor, dim: int) -> torch.Tensor | None:
@@ -2055,7 +2058,8 @@ class ShardedTopKSAE(TopKSAE):
     def export(self, s):
         """SAEEnsemble.export of the whole SAE, gathered on the first process; None on the others (every
         process must call it)."""
-        W_enc, W_dec, b_enc = self.gathered(self.W_enc[s], 1), self.gathered(self.W_dec[s], 0), self.gathered(self.b_enc[s], 0)
+        W_enc, W_dec = self.gathered(self.W_enc[s], 1), self.gathered(self.W_dec[s], 0)
+        b_enc = self.gathered(self.b_enc[s], 0)
         if self.ranks.rank != 0:
             return None
         c = self.input_scale

@@ -21,7 +21,8 @@ at most 100k rows is read into memory, trained on and evaluated whole; a larger 
 a seeded shuffle buffer and evaluated on a held-out slice (--eval-rows). Seeds share one data order
 unless told otherwise, so only the initialisation differs between them. Under torchrun each process
 trains its share of the seeds and the first gathers them and writes every file, as one process would
-have written it (with --data-parallel each process trains every seed on its part of each batch instead).
+have written it (with --data-parallel each process trains every seed on its part of each batch instead;
+with --latent-parallel, TopK only, every seed on the whole batch with 1/N of each SAE's latents).
 Outputs, one folder per seed, which SAELens loads as it is (SAE.load_from_disk), in
 runs/sae/<arch>-w<width>-<k or penalty>[-<variant>][-varied-order]/ (archetypal's variant: shared or per-seed
 centroids; -varied-order with --vary-data-order; --runs-dir replaces runs/sae):
@@ -64,8 +65,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_core import (ARCHITECTURES, EVAL_CHUNK_ROWS, LOG_FILE, MAX_SETTING, SAE_VERSION, SMALL_ACTS_ROWS,
-                      SNAPSHOT_FORMAT, SNAPSHOTS_FILE, ActivationShards, CliParser, DataParallel, HusaiError, LatentShards,
-                      Ranks, ShardedTopKSAE,
+                      SNAPSHOT_FORMAT, SNAPSHOTS_FILE, ActivationShards, CliParser, DataParallel, HusaiError,
+                      LatentShards, Ranks, ShardedTopKSAE,
                       RunOutput, SAEConfig, SAETrainer, build_sae, check_activations, evaluation_metrics, file_sha256,
                       gather_on_rank0, held_out_rows, check_memory, non_finite_tensors, pick_device, run_cli,
                       sae_file_name, sae_reconstruct, save_tensors, seed_folder_name, shuffled_batches,
