@@ -2160,8 +2160,9 @@ def sae_kind(config: dict) -> str:
 
 
 def sparsity(config: dict) -> tuple[str, float]:
-    """(parameter name, value): k for TopK and BatchTopK, the penalty coefficient for ReLU and JumpReLU."""
-    name = ARCHITECTURES[config["arch"]].sparsity
+    """(parameter name, value): k for TopK and BatchTopK, the penalty coefficient for ReLU and JumpReLU, or
+    target_l0 when the coefficient was steered to it."""
+    name = ARCHITECTURES[config["arch"]].sparsity_setting(config)
     return name, float(config[name])
 
 

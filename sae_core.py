@@ -1530,6 +1530,12 @@ class SAEEnsemble(torch.nn.Module):
         before a run starts, so that a refusal writes nothing)."""
 
     @classmethod
+    def sparsity_setting(cls, config: dict) -> str:
+        """The setting that chose a saved SAE's sparsity (config as saved): `sparsity`, or target_l0 when
+        a penalty architecture was steered to it. Analyses group and map SAEs by its value."""
+        return cls.sparsity
+
+    @classmethod
     def sparsity_label(cls, cfg: SAEConfig) -> str:
         """The sparsity part of an output folder name: k32, l1_0.7, l0_0.05."""
         return cls.sparsity_format.format(name=cls.sparsity, value=getattr(cfg, cls.sparsity))
@@ -1677,6 +1683,10 @@ class PenaltySAE(SAEEnsemble):
     @classmethod
     def sparsity_label(cls, cfg):
         return f"target_l0_{cfg.target_l0:g}" if cfg.target_l0 else super().sparsity_label(cfg)
+
+    @classmethod
+    def sparsity_setting(cls, config):
+        return "target_l0" if config.get("target_l0") else cls.sparsity
 
     def aux_k(self, l0):
         """k_aux, else the target L0, else each seed's own batch L0 (rounded, at least 1)."""

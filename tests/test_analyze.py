@@ -679,3 +679,14 @@ def test_two_kinds_of_one_architecture_are_never_grouped_as_seeds_of_one_configu
     from analyze import sae_kind as kind
     assert kind({"arch": "archetypal", "centroids": "shared"}) != kind({"arch": "archetypal", "centroids": "per-seed"})
     assert kind({"arch": "topk", "centroids": "shared"}) == kind({"arch": "topk", "centroids": "per-seed"}) == "topk"
+
+
+def test_penalty_saes_steered_to_two_targets_are_two_configurations():
+    """relu at --target-l0 4 and 16 share their L1 setting; grouped by it they would be compared as seeds of
+    one configuration."""
+    import analyze
+    steered = [{"arch": "relu", "l1": 0.2, "target_l0": target} for target in (4.0, 16.0)]
+    assert [analyze.sparsity(config) for config in steered] == [("target_l0", 4.0), ("target_l0", 16.0)]
+    assert analyze.sparsity({"arch": "relu", "l1": 0.2, "target_l0": 0.0}) == ("l1", 0.2)
+    assert analyze.sparsity({"arch": "jumprelu", "l0": 0.05}) == ("l0", 0.05), "a config saved before target_l0"
+    assert analyze.sparsity({"arch": "topk", "k": 32, "target_l0": 0.0}) == ("k", 32.0)
