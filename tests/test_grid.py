@@ -146,3 +146,19 @@ def test_the_named_grids_expand_to_their_cells_on_the_default_model(name, cells,
         assert {cfg.width for cfg in configs} == {8, 16, 32, 64, 128, 256, 512, 1024}
         assert {cfg.k for cfg in configs if cfg.arch == "topk"} == {1, 4, 16, 32, 64}
         assert sum(args.vary_data_order for args in runs for _ in train_sae.grid_cells(args, 128, 113**2)) == 4
+
+
+def test_the_frontier_needs_the_planes_beyond_random_atoms_of_the_data_subspace():
+    """At large k random TopK atoms write the planes as well as trained SAEs do; such a cell is not stable
+    and true by the map's rule, however high its agreement."""
+    import analyze
+
+    def row(name, agreement, null, fvu=0.001):
+        stat = {"mean": agreement, "ci": [agreement - 0.01, agreement + 0.01]}
+        return {"name": name, "data_order": "same", "fvu": fvu, "kind": "topk", "activations": "a", "width": 512,
+                "sparsity": name, "map_plane_agreement": stat, "map_plane_recovery": stat,
+                "plane_agreement_random": null, "recovery_random": null,
+                "map_latent_match": None, "map_latent_match_shuffled": None}
+    rows = [row("learned", 0.95, 0.6), row("as random", 0.98, 0.975), row("no null", 0.95, None),
+            row("coarse", 0.95, 0.6, fvu=0.1), row("unstable", 0.7, 0.3)]
+    assert analyze.stability_map(rows)["frontier"] == ["learned"]
