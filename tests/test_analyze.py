@@ -25,6 +25,7 @@ from sae_core import (RUN_DIR, SAE_FORMAT, SAE_VERSION, SNAPSHOT_FORMAT, RunOutp
                       save_tensors)
 from train_transformer import (ModelConfig, Transformer, collect_activations, make_dataset, save_model,
                                train_test_split, training_log_path)
+from test_sae import leftovers, run_files
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK = "blocks.0.resid_post"
@@ -578,12 +579,6 @@ def analyze_in_process(monkeypatch, capsys, cwd: Path, *args: str) -> tuple[int,
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` and its bytes, the run bookkeeping (.husai) aside."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and RUN_DIR not in p.relative_to(folder).parts}
-
-
 def figures_named_by(report: dict) -> set[str]:
     names = {report["comparison_figure"], *report["map"]["figures"].values()}
     for entry in [*report["groups"], *report["transformers"].values()]:
@@ -640,18 +635,10 @@ def test_force_replaces_the_report_folder_whole_and_only_a_report_folder(inputs,
     assert (tmp_path / "notes" / "mine.txt").read_text() == (tmp_path / "a-file").read_text() == "the user's"
 
 
-def leftovers(folder: Path) -> list[str]:
-    """Staging folders, journals, set-aside entries and temporary files: none may outlive a run."""
-    meta = folder / RUN_DIR
-    allowed = {meta / "lock", meta / "runs", *(meta / "runs").glob("*.json")}
-    stray = [p for p in meta.rglob("*") if p not in allowed] + list(folder.rglob("*.tmp"))
-    return sorted(str(p.relative_to(folder)) for p in stray)
-
-
 def test_a_full_disk_is_one_line_and_leaves_the_earlier_report_whole(inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "report"
     assert analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w32-k4", "--out", str(out))[0] == 0
-    before = folder_bytes(out)
+    before = run_files(out)
     write_text = Path.write_text
 
     def disk_full_at_report_json(self, *args, **kwargs):
@@ -662,7 +649,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_earlier_report_whole(inputs, tmp
     code, lines = analyze_in_process(monkeypatch, capsys, inputs, "sae/topk-w16-k4", "--out", str(out), "--force")
     assert (code, lines) == (1, [f"error: cannot write {out}/report.json: No space left on device; run 'report' was "
                                  f"not committed and {tmp_path} is unchanged"])
-    assert folder_bytes(out) == before and leftovers(tmp_path) == []
+    assert run_files(out) == before and leftovers(tmp_path) == []
 
 
 def test_a_second_analysis_writing_to_the_same_place_is_refused_naming_the_first(inputs, tmp_path, monkeypatch,

@@ -20,6 +20,7 @@ from sae_core import (RUN_DIR, HusaiError, embedding_frequency_shares, fourier_b
                       key_frequencies, load_tensors, memory_limit_bytes, run_cli, save_tensors)
 from train_transformer import (FORMAT, VERSION, ModelConfig, Transformer, collect_activations, load_transformer,
                                main, make_dataset, memory_estimate, run_with_replacement, train_test_split)
+from test_sae import leftovers, run_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -214,7 +215,7 @@ def test_the_same_command_twice_writes_byte_identical_model_and_checkpoint_files
     for _ in range(2):
         result = run_stage(*TINY, "--out", str(out), "--force")
         assert result.returncode == 0, result.stderr
-        runs.append(run_files_text(tmp_path))
+        runs.append(run_files(tmp_path))
     assert sorted(runs[0]) == sorted(runs[1]) and "model.checkpoints/epoch000020.safetensors" in runs[0]
     assert {name for name in runs[0] if runs[0][name] != runs[1][name]} <= {"model.log.jsonl"}
     rows = [[json.loads(line) for line in run["model.log.jsonl"].decode().splitlines()] for run in runs]
@@ -247,20 +248,6 @@ def test_cuda_request_without_gpu_is_refused(tmp_path):
 
 
 # ---- a run is one unit: flags, divergence, locks, --force, interruptions and full disks ------------
-
-
-def run_files_text(folder: Path) -> dict[str, bytes]:
-    """Every file of the runs in `folder` (the bookkeeping folder aside) and its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and RUN_DIR not in p.relative_to(folder).parts}
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Staging folders, journals, set-aside entries and temporary files: all must be gone after a run."""
-    meta = folder / RUN_DIR
-    allowed = {meta / "lock", meta / "runs", *(meta / "runs").glob("*.json")}
-    stray = [p for p in meta.rglob("*") if p not in allowed] + list(folder.rglob("*.tmp"))
-    return sorted(str(p.relative_to(folder)) for p in stray)
 
 
 def all_finite(path: Path) -> bool:
@@ -353,17 +340,17 @@ def test_a_second_run_on_the_same_folder_refuses_at_once_naming_the_first(tmp_pa
             f"interrupted: run 'first.safetensors' was not committed; nothing in {tmp_path} was changed")
     finally:
         first.kill()
-    assert run_files_text(tmp_path) == {} and leftovers(tmp_path) == []
+    assert run_files(tmp_path) == {} and leftovers(tmp_path) == []
 
 
 def test_force_replaces_only_this_runs_files_and_leaves_none_of_its_old_ones(tmp_path):
     first = tmp_path / "first.safetensors"
     assert run_stage(*TINY, "--out", str(first)).returncode == 0
-    first_files = run_files_text(tmp_path)
+    first_files = run_files(tmp_path)
     assert {"first.checkpoints/epoch000020.safetensors", "first.log.jsonl", "first.curves.png"} <= set(first_files)
     result = run_stage(*TINY, "--epochs", "12", "--out", str(tmp_path / "second.safetensors"), "--force")
     assert result.returncode == 0, result.stderr
-    assert {k: v for k, v in run_files_text(tmp_path).items() if k.startswith("first")} == first_files
+    assert {k: v for k, v in run_files(tmp_path).items() if k.startswith("first")} == first_files
 
     again = run_stage(*TINY, "--out", str(first))
     assert again.returncode == 2 and "first.safetensors already exists" in again.stderr
@@ -420,39 +407,39 @@ WRITES_THEN = """
 def test_a_disk_full_during_a_forced_run_is_one_line_and_leaves_the_old_run_whole(finished_run, tmp_path):
     folder = copy_of(finished_run, tmp_path)
     out = folder / "model.safetensors"
-    before = run_files_text(folder)
+    before = run_files(folder)
     full = run_stage_with(WRITES_THEN.format(action="raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))"),
                           *TINY, "--out", str(out), "--force")
     lines = full.stderr.strip().splitlines()
     assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr
     assert lines[-1] == (f"error: cannot write {folder}/model.checkpoints/epoch000010.safetensors: No space left "
                          f"on device; run 'model.safetensors' was not committed and {folder} is unchanged")
-    assert run_files_text(folder) == before and leftovers(folder) == []
+    assert run_files(folder) == before and leftovers(folder) == []
 
 
 def test_a_real_write_error_from_the_system_is_one_line_and_changes_nothing(finished_run, tmp_path):
     folder = copy_of(finished_run, tmp_path)
     out = folder / "model.safetensors"
-    before = run_files_text(folder)
+    before = run_files(folder)
     limited = run_stage_with("", *TINY, "--out", str(out), "--force", limit_file_size=64 * 1024)
     lines = limited.stderr.strip().splitlines()
     assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr
     assert lines[-1] == (f"error: cannot write {folder}/model.checkpoints/epoch000000.safetensors: File too "
                          f"large; run 'model.safetensors' was not committed and {folder} is unchanged")
-    assert run_files_text(folder) == before and leftovers(folder) == []
+    assert run_files(folder) == before and leftovers(folder) == []
 
 
 def test_a_run_killed_after_its_first_file_leaves_the_old_run_and_the_next_run_clears_it(finished_run, tmp_path):
     folder = copy_of(finished_run, tmp_path)
     out = folder / "model.safetensors"
-    before = run_files_text(folder)
+    before = run_files(folder)
     killed = run_stage_with(WRITES_THEN.format(action="os._exit(9)"), *TINY, "--out", str(out), "--force")
-    assert killed.returncode == 9 and run_files_text(folder) == before
+    assert killed.returncode == 9 and run_files(folder) == before
     assert any(name.startswith(f"{RUN_DIR}/staging-") for name in leftovers(folder))
     other = run_stage(*TINY, "--epochs", "5", "--out", str(folder / "other.safetensors"))
     assert other.returncode == 0 and "deleted the uncommitted files of an interrupted run" in other.stdout
     assert leftovers(folder) == []
-    assert {k: v for k, v in run_files_text(folder).items() if not k.startswith("other")} == before
+    assert {k: v for k, v in run_files(folder).items() if not k.startswith("other")} == before
 
 
 @pytest.mark.parametrize("edit,message", [
