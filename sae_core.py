@@ -1499,6 +1499,7 @@ class SAEEnsemble(torch.nn.Module):
     # The default learning rate as a multiple of width_scaled_lr. 8: with gradient clipping and Adam beta2 0.99
     # (CoreSettings), TopK on the grokked model reaches FVU 0.0007 in 1000 steps, where 1x left it at 0.0017.
     lr_scale: ClassVar[float] = 8.0
+    lr_multipliers: ClassVar[dict[str, float]] = {}   # parameter name -> its learning rate as a multiple of the SAE's
     own_latents: slice = slice(None)         # the latents this process holds: all, unless they are sharded
 
     def __init__(self, cfg: SAEConfig, seeds: list[int]):
@@ -1924,6 +1925,10 @@ class ArchetypalSAE(TopKSAE):
                 "delta": setting(1.0, "archetypal: largest norm of a row of the relaxation Lambda (normalised units)",
                                  NON_NEGATIVE)}
     variant_settings = ("centroids",)
+    # W at the unscaled learning rate (1 / lr_scale of the rest): at 8x its rows, which must stay non-negative and
+    # sum to 1, churn; on the grokked model (seed 0, 1000 steps) FVU 0.0026 against 0.0080 with it at 8x, and
+    # 0.0074 with every parameter at 1x. Planted recovery at matched width (seeds 0-4): 95.0-98.3% against 93.3-97.5%.
+    lr_multipliers = {"mixing": 1 / 8}
 
     def __init__(self, cfg, seeds):
         super().__init__(cfg, seeds)
@@ -2295,7 +2300,8 @@ class SAETrainer:
                  use_kernels: bool = True):
         self.sae, self.steps = sae, steps
         self.triton = kernels.use_triton(sae.b_dec.device, use_kernels)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, sae.cfg.adam_beta2))
+        groups = [{"params": [p], "lr": lr * sae.lr_multipliers.get(name, 1.0)} for name, p in sae.named_parameters()]
+        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=(0.9, sae.cfg.adam_beta2))
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
         self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.b_enc.shape[-1], device=sae.b_dec.device)
