@@ -929,8 +929,17 @@ def gather_on_rank0(value, ranks: Ranks) -> list | None:
 
 
 def stop_ranks(ranks: Ranks) -> None:
-    if ranks.world > 1:
-        dist.destroy_process_group()
+    """Leave the process group together: every process waits here until the first has written its files,
+    then all of them close their connections. (A process that closed its gloo group and exited while
+    another was still writing was seen to abort in C++ at exit, 1 run in many, failing the whole job.)"""
+    if ranks.world == 1:
+        return
+    try:
+        dist.barrier()
+    except Exception as e:   # a peer closed its connection or timed out
+        raise RankFailure(f"process {ranks.rank + 1} of {ranks.world}: another process stopped before the "
+                          f"end ({one_line(str(e))[:200]})")
+    dist.destroy_process_group()
 
 
 class DataParallel:
