@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 
 import kernels
 import sae_core
-import train_sae
 from sae_core import (ARCHITECTURES, RUN_DIR, SAE_FORMAT, SAE_VERSION, HusaiError, JumpReLU, SAEConfig, SAETrainer,
-                      StraightThroughStep, batchtopk_latents, build_sae, default_lr, kmeans, load_sae,
+                      StraightThroughStep, batchtopk_latents, build_sae, kmeans, load_sae,
                       memory_limit_bytes, non_finite_tensors, reconstruction_metrics, run_cli, sae_latents,
                       sae_reconstruct, save_tensors, threshold_latents, topk_latents)
+from planted import parse_setting, planted_config, planted_data, recovered_fraction, train_as_train_sae_does
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -203,39 +203,6 @@ def test_auxk_changes_encoder_gradients_when_latents_are_dead():
     assert (changed > 0).sum() >= 4, "AuxK's gradient reaches the encoder columns of dead latents"
 
 
-def planted_data(n: int, d: int, m_true: int, active: int, seed: int = 1234,
-                 noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x = s D + noise: a unit-norm dictionary D [m_true, d] and codes s with `active` entries per row drawn
-    from U[0.5, 2.5], plus Gaussian noise of this standard deviation per coordinate. The default seed is
-    one no SAE here uses: an SAE seed s draws its decoder with the same randn call from manual_seed(s), so
-    with one seed for both an SAE of matching shape would start at the answer."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(m_true, d, generator=g)
-    D = D / D.norm(dim=1, keepdim=True)
-    support = torch.rand(n, m_true, generator=g).argsort(dim=1)[:, :active]
-    codes = torch.zeros(n, m_true).scatter(1, support, torch.rand(n, active, generator=g) * 2 + 0.5)
-    return codes @ D + noise * torch.randn(n, d, generator=g), D
-
-
-def recovered_fraction(D: torch.Tensor, W_dec: torch.Tensor, min_cosine: float = 0.9) -> float:
-    """The fraction of true atoms (rows of D, unit) with a learned decoder row at cosine above min_cosine."""
-    best = (D @ (W_dec / W_dec.norm(dim=1, keepdim=True)).T).max(dim=1).values
-    assert best.max() <= 1 + 1e-5, "a cosine above 1 is a normalisation bug"
-    return (best > min_cosine).double().mean().item()
-
-
-def train_as_train_sae_does(cfg: SAEConfig, acts: torch.Tensor, steps: int = 1000, batch_size: int = 1024):
-    """One seed (0) trained as train_sae.py trains by default: its learning rate, warm-up, decay over the
-    last half, and data order."""
-    sae = build_sae(cfg, [0])
-    sae.init_from_data(acts)
-    trainer = SAETrainer(sae, default_lr(cfg), steps, 100, round(0.5 * steps), use_kernels=False)
-    stream = train_sae.batch_order(len(acts), batch_size, torch.Generator().manual_seed(0))
-    for _ in range(steps):
-        trainer.step(acts[next(stream)])
-    return trainer
-
-
 # Recovery of seed 0 at its defaults, measured: topk 0.958, batchtopk 0.933, relu 0.942, jumprelu 0.958,
 # archetypal 0.983 (its W at 1/8 of the learning rate; 0.958 at the full rate), matryoshka 0.917 with one thread and 0.900 with two (rounding differs). Below the 95% target: batchtopk (5 of its 120 latents end dead), relu
 # (duplicated latents and latents between two atoms) and matryoshka (its short prefixes must reconstruct x on
@@ -250,9 +217,7 @@ def test_a_planted_dictionary_is_recovered_at_matched_width_with_the_default_tra
     """120 atoms in 40 dimensions, 3 active per input, noise 0.01; an SAE of width 120 at the true L0 (k = 3,
     or --target-l0 3 for the penalty architectures), trained with train_sae.py's defaults for 1000 steps."""
     acts, D = planted_data(16384, 40, 120, active=3, noise=0.01)
-    sparsity = {"target_l0": 3.0} if ARCHITECTURES[arch].penalty_coefficient else {"k": 3}
-    cfg = SAEConfig(arch=arch, d_in=40, width=120, **sparsity)
-    trainer = train_as_train_sae_does(cfg, acts)
+    trainer = train_as_train_sae_does(planted_config(arch), acts)
     recovered = recovered_fraction(D, trainer.sae.export(0)["W_dec"])
     assert recovered >= PLANTED_FLOOR[arch], f"{arch}: recovered {recovered:.3f}"
 
@@ -265,6 +230,18 @@ def test_an_architectures_learning_rate_multipliers_reach_the_optimiser():
     rates = {name: lr_of[id(p)] for name, p in sae.named_parameters()}
     assert rates.pop("mixing") == pytest.approx(1e-3 / 8)
     assert rates and all(rate == 1e-3 for rate in rates.values()), rates
+
+
+def test_the_planted_command_reads_settings_as_their_types_and_refuses_others():
+    """`python -m tests.planted ARCH --set name=value`: the value is read as the SAE setting's type."""
+    assert parse_setting("k_aux=1") == ("k_aux", 1)
+    assert parse_setting("auxk_coeff=0.25") == ("auxk_coeff", 0.25)
+    assert parse_setting("auxk=false") == ("auxk", False)
+    assert parse_setting("prefixes=0.5,1") == ("prefixes", (0.5, 1.0))
+    assert parse_setting("centroids=per-seed") == ("centroids", "per-seed")
+    for bad in ("k_aux=x", "auxk=no", "no_such_setting=1", "k_aux"):
+        with pytest.raises(HusaiError, match="--set"):
+            parse_setting(bad)
 
 
 def test_the_planted_test_does_not_start_at_the_answer():
