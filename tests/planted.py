@@ -106,8 +106,7 @@ def main() -> None:
         recovered.append(recovered_fraction(D, tensors["W_dec"]))
         dead = (trainer.inputs_since_fired[0] >= cfg.dead_window).float().mean().item()
         print(f"seed {seed}: recovered {recovered[-1]:.1%} of 120 atoms, {dead:.1%} of latents dead", flush=True)
-    changed = " ".join(sys.argv[2:])
-    print(f"{args.arch} {changed}: recovered {min(recovered):.1%}-{max(recovered):.1%} over seeds "
+    print(f"{' '.join([args.arch, *sys.argv[2:]])}: recovered {min(recovered):.1%}-{max(recovered):.1%} over seeds "
           f"{' '.join(map(str, args.seeds))}")
 
 
