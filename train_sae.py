@@ -312,7 +312,7 @@ def grid_cells(args, d: int, eval_rows: int) -> list[SAEConfig]:
     archetypal centroids than rows) is skipped with a note; no cell left, or a value no cell can use, is an
     error (for one cell, its own error, as a single run has always given)."""
     fixed = {f.name: getattr(args, f.name) for f in flagged_settings() if f.name not in grid_settings()}
-    cells, refused = [], []
+    cells, accepted, refused = [], [], []
     for arch in setting_values(args, "arch"):
         own = [name for name in grid_settings() if name in getattr(ARCHITECTURES.get(arch), "settings", ())]
         for width in widths_of(args, d):
@@ -322,11 +322,12 @@ def grid_cells(args, d: int, eval_rows: int) -> list[SAEConfig]:
                     cfg = SAEConfig(**fixed, **chosen, d_in=d)
                     ARCHITECTURES[arch].check_data(cfg, eval_rows)
                     cells.append(cfg)
+                    accepted.append(chosen)
                 except HusaiError as e:
                     refused.append((chosen, str(e)))
     if not cells:
         raise HusaiError(refused[0][1])
-    used = {(name, getattr(cfg, name)) for cfg in cells for name in ("width", *grid_settings())}
+    used = {item for chosen in accepted for item in chosen.items()}    # as given: 0 may stand for a default
     flags = {"width": "--width"} | {f.name: flag_of(f) for f in flagged_settings()}
     for chosen, reason in refused:
         unused = [(name, value) for name, value in chosen.items() if (name, value) not in used]

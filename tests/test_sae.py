@@ -108,8 +108,9 @@ def test_matryoshka_loss_is_the_weighted_mean_of_its_prefixes_reconstruction_err
 def test_matryoshka_with_one_prefix_is_batchtopk_bit_for_bit():
     acts, _ = planted_data(1024, 16, 32, active=2)
     trained = {}
+    # AuxK's weight is given, since the two architectures' default weights differ
     for arch, extra in (("batchtopk", {}), ("matryoshka", {"prefixes": (1.0,)})):
-        sae = build_sae(SAEConfig(arch=arch, d_in=16, width=32, k=2, dead_window=256, **extra), [3])
+        sae = build_sae(SAEConfig(arch=arch, d_in=16, width=32, k=2, dead_window=256, auxk_coeff=1 / 32, **extra), [3])
         sae.init_from_data(acts)
         trainer = SAETrainer(sae, lr=3e-3, steps=20, warmup_steps=2, decay_steps=5)
         for step in range(20):
