@@ -205,8 +205,6 @@ def test_auxk_changes_encoder_gradients_when_latents_are_dead():
 
 # Recovery of seed 0 at its defaults with two threads, measured: topk 0.958, batchtopk 0.975, relu 0.975, jumprelu
 # 0.975, archetypal 0.975, matryoshka 0.983 (python -m tests.planted ARCH gives seeds 0-4 with one thread).
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_a_planted_dictionary_is_recovered_at_matched_width_with_the_default_trainer(arch):
     """120 atoms in 40 dimensions, 3 active per input, noise 0.01; an SAE of width 120 at the true L0 (k = 3,
@@ -252,7 +250,7 @@ def test_the_planted_test_does_not_start_at_the_answer():
 
 @pytest.mark.parametrize("arch,target", [("relu", 6), ("relu", 12), ("jumprelu", 6), ("jumprelu", 12)])
 def test_target_l0_lands_within_ten_percent_on_the_whole_data(arch, target):
-    """Without a target these SAEs end far from both targets (relu at its default L1, jumprelu at its default L0 coefficient)."""
+    """Without a target these SAEs end far from both targets (relu and jumprelu at their default coefficients)."""
     acts, _ = planted_data(8192, 24, 96, active=6, noise=0.01)
     trainer = train_as_train_sae_does(SAEConfig(arch=arch, d_in=24, width=96, target_l0=target), acts, steps=600,
                                       batch_size=512)
