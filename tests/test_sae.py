@@ -58,6 +58,22 @@ def test_jumprelu_threshold_gets_a_gradient_through_the_ste():
     assert torch.allclose(theta.grad, torch.tensor([[[-10.0, -10.0, 0.0]]])), "the L0 term trains theta"
 
 
+@pytest.mark.parametrize("coefficient", [0.0, 0.5])
+def test_jumprelu_pre_activation_loss_lifts_latents_below_their_thresholds(coefficient):
+    """Thresholds of 10 leave every latent far below its threshold, outside the kernel: reconstruction and the
+    L0 term give them no gradient, and the pre-activation loss, when on, raises z (b_enc) and lowers theta."""
+    cfg = SAEConfig(arch="jumprelu", d_in=8, width=4, threshold_init=10.0, pre_act_coeff=coefficient, auxk=False,
+                    normalize=False, b_dec_init="zero")
+    sae = build_sae(cfg, [0])
+    trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
+    loss, _ = trainer.losses(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+    loss.sum().backward()
+    if coefficient:
+        assert (sae.b_enc.grad < 0).all() and (sae.log_threshold.grad > 0).all()
+    else:
+        assert not sae.b_enc.grad.any() and not sae.log_threshold.grad.any()
+
+
 def test_relu_penalty_is_weighted_by_decoder_norms():
     cfg = SAEConfig(arch="relu", d_in=4, width=3, l1=1.0, l1_warmup_steps=0, unit_norm_decoder=False, normalize=False,
                     b_dec_init="zero")
@@ -216,9 +232,14 @@ def test_a_planted_dictionary_is_recovered_at_matched_width_with_the_default_tra
 
 
 def test_auxk_weight_zero_means_the_architectures_own_and_a_given_weight_is_kept():
-    assert all(SAEConfig(arch=arch).auxk_coeff == 1 / 32 for arch in ("topk", "relu", "jumprelu"))
-    assert all(SAEConfig(arch=arch).auxk_coeff == 1 / 8 for arch in ("batchtopk", "matryoshka", "archetypal"))
+    assert all(SAEConfig(arch=arch).auxk_coeff == 1 / 32 for arch in ("topk", "relu"))
+    assert all(SAEConfig(arch=arch).auxk_coeff == 1 / 8 for arch in ("batchtopk", "matryoshka", "archetypal", "jumprelu"))
     assert SAEConfig(arch="batchtopk", auxk_coeff=0.5).auxk_coeff == 0.5
+
+
+def test_controller_gain_zero_means_the_architectures_own_and_a_given_gain_is_kept():
+    assert SAEConfig(arch="relu").target_gain == 0.01 and SAEConfig(arch="jumprelu").target_gain == 0.03
+    assert SAEConfig(arch="jumprelu", target_gain=0.02).target_gain == 0.02
 
 
 def test_an_architectures_learning_rate_multipliers_reach_the_optimiser():
