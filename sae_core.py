@@ -1851,9 +1851,9 @@ def smallest_kept(latents: torch.Tensor) -> torch.Tensor:
 
 class JumpReLUSAE(PenaltySAE):
     """JumpReLU (Rajamanoharan et al. 2024): f = z * H(z - theta) with learned per-latent thresholds;
-    penalty lambda * L0, trained through straight-through estimators, plus Anthropic's pre-activation loss
-    mu * sum_i ReLU(theta_i - z_i) ||W_dec[i]|| (Circuits Updates, January 2025), which keeps latents whose
-    pre-activations fell below their thresholds from staying there."""
+    penalty lambda * L0, trained through straight-through estimators, and, when pre_act_coeff mu > 0,
+    Anthropic's pre-activation loss mu * sum_i ReLU(theta_i - z_i) ||W_dec[i]|| (Circuits Updates, 2025; on every
+    latent, where SAELens takes only the dead ones), which lifts latents below their thresholds."""
     name = "jumprelu"
     saelens = "jumprelu"
     settings = {
