@@ -1681,8 +1681,11 @@ AUXK = {
 PENALTY_TARGET = {
     "target_l0": setting(0.0, "relu, jumprelu: steer the penalty coefficient during training (from its setting) so "
                               "that L0 ends at this (0: the coefficient stays fixed)", NON_NEGATIVE),
-    "target_gain": setting(0.0, "target_l0: the controller's per-step gain on log(coefficient) (0: the "
-                                "architecture's own: 0.03 for jumprelu, 0.01 for relu)", NON_NEGATIVE),
+    "target_gain": setting(0.0, "target_l0: the controller's per-step gain on log(coefficient), scaled by the "
+                                "learning-rate schedule (0: the architecture's own: 0.05 for jumprelu, 0.03 for relu)", NON_NEGATIVE),
+    "target_horizon": setting(0.0, "target_l0: the controller acts on the L0 it predicts this many steps ahead "
+                                   "from L0's recent trend, so that it eases off before L0 overshoots (0: the "
+                                   "architecture's own: 50 for jumprelu, 100 for relu)", NON_NEGATIVE),
 }
 
 
@@ -1695,13 +1698,16 @@ class PenaltySAE(SAEEnsemble):
     """What the architectures whose sparsity follows a penalty coefficient share: target_l0, under which
     the trainer steers the coefficient (SAETrainer.steer_penalty) and the folder is named by the target."""
     uses_auxk = True
-    default_target_gain: ClassVar[float] = 0.01      # the controller's gain unless told (target_gain 0)
+    default_target_gain: ClassVar[float] = 0.03      # the controller's gain unless told (target_gain 0)
+    default_target_horizon: ClassVar[float] = 100.0  # its prediction horizon unless told (target_horizon 0)
 
     @classmethod
     def fill_defaults(cls, cfg):
         super().fill_defaults(cfg)
         if cfg.target_gain == 0:
             cfg.target_gain = cls.default_target_gain
+        if cfg.target_horizon == 0:
+            cfg.target_horizon = cls.default_target_horizon
 
     @classmethod
     def check(cls, cfg):
@@ -1880,7 +1886,8 @@ class JumpReLUSAE(PenaltySAE):
     # 80.8-86.7% planted), and AuxK 1/8 as BatchTopK does: at 1/32, 3-5 planted latents end dead and recovery is
     # 95.0-96.7%; at 1/8, 95.8-97.5%. Still 74-76% of the latents end dead on the grokked model; pre_act_coeff 0.001
     # keeps all but 0.2-0.4% of them there, but recovers only 81.7-88.3% of the planted atoms, so it stays off.
-    default_target_gain = 0.03
+    default_target_gain = 0.05
+    default_target_horizon = 50.0
     default_auxk_coeff = 1 / 8
 
     def __init__(self, cfg, seeds):
@@ -2316,7 +2323,8 @@ def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-FVU_EXPLOSION = 1e3   # a batch FVU this many times max(1, the first batch's FVU) counts as divergence
+FVU_EXPLOSION = 1e3    # a batch FVU this many times max(1, the first batch's FVU) counts as divergence
+L0_SMOOTHING = 0.1      # the target-L0 controller's running average of log L0: the weight of each new batch
 
 
 def copy_state(source: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -2372,8 +2380,8 @@ class SAETrainer:
         self.triton = kernels.use_triton(sae.b_dec.device, use_kernels)
         groups = [{"params": [p], "lr": lr * sae.lr_multipliers.get(name, 1.0)} for name, p in sae.named_parameters()]
         self.optimizer = torch.optim.Adam(groups, lr=lr, betas=(0.9, sae.cfg.adam_beta2))
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps)))
+        self.lr_factor = lambda t: min((t + 1) / max(1, warmup_steps), 1.0, (steps - t) / max(1, decay_steps))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.inputs_since_fired = torch.zeros(len(sae.seeds), sae.b_enc.shape[-1], device=sae.b_dec.device)
         self.step_count = 0
         self.state = list(sae.state_dict().values())   # the ensemble's parameters and buffers, in place
@@ -2387,6 +2395,7 @@ class SAETrainer:
         name = sae.penalty_coefficient
         self.penalty_coeff = (torch.full((len(sae.seeds),), float(getattr(sae.cfg, name)), device=sae.b_dec.device)
                               if name else None)
+        self.smoothed_log_l0: torch.Tensor | None = None   # [S] the controller's running average of log(batch L0)
 
     def losses(self, acts: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-seed total loss [S] and the batch metrics [S] for the progress bar and log."""
@@ -2445,12 +2454,24 @@ class SAETrainer:
 
     @torch.no_grad()
     def steer_penalty(self, l0: torch.Tensor) -> None:
-        """The target-L0 controller, multiplicative and integrating, from each seed's own batch L0 [S]:
-        log c <- log c + gain * clamp(log(L0 / target), -1, 1). Too many active latents raise the
-        coefficient, too few lower it, by at most a factor e^gain per step (gain 0.01: e per 100 steps);
-        it runs to the last step, where the decayed learning rate no longer lets L0 move."""
-        error = (l0.clamp_min(1e-3) / self.sae.cfg.target_l0).log().clamp(-1.0, 1.0)
-        self.penalty_coeff.mul_(torch.exp(self.sae.cfg.target_gain * error))
+        """The target-L0 controller, multiplicative, from each seed's own batch L0 [S]. It predicts log L0
+        `target_horizon` steps ahead from its trend (u, a running average of log L0 with weight
+        L0_SMOOTHING per step; the trend is u's last change) and moves the coefficient by the predicted error:
+            e = clamp(log(L0 / target) + horizon * (u_t - u_{t-1}), -1, 1),
+            log c <- log c + gain * lr_factor(t) * e.
+        Too many active latents raise the coefficient, too few lower it, by at most a factor e^gain per step;
+        but while L0 falls towards the target fast enough to reach it within the horizon, the coefficient
+        already eases off. Without the prediction, the integral winds up while L0 lags the coefficient (the
+        first hundreds of steps, when L0 falls whatever the penalty), and L0 overshoots below the target,
+        from where JumpReLU's stranded thresholds do not come back. The gain follows the learning-rate
+        schedule, as L0 can only move as fast as the weights: little during warm-up, nothing at the end."""
+        log_l0 = l0.clamp_min(1e-3).log()
+        previous = log_l0 if self.smoothed_log_l0 is None else self.smoothed_log_l0
+        self.smoothed_log_l0 = previous + L0_SMOOTHING * (log_l0 - previous)
+        trend = self.smoothed_log_l0 - previous
+        cfg = self.sae.cfg
+        error = (log_l0 - math.log(cfg.target_l0) + cfg.target_horizon * trend).clamp(-1.0, 1.0)
+        self.penalty_coeff.mul_(torch.exp(cfg.target_gain * self.lr_factor(self.step_count) * error))
 
     def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
         """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started

@@ -76,6 +76,7 @@ from train_transformer import activations_from, run_with_replacement
 DEFAULT_TRANSFORMER = "runs/transformer/model.safetensors"
 DEFAULT_SEED = 42
 MAX_SEED = 2**63    # seeds and the data seed lie in [0, 2^63)
+TARGET_L0_TOLERANCE = 0.1    # a final L0 further than this fraction from --target-l0 is reported as a miss
 FLOAT32_MAX = torch.finfo(torch.float32).max   # Adam applies the learning rate to float32 weights
 
 # Named grids (--grid NAME). Each is a list of this stage's command lines, trained in one invocation as if
@@ -597,8 +598,11 @@ def describe_run(args, data: TrainingData, cfg: SAEConfig, lr: float, seeds: lis
             f"({data.provenance['hook'] or args.acts}{held_out}{stream}), {device}")
 
 
-def describe_seed(seed: int, metrics: dict, path: Path) -> str:
+def describe_seed(seed: int, metrics: dict, path: Path, target_l0: float = 0.0) -> str:
     line = f"seed {seed}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead {metrics['dead_frac']:.1%}"
+    if target_l0 and abs(metrics["l0"] / target_l0 - 1) > TARGET_L0_TOLERANCE:
+        line += (f" (misses --target-l0 {target_l0:g} by {metrics['l0'] / target_l0 - 1:+.0%}: README, "
+                 f"\"When --target-l0 misses\")")
     if "acc_sae" in metrics:
         line += f", accuracy {metrics['acc_sae']:.4f} (clean {metrics['acc_clean']:.4f})"
         recovered = [f"{metrics[key]:.3f} vs {against}" for key, against in
@@ -815,7 +819,7 @@ def train_cell(cell: Cell, data: TrainingData, ranks: Ranks, device: torch.devic
                 metrics.update(downstream_metrics(references, model, tokens, labels, provenance["hook"], tensors,
                                                   seed_config))
             write_seed_files(run, seed, tensors, metrics, owner[seed].training, seed_config, provenance)
-            lines.append(describe_seed(seed, metrics, run.final_path(seed_folder_name(seed))))
+            lines.append(describe_seed(seed, metrics, run.final_path(seed_folder_name(seed)), cfg.target_l0))
         diverged = [part for part in parts if part.training.divergence]
         for part in diverged:
             write_last_good(run, part, config, provenance)

@@ -5,6 +5,7 @@ interruptions and full disks), and the same command writes the same bytes."""
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -237,9 +238,11 @@ def test_auxk_weight_zero_means_the_architectures_own_and_a_given_weight_is_kept
     assert SAEConfig(arch="batchtopk", auxk_coeff=0.5).auxk_coeff == 0.5
 
 
-def test_controller_gain_zero_means_the_architectures_own_and_a_given_gain_is_kept():
-    assert SAEConfig(arch="relu").target_gain == 0.01 and SAEConfig(arch="jumprelu").target_gain == 0.03
-    assert SAEConfig(arch="jumprelu", target_gain=0.02).target_gain == 0.02
+def test_controller_gain_and_horizon_zero_mean_the_architectures_own_and_given_ones_are_kept():
+    assert SAEConfig(arch="relu").target_gain == 0.03 and SAEConfig(arch="jumprelu").target_gain == 0.05
+    assert SAEConfig(arch="relu").target_horizon == 100 and SAEConfig(arch="jumprelu").target_horizon == 50
+    assert SAEConfig(arch="jumprelu", target_gain=0.02, target_horizon=7).target_gain == 0.02
+    assert SAEConfig(arch="jumprelu", target_gain=0.02, target_horizon=7).target_horizon == 7
 
 
 def test_an_architectures_learning_rate_multipliers_reach_the_optimiser():
@@ -284,9 +287,44 @@ def test_target_l0_lands_within_ten_percent_on_the_whole_data(arch, target):
 def test_the_target_l0_controller_moves_the_coefficient_towards_the_target():
     sae = build_sae(SAEConfig(arch="relu", d_in=8, width=16, l1=0.5, target_l0=4, target_gain=0.1), [0, 1, 2])
     trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
-    trainer.steer_penalty(torch.tensor([8.0, 4.0, 1.0]))   # above the target, on it, far below it
+    trainer.steer_penalty(torch.tensor([8.0, 4.0, 1.0]))   # above the target, on it, far below it; no trend yet
     expected = 0.5 * torch.exp(0.1 * torch.tensor([0.6931472, 0.0, -1.0]))   # log 2; 0; log(1/4) clamped to -1
     torch.testing.assert_close(trainer.penalty_coeff, expected)
+
+
+def test_the_target_l0_controller_eases_off_while_l0_falls_fast_towards_the_target():
+    """L0 at 8 then 6 for a target of 4: still above it, but falling fast enough to reach it within the
+    horizon, so the coefficient already falls; with a horizon of one step it keeps rising."""
+    coefficients = {}
+    for horizon in (1.0, 100.0):
+        sae = build_sae(SAEConfig(arch="relu", d_in=8, width=16, l1=0.5, target_l0=4, target_gain=0.1,
+                                  target_horizon=horizon), [0])
+        trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1, use_kernels=False)
+        trainer.steer_penalty(torch.tensor([8.0]))
+        after_first = trainer.penalty_coeff.item()
+        trainer.steer_penalty(torch.tensor([6.0]))
+        coefficients[horizon] = (after_first, trainer.penalty_coeff.item())
+    assert coefficients[1.0][1] > coefficients[1.0][0] > 0.5
+    assert coefficients[100.0][1] < coefficients[100.0][0]
+    trend = sae_core.L0_SMOOTHING * math.log(6 / 8)        # 0.1 * log(3/4): the smoothed log L0's change
+    expected = coefficients[100.0][0] * math.exp(0.1 * max(-1.0, math.log(6 / 4) + 100 * trend))
+    assert coefficients[100.0][1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_target_l0_controller_follows_the_learning_rate_schedule():
+    """In warm-up (step 0 of 4: a quarter of the learning rate) it moves a quarter as far in log space."""
+    sae = build_sae(SAEConfig(arch="relu", d_in=8, width=16, l1=0.5, target_l0=4, target_gain=0.1), [0])
+    trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=4, decay_steps=1, use_kernels=False)
+    trainer.steer_penalty(torch.tensor([8.0]))
+    assert trainer.penalty_coeff.item() == pytest.approx(0.5 * math.exp(0.25 * 0.1 * math.log(2)), rel=1e-6)
+
+
+def test_a_final_l0_off_its_target_is_reported_in_the_seeds_line():
+    import train_sae
+    line = lambda l0, target: train_sae.describe_seed(0, {"fvu": 0.001, "l0": l0, "dead_frac": 0.5}, Path("x"), target)
+    assert "misses --target-l0 32 by -12%" in line(28.0, 32.0)
+    assert "misses --target-l0 32 by +11%" in line(35.5, 32.0)
+    assert "misses" not in line(29.0, 32.0) + line(28.0, 0.0)
 
 
 def test_gradient_clipping_is_per_seed_and_switchable():
