@@ -1681,11 +1681,11 @@ AUXK = {
 PENALTY_TARGET = {
     "target_l0": setting(0.0, "relu, jumprelu: steer the penalty coefficient during training (from its setting) so "
                               "that L0 ends at this (0: the coefficient stays fixed)", NON_NEGATIVE),
-    "target_gain": setting(0.0, "target_l0: the controller's per-step gain on log(coefficient), scaled by the "
-                                "learning-rate schedule (0: the architecture's own: 0.05 for jumprelu, 0.03 for relu)", NON_NEGATIVE),
-    "target_horizon": setting(0.0, "target_l0: the controller acts on the L0 it predicts this many steps ahead "
-                                   "from L0's recent trend, so that it eases off before L0 overshoots (0: the "
-                                   "architecture's own: 50 for jumprelu, 100 for relu)", NON_NEGATIVE),
+    "target_gain": setting(0.0, "target_l0: the controller's per-step gain on log(coefficient) (0: the "
+                                "architecture's own: 0.03 for jumprelu, 0.01 for relu)", NON_NEGATIVE),
+    "target_horizon": setting(0.0, "target_l0: when above 0, the controller acts on the L0 it predicts this many "
+                                   "steps ahead from L0's recent trend and follows the learning-rate schedule "
+                                   "(0: on the current L0, at every step alike)", NON_NEGATIVE),
 }
 
 
@@ -1698,16 +1698,13 @@ class PenaltySAE(SAEEnsemble):
     """What the architectures whose sparsity follows a penalty coefficient share: target_l0, under which
     the trainer steers the coefficient (SAETrainer.steer_penalty) and the folder is named by the target."""
     uses_auxk = True
-    default_target_gain: ClassVar[float] = 0.03      # the controller's gain unless told (target_gain 0)
-    default_target_horizon: ClassVar[float] = 100.0  # its prediction horizon unless told (target_horizon 0)
+    default_target_gain: ClassVar[float] = 0.01      # the controller's gain unless told (target_gain 0)
 
     @classmethod
     def fill_defaults(cls, cfg):
         super().fill_defaults(cfg)
         if cfg.target_gain == 0:
             cfg.target_gain = cls.default_target_gain
-        if cfg.target_horizon == 0:
-            cfg.target_horizon = cls.default_target_horizon
 
     @classmethod
     def check(cls, cfg):
@@ -1886,8 +1883,7 @@ class JumpReLUSAE(PenaltySAE):
     # 80.8-86.7% planted), and AuxK 1/8 as BatchTopK does: at 1/32, 3-5 planted latents end dead and recovery is
     # 95.0-96.7%; at 1/8, 95.8-97.5%. Still 74-76% of the latents end dead on the grokked model; pre_act_coeff 0.001
     # keeps all but 0.2-0.4% of them there, but recovers only 81.7-88.3% of the planted atoms, so it stays off.
-    default_target_gain = 0.05
-    default_target_horizon = 50.0
+    default_target_gain = 0.03
     default_auxk_coeff = 1 / 8
 
     def __init__(self, cfg, seeds):
@@ -2454,24 +2450,25 @@ class SAETrainer:
 
     @torch.no_grad()
     def steer_penalty(self, l0: torch.Tensor) -> None:
-        """The target-L0 controller, multiplicative, from each seed's own batch L0 [S]. It predicts log L0
-        `target_horizon` steps ahead from its trend (u, a running average of log L0 with weight
-        L0_SMOOTHING per step; the trend is u's last change) and moves the coefficient by the predicted error:
-            e = clamp(log(L0 / target) + horizon * (u_t - u_{t-1}), -1, 1),
-            log c <- log c + gain * lr_factor(t) * e.
-        Too many active latents raise the coefficient, too few lower it, by at most a factor e^gain per step;
-        but while L0 falls towards the target fast enough to reach it within the horizon, the coefficient
-        already eases off. Without the prediction, the integral winds up while L0 lags the coefficient (the
-        first hundreds of steps, when L0 falls whatever the penalty), and L0 overshoots below the target,
-        from where JumpReLU's stranded thresholds do not come back. The gain follows the learning-rate
-        schedule, as L0 can only move as fast as the weights: little during warm-up, nothing at the end."""
-        log_l0 = l0.clamp_min(1e-3).log()
-        previous = log_l0 if self.smoothed_log_l0 is None else self.smoothed_log_l0
-        self.smoothed_log_l0 = previous + L0_SMOOTHING * (log_l0 - previous)
-        trend = self.smoothed_log_l0 - previous
+        """The target-L0 controller, multiplicative and integrating, from each seed's own batch L0 [S]:
+        log c <- log c + gain * clamp(e, -1, 1). Too many active latents raise the coefficient, too few lower
+        it, by at most a factor e^gain per step (gain 0.01: e per 100 steps); it runs to the last step.
+        By default e = log(L0 / target). With target_horizon H > 0, e is the error predicted H steps ahead
+        from L0's trend, log(L0 / target) + H * (u_t - u_{t-1}) (u: a running average of log L0 with weight
+        L0_SMOOTHING per step), and the gain is scaled by the learning-rate schedule's factor: the
+        coefficient eases off while L0 falls towards the target fast enough to reach it, and moves little
+        during warm-up and nothing at the end, where L0 cannot follow (README, "When --target-l0 misses")."""
         cfg = self.sae.cfg
-        error = (log_l0 - math.log(cfg.target_l0) + cfg.target_horizon * trend).clamp(-1.0, 1.0)
-        self.penalty_coeff.mul_(torch.exp(cfg.target_gain * self.lr_factor(self.step_count) * error))
+        if not cfg.target_horizon:
+            error, gain = (l0.clamp_min(1e-3) / cfg.target_l0).log(), cfg.target_gain
+        else:
+            log_l0 = l0.clamp_min(1e-3).log()
+            previous = log_l0 if self.smoothed_log_l0 is None else self.smoothed_log_l0
+            self.smoothed_log_l0 = previous + L0_SMOOTHING * (log_l0 - previous)
+            trend = self.smoothed_log_l0 - previous
+            error = log_l0 - math.log(cfg.target_l0) + cfg.target_horizon * trend
+            gain = cfg.target_gain * self.lr_factor(self.step_count)
+        self.penalty_coeff.mul_(torch.exp(gain * error.clamp(-1.0, 1.0)))
 
     def check_step(self, loss: torch.Tensor, fvu: torch.Tensor) -> None:
         """The check after a step (see step): loss [S] and batch FVU [S] of the weights the step started

@@ -238,11 +238,9 @@ def test_auxk_weight_zero_means_the_architectures_own_and_a_given_weight_is_kept
     assert SAEConfig(arch="batchtopk", auxk_coeff=0.5).auxk_coeff == 0.5
 
 
-def test_controller_gain_and_horizon_zero_mean_the_architectures_own_and_given_ones_are_kept():
-    assert SAEConfig(arch="relu").target_gain == 0.03 and SAEConfig(arch="jumprelu").target_gain == 0.05
-    assert SAEConfig(arch="relu").target_horizon == 100 and SAEConfig(arch="jumprelu").target_horizon == 50
-    assert SAEConfig(arch="jumprelu", target_gain=0.02, target_horizon=7).target_gain == 0.02
-    assert SAEConfig(arch="jumprelu", target_gain=0.02, target_horizon=7).target_horizon == 7
+def test_controller_gain_zero_means_the_architectures_own_and_a_given_gain_is_kept():
+    assert SAEConfig(arch="relu").target_gain == 0.01 and SAEConfig(arch="jumprelu").target_gain == 0.03
+    assert SAEConfig(arch="jumprelu", target_gain=0.02).target_gain == 0.02
 
 
 def test_an_architectures_learning_rate_multipliers_reach_the_optimiser():
@@ -312,8 +310,9 @@ def test_the_target_l0_controller_eases_off_while_l0_falls_fast_towards_the_targ
 
 
 def test_the_target_l0_controller_follows_the_learning_rate_schedule():
-    """In warm-up (step 0 of 4: a quarter of the learning rate) it moves a quarter as far in log space."""
-    sae = build_sae(SAEConfig(arch="relu", d_in=8, width=16, l1=0.5, target_l0=4, target_gain=0.1), [0])
+    """With a horizon, in warm-up (step 0 of 4: a quarter of the learning rate) it moves a quarter as far."""
+    sae = build_sae(SAEConfig(arch="relu", d_in=8, width=16, l1=0.5, target_l0=4, target_gain=0.1,
+                              target_horizon=10), [0])
     trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=4, decay_steps=1, use_kernels=False)
     trainer.steer_penalty(torch.tensor([8.0]))
     assert trainer.penalty_coeff.item() == pytest.approx(0.5 * math.exp(0.25 * 0.1 * math.log(2)), rel=1e-6)
