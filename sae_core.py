@@ -2319,8 +2319,8 @@ def load_sae(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-FVU_EXPLOSION = 1e3    # a batch FVU this many times max(1, the first batch's FVU) counts as divergence
-L0_SMOOTHING = 0.1      # the target-L0 controller's running average of log L0: the weight of each new batch
+FVU_EXPLOSION = 1e3   # a batch FVU this many times max(1, the first batch's FVU) counts as divergence
+L0_SMOOTHING = 0.1    # the target-L0 controller's running average of log L0: the weight of each new batch
 
 
 def copy_state(source: list[torch.Tensor], into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
