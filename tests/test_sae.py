@@ -75,6 +75,30 @@ def test_jumprelu_pre_activation_loss_lifts_latents_below_their_thresholds(coeff
         assert not sae.b_enc.grad.any() and not sae.log_threshold.grad.any()
 
 
+def test_jumprelu_lowers_the_thresholds_of_dead_latents_only():
+    """Latent 0 fires; latents 1-3, thresholds 10, are far below theirs, where neither reconstruction nor the
+    L0 term reaches them, and after dead_window inputs they are dead: the dead-threshold term gives each dead
+    latent's log-threshold the gradient nu * theta = 10 nu, and leaves latent 0's gradient as it was."""
+    def threshold_gradient(coefficient):
+        cfg = SAEConfig(arch="jumprelu", d_in=8, width=4, threshold_init=10.0, dead_threshold_coeff=coefficient,
+                        dead_window=16, auxk=False, normalize=False, b_dec_init="zero")
+        sae = build_sae(cfg, [0])
+        with torch.no_grad():
+            sae.log_threshold[0, 0] = math.log(1e-3)
+        trainer = SAETrainer(sae, lr=1e-3, steps=10, warmup_steps=1, decay_steps=1)
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+        trainer.losses(x)                               # 16 inputs on which latents 1-3 never fire
+        loss, metrics = trainer.losses(x)
+        assert metrics["dead"].tolist() == [0.75]
+        loss.sum().backward()
+        return sae.log_threshold.grad[0]
+
+    off, on = threshold_gradient(0.0), threshold_gradient(0.5)
+    assert off[0] != 0 and not off[1:].any()
+    assert on[0] == off[0]
+    torch.testing.assert_close(on[1:], torch.full((3,), 5.0))
+
+
 def test_relu_penalty_is_weighted_by_decoder_norms():
     cfg = SAEConfig(arch="relu", d_in=4, width=3, l1=1.0, l1_warmup_steps=0, unit_norm_decoder=False, normalize=False,
                     b_dec_init="zero")
