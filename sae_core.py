@@ -1856,9 +1856,9 @@ def smallest_kept(latents: torch.Tensor) -> torch.Tensor:
 
 class JumpReLUSAE(PenaltySAE):
     """JumpReLU (Rajamanoharan et al. 2024): f = z * H(z - theta) with learned per-latent thresholds;
-    penalty lambda * L0, trained through straight-through estimators, plus nu * sum_{i dead} theta_i
-    (dead_threshold_coeff nu), which lowers the threshold of a dead latent until its largest pre-activations
-    cross it: a threshold left above every input of its latent gets no other gradient. When pre_act_coeff
+    penalty lambda * L0, trained through straight-through estimators, plus (without target_l0) nu * sum_{i dead}
+    theta_i (dead_threshold_coeff nu), which lowers the threshold of a dead latent until its largest
+    pre-activations cross it: a threshold left above every input of its latent gets no other gradient. When pre_act_coeff
     mu > 0, also Anthropic's pre-activation loss mu * sum_i ReLU(theta_i - z_i) ||W_dec[i]|| (Circuits Updates,
     2025; on every latent, where SAELens takes only the dead ones), which lifts latents below their thresholds."""
     name = "jumprelu"
@@ -1872,7 +1872,8 @@ class JumpReLUSAE(PenaltySAE):
                              POSITIVE),
         "dead_threshold_coeff": setting(0.3, "coefficient of the sum of the dead latents' thresholds, which "
                                              "lowers a dead latent's threshold until its largest pre-activations "
-                                             "cross it (0: off)", NON_NEGATIVE),
+                                             "cross it (0: off; off under target_l0, whose L0 the revived latents "
+                                             "would raise)", NON_NEGATIVE),
         "pre_act_coeff": setting(0.0, "coefficient of the pre-activation loss sum_i ReLU(theta_i - z_i) "
                                        "||W_dec[i]||, which lifts latents below their thresholds (0: off)",
                                  NON_NEGATIVE),
@@ -1890,9 +1891,10 @@ class JumpReLUSAE(PenaltySAE):
     # 80.8-86.7% planted), and AuxK 1/8 as BatchTopK does: at 1/32, 3-5 planted latents end dead and recovery is
     # 95.0-96.7%; at 1/8, 95.8-97.5%. That left 74-76% of the latents dead on the grokked model: a threshold the
     # pre-activations fell below stays there. dead_threshold_coeff 0.3 lowers the dead latents' thresholds: 4.5-8.6%
-    # dead, planted 97.5-98.3% (at 1: 1.2-5.1% and 97.5-100%, but --target-l0 6 lands at 5.2 in the planted test; at
-    # 0.1, 10.7% dead on seed 0; at 0.01 nothing changes). Anthropic's pre-activation loss (pre_act_coeff 0.001) also
-    # keeps them (0.2-0.4% dead), but it lifts every pre-activation and recovers only 81.7-88.3%; it stays off.
+    # dead (at 1: 1.2-5.1%; at 0.1, 10.7% on seed 0; at 0.01 nothing changes). Under target_l0 it is off: the latents
+    # it revives add to L0, and the study's w256 cell steered to 4 ends at L0 5.3-7.2 with it (4.3-5.3 with it on only
+    # while L0 is below the target), 3.7-3.9 without. Anthropic's pre-activation loss (pre_act_coeff 0.001) keeps
+    # them too (0.2-0.4% dead), but it lifts every pre-activation and recovers 81.7-88.3% of the planted atoms.
     default_target_gain = 0.03
     default_auxk_coeff = 1 / 8
 
@@ -1907,8 +1909,8 @@ class JumpReLUSAE(PenaltySAE):
         threshold = self.log_threshold.exp()[:, None]
         l0 = StraightThroughStep.apply(codes.pre, threshold, self.cfg.bandwidth)
         penalty = coefficient * l0.sum(-1).mean(-1)
-        if self.cfg.dead_threshold_coeff:
-            penalty = penalty + self.cfg.dead_threshold_coeff * (threshold[:, 0] * dead).sum(-1)
+        if self.cfg.dead_threshold_coeff and not self.cfg.target_l0:
+            penalty = penalty + self.cfg.dead_threshold_coeff * torch.where(dead, threshold[:, 0], 0.0).sum(-1)
         if self.cfg.pre_act_coeff:
             below = torch.relu(threshold - codes.pre) * self.W_dec.norm(dim=-1)[:, None]
             penalty = penalty + self.cfg.pre_act_coeff * below.sum(-1).mean(-1)

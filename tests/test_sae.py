@@ -78,10 +78,11 @@ def test_jumprelu_pre_activation_loss_lifts_latents_below_their_thresholds(coeff
 def test_jumprelu_lowers_the_thresholds_of_dead_latents_only():
     """Latent 0 fires; latents 1-3, thresholds 10, are far below theirs, where neither reconstruction nor the
     L0 term reaches them, and after dead_window inputs they are dead: the dead-threshold term gives each dead
-    latent's log-threshold the gradient nu * theta = 10 nu, and leaves latent 0's gradient as it was."""
-    def threshold_gradient(coefficient):
+    latent's log-threshold the gradient nu * theta = 10 nu, and leaves latent 0's gradient as it was. Under a
+    target L0 it is off."""
+    def threshold_gradient(coefficient, target_l0=0.0):
         cfg = SAEConfig(arch="jumprelu", d_in=8, width=4, threshold_init=10.0, dead_threshold_coeff=coefficient,
-                        dead_window=16, auxk=False, normalize=False, b_dec_init="zero")
+                        target_l0=target_l0, dead_window=16, auxk=False, normalize=False, b_dec_init="zero")
         sae = build_sae(cfg, [0])
         with torch.no_grad():
             sae.log_threshold[0, 0] = math.log(1e-3)
@@ -97,6 +98,7 @@ def test_jumprelu_lowers_the_thresholds_of_dead_latents_only():
     assert off[0] != 0 and not off[1:].any()
     assert on[0] == off[0]
     torch.testing.assert_close(on[1:], torch.full((3,), 5.0))
+    assert not threshold_gradient(0.5, target_l0=2.0)[1:].any()
 
 
 def test_relu_penalty_is_weighted_by_decoder_norms():
